@@ -1,0 +1,1 @@
+"""Prefect flows and the `facecurate` command: they only compose `pipeline` and `trainer`."""
