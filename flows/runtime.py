@@ -1,0 +1,31 @@
+"""Where flows run: Prefect API mode (ephemeral or a server) and the dask task runner to use.
+
+Chosen once at the edge; the flows and the library never look at this themselves.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prefect_dask import DaskTaskRunner
+
+
+def prefect_server_configured() -> bool:
+    from prefect.settings import PREFECT_API_URL
+
+    return bool(os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value())
+
+
+def dask_task_runner(address: str | None, workers: int = 1, processes: bool | None = None) -> DaskTaskRunner:
+    """An existing scheduler when `address` is given, else a LocalCluster.
+
+    In Prefect's ephemeral mode every dask worker *process* would start its own temporary Prefect
+    server (measured: 31 s for a 10-item map vs 6 s against one server), so by default the local
+    cluster runs its workers as threads of this process then; with a real server, as processes.
+    """
+    if address:
+        return DaskTaskRunner(address=address)
+    if processes is None:
+        processes = prefect_server_configured()
+    kwargs = {"n_workers": workers, "threads_per_worker": 1, "processes": processes, "dashboard_address": None}
+    return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=kwargs)

@@ -1,0 +1,526 @@
+"""Build a dataset version: plan (what is new), process batches (resumable), commit (atomic).
+
+Each step is a plain function; an executor (in-process `build`, or the Prefect flow on dask) maps
+`process_batch` over the plan's batches. Finished batches leave a marker, so a killed build resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import PurePosixPath
+from typing import Callable, Iterable
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import shards
+from pipeline.catalog import Catalog, UrlListSource
+from pipeline.decode import DecodeError, decode_image
+from pipeline.labeling import LabelledFace, get_chain, label_images
+from pipeline.quality import apply_rules, box_nme_pct, face_features
+from pipeline.shards import (FACES_SCHEMA, FEATURE_COLUMNS, IMAGES_SCHEMA, QUARANTINE_SCHEMA, Store,
+                             link_or_copy, write_atomic, write_table)
+from pipeline.sources import FetchError, SourceItem, TarReader, fetch_url, list_items, read_file
+
+log = logging.getLogger(__name__)
+
+
+# -------------------------------------------------------------------------------------------- plan
+
+
+@dataclass
+class Batch:
+    key: str  # content key of the batch: same items + same parent + same chain -> same key
+    items: list[SourceItem]
+
+
+@dataclass
+class BuildPlan:
+    dataset: str
+    parent: int | None
+    listed: int  # items the sources offer now
+    unchanged: int  # items already in the parent's ledger (not read again)
+    batches: list[Batch]
+    rules_changed: bool
+    staging_key: str
+
+    @property
+    def new_items(self) -> int:
+        return sum(len(b.items) for b in self.batches)
+
+    @property
+    def nothing_to_do(self) -> bool:
+        return not self.batches and not self.rules_changed and self.parent is not None
+
+
+def store_of(catalog: Catalog) -> Store:
+    return Store(catalog.output_root, catalog.dataset)
+
+
+def _chain_hash(catalog: Catalog) -> str:
+    return hashlib.sha256(json.dumps(catalog.detectors.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+def plan_build(catalog: Catalog) -> BuildPlan:
+    """List every source; what the parent's ledger already holds is skipped without reading it."""
+    store = store_of(catalog)
+    parent = shards.latest_version(store)
+    known: set[str] = set()
+    rules_changed = False
+    if parent is not None:
+        known = set(shards.read_side_table(store, parent, "images").column("stat_key").to_pylist())
+        rules_changed = shards.read_manifest(store, parent).get("rules_hash") != catalog.rules_hash()
+    fresh: list[SourceItem] = []
+    listed = 0
+    for source in catalog.sources:
+        for item in list_items(source):
+            listed += 1
+            if item.stat_key not in known:
+                fresh.append(item)
+    size = catalog.execution.batch_images
+    chain = _chain_hash(catalog)
+    batches = []
+    for start in range(0, len(fresh), size):
+        items = fresh[start : start + size]
+        digest = hashlib.sha256(f"{parent}|{chain}|{catalog.limits.model_dump_json()}".encode())
+        for item in items:
+            digest.update(item.stat_key.encode() + b"\n")
+        batches.append(Batch(digest.hexdigest()[:20], items))
+    return BuildPlan(catalog.dataset, parent, listed, listed - len(fresh), batches, rules_changed,
+                     staging_key=f"p{parent or 0:04d}-{chain[:12]}")
+
+
+# ------------------------------------------------------------------------------------------- batch
+
+
+@dataclass
+class BatchResult:
+    key: str
+    faces_file: str | None
+    images_file: str
+    quarantine_file: str
+    counts: dict = field(default_factory=dict)
+
+
+def _read_bytes(item: SourceItem, catalog: Catalog, tars: TarReader) -> bytes:
+    source = catalog.source(item.source)
+    if isinstance(source, UrlListSource):
+        return fetch_url(item.uri, timeout_s=source.timeout_s, retries=source.retries,
+                         backoff_s=source.backoff_s, max_bytes=source.max_bytes)
+    if "#" in item.uri and source.kind == "tar":
+        return tars.read(item, source.max_bytes)
+    return read_file(item, source.max_bytes)
+
+
+def _sibling(item: SourceItem, suffix: str) -> SourceItem:
+    base, sep, member = item.uri.partition("#")
+    if sep:
+        return SourceItem(item.source, f"{base}#{str(PurePosixPath(member).with_suffix(suffix))}", None, None)
+    return SourceItem(item.source, str(PurePosixPath(base).with_suffix(suffix)) if "://" not in base
+                      else base.rsplit(".", 1)[0] + suffix, None, None)
+
+
+def _reference(item: SourceItem, catalog: Catalog, tars: TarReader, height: int):
+    """The source's reference label for this image, or (None, reason) when it has none / a bad one."""
+    import io
+
+    from pipeline.references import BadReference, load_mat_reference
+
+    try:
+        data = _read_bytes(_sibling(item, ".mat"), catalog, tars)
+    except FetchError as err:
+        return None, f"reference missing: {err}"
+    try:
+        return load_mat_reference(io.BytesIO(data), image_height=height), None
+    except BadReference as err:
+        return None, str(err)
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def _face_row(face: LabelledFace, *, image_id: str, item: SourceItem, split: str, width: int, height: int,
+              detector: str, landmarker: str, ref=None) -> dict:
+    p = face.primary
+    features = face_features(
+        bbox=face.box.bbox, det_score=face.box.score, pose_deg=p.pose_deg, points=p.points,
+        point_scores=p.scores, alt_points=[a.points for _, a in face.alts], flip_points=face.flip_points,
+        crop_rgb=face.crop_rgb, width=width, height=height,
+    )
+    row = {
+        "face_id": f"{image_id}:{face.face_index}",
+        "image_id": image_id,
+        "face_index": face.face_index,
+        "source": item.source,
+        "split": split,
+        "uri": item.uri,
+        "width": width,
+        "height": height,
+        "bbox": face.box.bbox.astype(np.float32).tolist(),
+        "det_score": float(face.box.score),
+        "detector": detector,
+        "landmarker": landmarker,
+        "landmarks": p.points.astype(np.float32).reshape(-1).tolist(),
+        "landmark_scores": p.scores.astype(np.float32).tolist(),
+        "params_62": None if p.params_62 is None else p.params_62.astype(np.float32).tolist(),
+        "alt_landmarks": [{"name": n, "points": a.points.astype(np.float32).reshape(-1).tolist()} for n, a in face.alts],
+        "crop": face.crop_jpeg,
+        "crop_affine": face.affine.tolist(),
+        "pose": [features["yaw_deg"], features["pitch_deg"], features["roll_deg"]],
+        **{name: features[name] for name in FEATURE_COLUMNS},
+        "ref_landmarks": None,
+        "ref_params": None,
+        "ref_pose": None,
+    }
+    if ref is not None:
+        from pipeline.references import params_image_to_crop
+
+        row["ref_landmarks"] = ref.landmarks_68.astype(np.float32).reshape(-1).tolist()
+        row["ref_params"] = params_image_to_crop(ref.params_62, face.roi, height).astype(np.float32).tolist()
+        row["ref_pose"] = np.asarray(ref.yaw_pitch_roll_deg, dtype=np.float32).tolist()
+    return row
+
+
+def _faces_table(rows: list[dict], catalog: Catalog) -> pa.Table:
+    if not rows:
+        return FACES_SCHEMA.empty_table()
+    decided = apply_rules(pd.DataFrame([{c: r[c] for c in ("det_score",) + FEATURE_COLUMNS} for r in rows]),
+                          catalog.rules)
+    for row, (_, d) in zip(rows, decided.iterrows()):
+        row["keep"], row["weight"], row["reject_reason"] = bool(d.keep), float(d.weight), d.reject_reason
+    return pa.Table.from_pylist(rows, schema=FACES_SCHEMA)
+
+
+def process_batch(catalog: Catalog, plan_staging_key: str, batch: Batch) -> BatchResult:
+    """Read, hash, decode, label and score one batch; write its three part files and a done marker.
+
+    Idempotent: a batch whose marker exists returns the recorded result without work.
+    """
+    store = store_of(catalog)
+    fs = store.fs
+    staging = store.staging_dir(plan_staging_key)
+    marker = f"{staging}/{batch.key}.done.json"
+    if fs.exists(marker):
+        with fs.open(marker, "rb") as f:
+            return BatchResult(**json.loads(f.read()))
+
+    chain = get_chain(catalog.detectors)
+    tars = TarReader()
+    images_rows, quarantine_rows, face_rows = [], [], []
+    counts = Counter()
+
+    def quarantine(item: SourceItem, stage: str, reason: str, detail: str, image_id: str | None = None):
+        quarantine_rows.append({"uri": item.uri, "source": item.source, "image_id": image_id, "stage": stage,
+                                "reason": reason, "detail": detail[:500], "version": 0})
+        images_rows.append({"image_id": image_id, "source": item.source, "uri": item.uri, "stat_key": item.stat_key,
+                            "status": "quarantined", "n_faces": 0, "width": None, "height": None, "version": 0})
+        counts[f"quarantined:{stage}"] += 1
+
+    try:
+        decoded: list[tuple[SourceItem, str, np.ndarray]] = []
+        seen_ids: set[str] = set()
+        for item in batch.items:
+            counts["read"] += 1
+            try:
+                data = _read_bytes(item, catalog, tars)
+            except FetchError as err:
+                quarantine(item, "fetch", err.reason, err.detail)
+                continue
+            image_id = hashlib.sha256(data).hexdigest()
+            if image_id in seen_ids:
+                images_rows.append({"image_id": image_id, "source": item.source, "uri": item.uri,
+                                    "stat_key": item.stat_key, "status": "duplicate", "n_faces": 0,
+                                    "width": None, "height": None, "version": 0})
+                counts["duplicate"] += 1
+                continue
+            seen_ids.add(image_id)
+            try:
+                rgb = decode_image(data, max_pixels=catalog.limits.max_pixels, min_side_px=catalog.limits.min_side_px)
+            except DecodeError as err:
+                quarantine(item, "decode", err.reason, err.detail, image_id)
+                continue
+            counts["decoded"] += 1
+            decoded.append((item, image_id, rgb))
+
+        labelled = _label_isolating_failures(chain, catalog, decoded, quarantine)
+        face_name = catalog.detectors.face.name
+        primary_name = catalog.detectors.landmarkers[0].name
+        for (item, image_id, rgb), faces in labelled:
+            source = catalog.source(item.source)
+            height, width = rgb.shape[:2]
+            ref, ref_match = None, -1
+            if source.labels == "mat":
+                ref, problem = _reference(item, catalog, tars, height)
+                if ref is None:
+                    log.warning("%s: %s", item.uri, problem)
+                    counts["reference_problems"] += 1
+                elif faces:
+                    ref_box = np.concatenate([ref.landmarks_68.min(0), ref.landmarks_68.max(0)])
+                    ious = [_iou(f.box.bbox, ref_box) for f in faces]
+                    if max(ious) > 0.3:
+                        ref_match = int(np.argmax(ious))
+            for face in faces:
+                face_rows.append(_face_row(
+                    face, image_id=image_id, item=item, split=source.split, width=width, height=height,
+                    detector="full-crop" if source.pre_cropped else face_name, landmarker=primary_name,
+                    ref=ref if face.face_index == ref_match else None))
+            images_rows.append({"image_id": image_id, "source": item.source, "uri": item.uri,
+                                "stat_key": item.stat_key, "status": "ok", "n_faces": len(faces),
+                                "width": width, "height": height, "version": 0})
+            counts["faces"] += len(faces)
+            counts["no_face"] += int(not faces)
+    finally:
+        tars.close()
+
+    faces_table = _faces_table(face_rows, catalog)
+    faces_file = None
+    if faces_table.num_rows:
+        faces_file = f"faces-{batch.key}.parquet"
+        write_table(fs, f"{staging}/{faces_file}", faces_table)
+    images_file, quarantine_file = f"images-{batch.key}.parquet", f"quarantine-{batch.key}.parquet"
+    write_table(fs, f"{staging}/{images_file}", pa.Table.from_pylist(images_rows, schema=IMAGES_SCHEMA))
+    write_table(fs, f"{staging}/{quarantine_file}", pa.Table.from_pylist(quarantine_rows, schema=QUARANTINE_SCHEMA))
+    result = BatchResult(batch.key, faces_file, images_file, quarantine_file, dict(counts))
+    write_atomic(fs, marker, json.dumps(result.__dict__).encode())  # last: the batch is done
+    return result
+
+
+def _label_isolating_failures(chain, catalog, decoded, quarantine):
+    """Label all images in one batched call; if a model fails on the batch, retry image by image so
+    one bad image is quarantined (stage 'detect') instead of failing the whole batch."""
+    if not decoded:
+        return []
+    pre = [catalog.source(item.source).pre_cropped for item, _, _ in decoded]
+    try:
+        faces = label_images(chain, [rgb for _, _, rgb in decoded], pre)
+        return list(zip(decoded, faces))
+    except (MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as err:  # noqa: BLE001 - isolate, then report per image below
+        log.warning("batch labelling failed (%s); retrying image by image", err)
+    out = []
+    for entry, is_pre in zip(decoded, pre):
+        try:
+            out.append((entry, label_images(chain, [entry[2]], [is_pre])[0]))
+        except Exception as err:  # noqa: BLE001
+            quarantine(entry[0], "detect", "model error", f"{type(err).__name__}: {err}", entry[1])
+    return out
+
+
+# ------------------------------------------------------------------------------------------ commit
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _read(fs, path: str) -> pa.Table:
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f)
+
+
+def _with_version(table: pa.Table, version: int) -> pa.Table:
+    col = table.schema.get_field_index("version")
+    return table.set_column(col, "version", pa.array([version] * table.num_rows, pa.int32()))
+
+
+def _reapply_rules(faces: pa.Table, catalog: Catalog) -> pa.Table:
+    decided = apply_rules(faces.select(["det_score", *FEATURE_COLUMNS]).to_pandas(), catalog.rules)
+    for name, values in (("keep", pa.array(decided["keep"].to_numpy(), pa.bool_())),
+                         ("weight", pa.array(decided["weight"].to_numpy(), pa.float32())),
+                         ("reject_reason", pa.array(decided["reject_reason"].tolist(), pa.string()))):
+        faces = faces.set_column(faces.schema.get_field_index(name), name, values)
+    return faces
+
+
+def summarize_counts(images: pa.Table, quarantine: pa.Table, faces_keep: list[bool],
+                     reasons: list[str | None]) -> dict:
+    status = Counter(images.column("status").to_pylist())
+    n_faces = images.column("n_faces").to_pylist()
+    ok = [n for n, s in zip(n_faces, images.column("status").to_pylist()) if s == "ok"]
+    return {
+        "images_seen": images.num_rows,
+        "images_decoded": status.get("ok", 0),
+        "images_quarantined": status.get("quarantined", 0),
+        "images_duplicate": status.get("duplicate", 0),
+        "images_with_faces": sum(1 for n in ok if n > 0),
+        "images_without_faces": sum(1 for n in ok if n == 0),
+        "faces": len(faces_keep),
+        "faces_kept": int(sum(faces_keep)),
+        "faces_dropped": len(faces_keep) - int(sum(faces_keep)),
+        "drop_reasons": dict(Counter(r.split(" ")[0] for r in reasons if r)),
+        "quarantine_reasons": dict(Counter(quarantine.column("reason").to_pylist())),
+    }
+
+
+def commit_version(catalog: Catalog, plan: BuildPlan, results: Iterable[BatchResult],
+                   *, scores: pa.Table | None = None, note: str = "") -> int:
+    """Assemble a new immutable version from the parent and the batch parts; manifest written last.
+
+    Caller holds the DatasetLock. Faces of images the parent (or an earlier batch) already has are
+    dropped here, so each image's faces appear exactly once whatever order batches finished in.
+    """
+    store = store_of(catalog)
+    fs = store.fs
+    latest = shards.latest_version(store)
+    if latest != plan.parent:
+        raise RuntimeError(f"{catalog.dataset}: v{latest} landed after this build was planned on v{plan.parent}; rerun")
+    version = (latest or 0) + 1
+    vdir = store.version_dir(version)
+    if fs.exists(vdir):  # a crashed commit: no manifest, so it never existed; start it over
+        fs.rm(vdir, recursive=True)
+    fs.makedirs(vdir, exist_ok=True)
+    staging = store.staging_dir(plan.staging_key)
+
+    shard_entries: list[dict] = []
+    images_parts, quarantine_parts = [], []
+    keep_all: list[bool] = []
+    reasons_all: list[str | None] = []
+    seen_ids: set[str] = set()
+
+    if plan.parent is not None:
+        pdir = store.version_dir(plan.parent)
+        parent_manifest = shards.read_manifest(store, plan.parent)
+        images_parts.append(_read(fs, f"{pdir}/images.parquet"))
+        quarantine_parts.append(_read(fs, f"{pdir}/quarantine.parquet"))
+        seen_ids.update(x for x in images_parts[0].column("image_id").to_pylist() if x)
+        rewrite = plan.rules_changed or scores is not None
+        for i, entry in enumerate(parent_manifest["shards"]):
+            src = f"{pdir}/{entry['file']}"
+            if rewrite:
+                table = _reapply_rules(_read(fs, src), catalog)
+                if scores is not None:
+                    from pipeline.rounds import fold_scores
+
+                    table = fold_scores(table, scores)
+                name = f"faces-v{version:04d}-{i:05d}.parquet"
+                shard_entries.append(write_table(fs, f"{vdir}/{name}", table))
+            else:
+                link_or_copy(fs, src, f"{vdir}/{entry['file']}")
+                table = _read(fs, src).select(["keep", "reject_reason"])
+                shard_entries.append(dict(entry))
+            keep_all += table.column("keep").to_pylist()
+            reasons_all += table.column("reject_reason").to_pylist()
+
+    for result in sorted(results, key=lambda r: r.key):
+        images = _read(fs, f"{staging}/{result.images_file}")
+        fresh_ids = set()
+        status = images.column("status").to_pylist()
+        ids = images.column("image_id").to_pylist()
+        for i, (image_id, st) in enumerate(zip(ids, status)):
+            if st == "ok" and image_id in seen_ids:
+                status[i] = "duplicate"  # seen in the parent or an earlier batch: its faces are there
+            elif image_id:
+                fresh_ids.add(image_id)
+        images = images.set_column(images.schema.get_field_index("status"), "status", pa.array(status, pa.string()))
+        images_parts.append(_with_version(images, version))
+        quarantine_parts.append(_with_version(_read(fs, f"{staging}/{result.quarantine_file}"), version))
+        if result.faces_file:
+            faces = _read(fs, f"{staging}/{result.faces_file}")
+            dup = pa.array([i in seen_ids for i in faces.column("image_id").to_pylist()])
+            if any(dup.to_pylist()):
+                faces = faces.filter(pa.compute.invert(dup))
+                shard_entries.append(write_table(fs, f"{vdir}/{result.faces_file}", faces))
+            else:
+                link_or_copy(fs, f"{staging}/{result.faces_file}", f"{vdir}/{result.faces_file}")
+                with fs.open(f"{vdir}/{result.faces_file}", "rb") as f:
+                    data = f.read()
+                shard_entries.append({"file": result.faces_file, "rows": faces.num_rows, "bytes": len(data),
+                                      "sha256": shards.sha256_bytes(data)})
+            keep_all += faces.column("keep").to_pylist()
+            reasons_all += faces.column("reject_reason").to_pylist()
+        seen_ids |= fresh_ids
+
+    images_all = pa.concat_tables(images_parts) if images_parts else IMAGES_SCHEMA.empty_table()
+    quarantine_all = pa.concat_tables(quarantine_parts) if quarantine_parts else QUARANTINE_SCHEMA.empty_table()
+    side = {"images": write_table(fs, f"{vdir}/images.parquet", images_all),
+            "quarantine": write_table(fs, f"{vdir}/quarantine.parquet", quarantine_all)}
+    if scores is not None:
+        side["scores"] = write_table(fs, f"{vdir}/scores.parquet", scores)
+    chain = get_chain(catalog.detectors)
+    from pipeline.weights import KNOWN_SHA256
+
+    manifest = {
+        "schema_version": shards.SCHEMA_VERSION,
+        "dataset": catalog.dataset,
+        "version": version,
+        "parent": plan.parent,
+        "created_at": _now(),
+        "note": note,
+        "catalog_path": catalog.path,
+        "catalog_hash": catalog.content_hash(),
+        "rules_hash": catalog.rules_hash(),
+        "detectors": [dict(d, weights_sha256=(s.sha256 or KNOWN_SHA256.get(str(d["weights"]).rsplit("/", 1)[-1])))
+                      for d, s in zip(chain.identity(), [catalog.detectors.face, *catalog.detectors.landmarkers])],
+        "counts": {**summarize_counts(images_all, quarantine_all, keep_all, reasons_all),
+                   "images_new": plan.new_items, "images_unchanged": plan.unchanged},
+        "shards": shard_entries,
+        "tables": side,
+    }
+    write_atomic(fs, f"{vdir}/{shards.MANIFEST}", json.dumps(manifest, indent=2).encode())  # the commit point
+    if fs.exists(staging):
+        fs.rm(staging, recursive=True)
+    return version
+
+
+def clean_abandoned(catalog: Catalog) -> list[str]:
+    """Remove version dirs without a manifest (crashed commits) and staging of other parents.
+    Call under the DatasetLock, before planning."""
+    store = store_of(catalog)
+    fs = store.fs
+    removed = []
+    if not fs.exists(store.dir):
+        return removed
+    committed = set(shards.list_versions(store))
+    for path in fs.ls(store.dir, detail=False):
+        name = path.rstrip("/").rsplit("/", 1)[-1]
+        if shards._VERSION_DIR.match(name) and int(name[1:]) not in committed:
+            fs.rm(path, recursive=True)
+            removed.append(path)
+    latest = max(committed) if committed else 0
+    staging_root = f"{store.dir}/_staging"
+    if fs.exists(staging_root):
+        for path in fs.ls(staging_root, detail=False):
+            if not path.rstrip("/").rsplit("/", 1)[-1].startswith(f"p{latest:04d}-"):
+                fs.rm(path, recursive=True)
+                removed.append(path)
+    return removed
+
+
+# -------------------------------------------------------------------------------------- in-process
+
+
+def build(catalog: Catalog, *, map_batches: Callable | None = None, progress: Callable | None = None,
+          lock_wait_s: float = 0.0) -> tuple[int | None, BuildPlan]:
+    """Run a whole build in this process (or with `map_batches(fn, batches) -> results`).
+
+    Returns (the new version or the unchanged latest, the plan).
+    """
+    store = store_of(catalog)
+    with shards.DatasetLock(store, wait_s=lock_wait_s):
+        clean_abandoned(catalog)
+        plan = plan_build(catalog)
+        if plan.nothing_to_do:
+            return plan.parent, plan
+        fn = lambda batch: process_batch(catalog, plan.staging_key, batch)  # noqa: E731
+        if map_batches is None:
+            results = []
+            for batch in plan.batches:
+                results.append(fn(batch))
+                if progress:
+                    progress(len(batch.items))
+        else:
+            results = list(map_batches(fn, plan.batches))
+        return commit_version(catalog, plan, results), plan

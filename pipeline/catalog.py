@@ -1,0 +1,256 @@
+"""The typed catalog: sources to crawl, detector chain, quality rules, output, schedule.
+
+Read once at the edge (`load_catalog`) and passed down; every error names file, field path and problem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.detect.spec import DetectorSpec
+from pipeline.settings import expand_vars
+
+FEATURES = (
+    "face_px",  # sqrt(w*h) of the face box, pixels
+    "det_score",  # face detector confidence
+    "yaw_deg",
+    "pitch_deg",
+    "roll_deg",
+    "abs_yaw_deg",
+    "blur",  # variance of the Laplacian of the aligned crop: low = blurry
+    "agreement_nme_pct",  # NME between the primary landmarker and the others (mean)
+    "flip_nme_pct",  # NME between the primary's points and its points on the mirrored image
+    "out_of_frame_frac",  # fraction of primary points outside the image
+    "landmark_score",  # mean per-point confidence of the primary landmarker
+)
+Feature = Literal[FEATURES]  # type: ignore[valid-type]
+
+
+class CatalogError(ValueError):
+    """A catalog that cannot be used; the message names file, field and problem."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _SourceBase(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    pre_cropped: bool = False  # one face fills the image (3DDFA-style crop): skip detection
+    labels: Literal["none", "mat"] = "none"  # "mat": <stem>.mat beside each image (AFLW2000-3D layout)
+    split: Literal["train", "eval"] = "train"  # eval sources are never trained on
+    include: tuple[str, ...] = ("*.jpg", "*.jpeg", "*.png", "*.webp", "*.bmp")
+    max_bytes: int = Field(default=50_000_000, ge=1)
+
+
+class FolderSource(_SourceBase):
+    kind: Literal["folder"]
+    path: str  # local path or any fsspec URL; searched recursively
+
+
+class UrlListSource(_SourceBase):
+    kind: Literal["urls"]
+    path: str  # a text file, one http(s) URL a line; '#' starts a comment
+    timeout_s: float = Field(default=20.0, gt=0)
+    retries: int = Field(default=3, ge=0, le=10)
+    backoff_s: float = Field(default=0.5, ge=0)
+
+
+class TarSource(_SourceBase):
+    kind: Literal["tar"]
+    path: str  # a tar file, a folder of them, or a glob
+
+
+SourceSpec = Annotated[Union[FolderSource, UrlListSource, TarSource], Field(discriminator="kind")]
+
+
+class DetectorChain(_Strict):
+    face: DetectorSpec  # boxes (skipped for pre_cropped sources)
+    landmarkers: tuple[DetectorSpec, ...] = Field(min_length=1)  # first = primary pseudo-labels
+
+    @model_validator(mode="after")
+    def _roles(self) -> "DetectorChain":
+        from pipeline.detect.registry import FACE_DETECTORS, LANDMARKERS
+
+        if self.face.name not in FACE_DETECTORS:
+            raise ValueError(f"face: {self.face.name!r} is not a face detector (one of {sorted(FACE_DETECTORS)})")
+        for i, spec in enumerate(self.landmarkers):
+            if spec.name not in LANDMARKERS:
+                raise ValueError(f"landmarkers[{i}]: {spec.name!r} is not a landmarker (one of {sorted(LANDMARKERS)})")
+        return self
+
+
+class DropRule(_Strict):
+    feature: Feature
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def _bound(self) -> "DropRule":
+        if self.min is None and self.max is None:
+            raise ValueError("a drop rule needs `min` or `max`")
+        return self
+
+
+class WeightRule(_Strict):
+    feature: Feature
+    scale: float = Field(gt=0)  # weight *= exp(-max(feature - offset, 0) / scale)
+    offset: float = 0.0
+
+
+class Rules(_Strict):
+    drop: tuple[DropRule, ...] = ()
+    weight: tuple[WeightRule, ...] = ()
+    min_weight: float = Field(default=0.05, ge=0, le=1)  # weights are clipped to [min_weight, 1]
+
+
+class Limits(_Strict):
+    max_pixels: int = Field(default=40_000_000, ge=1)  # decompression-bomb guard
+    min_side_px: int = Field(default=16, ge=1)
+
+
+class Execution(_Strict):
+    batch_images: int = Field(default=64, ge=1, le=100_000)  # images per work unit (one shard part)
+    dask_address: str | None = None  # an existing scheduler; None = LocalCluster
+    dask_workers: int = Field(default=1, ge=1)
+    dask_processes: bool | None = None  # None: threads in ephemeral Prefect mode, processes with a server
+
+
+class Schedule(_Strict):
+    cron: str
+    timezone: str = "UTC"
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        if len(value.split()) not in (5, 6):
+            raise ValueError(f"not a cron expression with 5 fields: {value!r}")
+        return value
+
+
+class Catalog(_Strict):
+    dataset: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    output_root: str  # local path or fsspec URL; versions live in <output_root>/<dataset>/vNNNN
+    sources: tuple[SourceSpec, ...] = Field(min_length=1)
+    detectors: DetectorChain
+    rules: Rules = Rules()
+    limits: Limits = Limits()
+    execution: Execution = Execution()
+    schedule: Schedule | None = None
+    path: str | None = None  # where this catalog was read from (set by load_catalog)
+
+    @model_validator(mode="after")
+    def _unique_sources(self) -> "Catalog":
+        names = [s.name for s in self.sources]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"sources: names must be unique, repeated: {dupes}")
+        return self
+
+    def source(self, name: str) -> FolderSource | UrlListSource | TarSource:
+        return next(s for s in self.sources if s.name == name)
+
+    def content_hash(self) -> str:
+        """sha256 of the catalog's meaning (not its file text or location)."""
+        data = self.model_dump(mode="json", exclude={"path"})
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+    def rules_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.rules.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+_KINDS = {"folder", "urls", "tar"}
+_PATH_FIELDS = {"path", "output_root", "weights", "bfm", "param_stats", "root", "hub_dir"}
+
+
+def _loc(parts: tuple) -> str:
+    out = ""
+    for i, part in enumerate(parts):
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in _KINDS and i > 0 and isinstance(parts[i - 1], int):
+            continue  # pydantic's discriminator tag, not a field
+        elif part.startswith("function-") or part.startswith("tagged-union"):
+            continue
+        else:
+            out += ("." if out else "") + part
+    return out or "(top level)"
+
+
+def _expand(node, where: str, base_dir: Path):
+    """Expand ${VARS} in every string and resolve relative local paths against the catalog's folder."""
+    if isinstance(node, dict):
+        return {k: _expand(v, f"{where}.{k}" if where else str(k), base_dir) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_expand(v, f"{where}[{i}]", base_dir) for i, v in enumerate(node)]
+    if isinstance(node, str):
+        try:
+            value = expand_vars(node)
+        except KeyError as err:
+            raise CatalogError(f"{where}: environment variable ${{{err.args[0]}}} is not set") from None
+        key = where.rsplit(".", 1)[-1]
+        if key in _PATH_FIELDS and "://" not in value:
+            p = Path(value).expanduser()
+            value = str(p if p.is_absolute() else (base_dir / p).resolve())
+        return value
+    return node
+
+
+def _validate_detector_options(catalog: Catalog) -> None:
+    from pipeline.detect.registry import validate_options
+
+    specs = [("detectors.face", catalog.detectors.face)] + [
+        (f"detectors.landmarkers[{i}]", s) for i, s in enumerate(catalog.detectors.landmarkers)
+    ]
+    for where, spec in specs:
+        try:
+            validate_options(spec)
+        except ValidationError as err:
+            first = err.errors()[0]
+            raise CatalogError(f"{where}.options.{_loc(tuple(first['loc']))}: {first['msg']}") from None
+
+
+def parse_catalog(data: dict, *, name: str = "catalog", base_dir: Path | None = None) -> Catalog:
+    """Validate a catalog given as a dict; `name` prefixes every error message."""
+    if not isinstance(data, dict):
+        raise CatalogError(f"{name}: expected a mapping at the top level, got {type(data).__name__}")
+    base_dir = base_dir or Path.cwd()
+    try:
+        expanded = _expand(data, "", base_dir)
+    except CatalogError as err:
+        raise CatalogError(f"{name}: {err}") from None
+    try:
+        catalog = Catalog.model_validate(expanded)
+    except ValidationError as err:
+        lines = []
+        for e in err.errors()[:5]:
+            got = e.get("input")
+            shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r:.80})"
+            lines.append(f"{name}: {_loc(tuple(e['loc']))}: {e['msg']}{shown}")
+        raise CatalogError("\n".join(lines)) from None
+    try:
+        _validate_detector_options(catalog)
+    except CatalogError as err:
+        raise CatalogError(f"{name}: {err}") from None
+    return catalog
+
+
+def load_catalog(path: str | Path) -> Catalog:
+    """Read and validate catalog.yaml (safe YAML loader); relative paths resolve against its folder."""
+    path = Path(path).expanduser().resolve()
+    if not path.is_file():
+        raise CatalogError(f"{path}: catalog file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise CatalogError(f"{path.name}: not valid YAML: {err}") from None
+    except UnicodeDecodeError:
+        raise CatalogError(f"{path.name}: not UTF-8 text") from None
+    catalog = parse_catalog(data, name=path.name, base_dir=path.parent)
+    return catalog.model_copy(update={"path": str(path)})

@@ -1,0 +1,338 @@
+"""The dataset store: pinned Parquet schemas, atomic writes, manifests, immutable versions, a lock.
+
+A version is `<root>/<dataset>/vNNNN/` with faces-*.parquet, images.parquet, quarantine.parquet and
+manifest.json, written last; a version without a manifest does not exist. Any fsspec filesystem works.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Iterable
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+_VERSION_DIR = re.compile(r"^v(\d{4,})$")
+
+
+def _fixed(n: int) -> pa.DataType:
+    return pa.list_(pa.float32(), n)
+
+
+FEATURE_COLUMNS = (
+    "face_px", "yaw_deg", "pitch_deg", "roll_deg", "abs_yaw_deg", "blur",
+    "agreement_nme_pct", "flip_nme_pct", "out_of_frame_frac", "landmark_score",
+)
+
+FACES_SCHEMA = pa.schema(
+    [
+        pa.field("face_id", pa.string(), nullable=False),  # image_id + ":" + face index
+        pa.field("image_id", pa.string(), nullable=False),  # sha256 of the image bytes
+        pa.field("face_index", pa.int16(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),  # train | eval (eval sources are never trained on)
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("height", pa.int32(), nullable=False),
+        pa.field("bbox", _fixed(4), nullable=False),  # l, t, r, b in image pixels
+        pa.field("det_score", pa.float32(), nullable=False),
+        pa.field("detector", pa.string(), nullable=False),
+        pa.field("landmarker", pa.string(), nullable=False),  # the primary landmarker
+        pa.field("landmarks", _fixed(136), nullable=False),  # x0, y0, x1, y1, ... image pixels
+        pa.field("landmark_scores", _fixed(68), nullable=False),
+        pa.field("params_62", _fixed(62)),  # primary's 3DMM params in the crop's frame, if it has them
+        pa.field("alt_landmarks", pa.list_(pa.struct([("name", pa.string()), ("points", _fixed(136))]))),
+        pa.field("crop", pa.binary(), nullable=False),  # JPEG of the 120x120 aligned crop the trainer reads
+        pa.field("crop_affine", _fixed(6), nullable=False),  # image pixels -> crop pixels, 2x3 row-major
+        pa.field("pose", _fixed(3), nullable=False),  # yaw, pitch, roll in degrees
+        *[pa.field(name, pa.float32(), nullable=False) for name in FEATURE_COLUMNS],
+        pa.field("keep", pa.bool_(), nullable=False),
+        pa.field("weight", pa.float32(), nullable=False),
+        pa.field("reject_reason", pa.string()),
+        pa.field("ref_landmarks", _fixed(136)),  # reference labels (AFLW2000-3D .mat layout), if any
+        pa.field("ref_params", _fixed(62)),  # reference 3DMM params in the crop's frame
+        pa.field("ref_pose", _fixed(3)),
+    ]
+)
+
+IMAGES_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string()),  # null when the bytes could not be read
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("stat_key", pa.string(), nullable=False),  # uri|size|mtime: unchanged items are skipped
+        pa.field("status", pa.string(), nullable=False),  # ok | quarantined | duplicate
+        pa.field("n_faces", pa.int32(), nullable=False),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("version", pa.int32(), nullable=False),  # the version that first saw it
+    ]
+)
+
+QUARANTINE_SCHEMA = pa.schema(
+    [
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("image_id", pa.string()),
+        pa.field("stage", pa.string(), nullable=False),  # fetch | decode | detect | label
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("detail", pa.string()),
+        pa.field("version", pa.int32(), nullable=False),
+    ]
+)
+
+SCORES_SCHEMA = pa.schema(
+    [
+        pa.field("face_id", pa.string(), nullable=False),
+        pa.field("round", pa.int32(), nullable=False),
+        pa.field("model_sha256", pa.string(), nullable=False),
+        pa.field("cycle_error", pa.float32(), nullable=False),
+        pa.field("critic_score", pa.float32(), nullable=False),
+        pa.field("landmark_residual", pa.float32(), nullable=False),
+        pa.field("new_weight", pa.float32(), nullable=False),
+    ]
+)
+
+
+# ------------------------------------------------------------------------------------------ paths
+
+
+@dataclass(frozen=True)
+class Store:
+    """Where one dataset's versions live."""
+
+    root: str  # output root (path or fsspec URL)
+    dataset: str
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        return fsspec.core.url_to_fs(self.root)[0]
+
+    @property
+    def dir(self) -> str:
+        return fsspec.core.url_to_fs(self.root)[1].rstrip("/") + "/" + self.dataset
+
+    def version_dir(self, version: int) -> str:
+        return f"{self.dir}/v{version:04d}"
+
+    def staging_dir(self, key: str) -> str:
+        return f"{self.dir}/_staging/{key}"
+
+
+def parse_ref(ref: str) -> tuple[str, int | None]:
+    """'faces@v3' or 'faces@3' -> ('faces', 3); 'faces' -> ('faces', None) meaning the latest."""
+    name, _, version = ref.partition("@")
+    if not version:
+        return name, None
+    digits = version.lstrip("vV")
+    if not digits.isdigit():
+        raise ValueError(f"{ref!r}: expected NAME@vN, e.g. faces@v3")
+    return name, int(digits)
+
+
+def list_versions(store: Store) -> list[int]:
+    """Committed versions (those with a manifest), ascending."""
+    fs = store.fs
+    if not fs.exists(store.dir):
+        return []
+    versions = []
+    for path in fs.ls(store.dir, detail=False):
+        match = _VERSION_DIR.match(path.rstrip("/").rsplit("/", 1)[-1])
+        if match and fs.exists(f"{path.rstrip('/')}/{MANIFEST}"):
+            versions.append(int(match.group(1)))
+    return sorted(versions)
+
+
+def latest_version(store: Store) -> int | None:
+    versions = list_versions(store)
+    return versions[-1] if versions else None
+
+
+def resolve_version(store: Store, version: int | None) -> int:
+    versions = list_versions(store)
+    if not versions:
+        raise FileNotFoundError(f"dataset {store.dataset!r} has no versions under {store.root}")
+    if version is None:
+        return versions[-1]
+    if version not in versions:
+        raise FileNotFoundError(f"{store.dataset}@v{version} does not exist (versions: {versions})")
+    return version
+
+
+# ---------------------------------------------------------------------------------------- writing
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write to a temp name beside `path`, then rename: readers see the whole file or none."""
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    parent = path.rsplit("/", 1)[0]
+    fs.makedirs(parent, exist_ok=True)
+    try:
+        with fs.open(tmp, "wb") as f:
+            f.write(data)
+        fs.mv(tmp, path)
+    except BaseException:
+        if fs.exists(tmp):
+            fs.rm(tmp)
+        raise
+
+
+def table_bytes(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd", row_group_size=4096)
+    return sink.getvalue()
+
+
+def write_table(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table) -> dict:
+    """Write `table` atomically; returns its manifest entry (file name, rows, bytes, sha256)."""
+    data = table_bytes(table)
+    write_atomic(fs, path, data)
+    return {"file": path.rsplit("/", 1)[-1], "rows": table.num_rows, "bytes": len(data), "sha256": sha256_bytes(data)}
+
+
+def link_or_copy(fs: fsspec.AbstractFileSystem, src: str, dst: str) -> None:
+    """Immutable files are shared between versions by hard link where the filesystem allows."""
+    if getattr(fs, "protocol", None) in ("file", ("file", "local"), "local") or fs.__class__.__name__ == "LocalFileSystem":
+        try:
+            os.link(src, dst)
+            return
+        except OSError:
+            pass
+    fs.copy(src, dst)
+
+
+def empty_table(schema: pa.Schema) -> pa.Table:
+    return schema.empty_table()
+
+
+# ---------------------------------------------------------------------------------------- reading
+
+
+def read_manifest(store: Store, version: int) -> dict:
+    with store.fs.open(f"{store.version_dir(version)}/{MANIFEST}", "rb") as f:
+        return json.loads(f.read())
+
+
+def read_faces(store: Store, version: int | None = None, columns: list[str] | None = None,
+               filters=None) -> pa.Table:
+    """All face rows of a version (the latest by default) as one Arrow table."""
+    version = resolve_version(store, version)
+    manifest = read_manifest(store, version)
+    vdir = store.version_dir(version)
+    tables = []
+    for shard in manifest["shards"]:
+        with store.fs.open(f"{vdir}/{shard['file']}", "rb") as f:
+            tables.append(pq.read_table(f, columns=columns, filters=filters))
+    if not tables:
+        schema = FACES_SCHEMA if columns is None else pa.schema([FACES_SCHEMA.field(c) for c in columns])
+        return schema.empty_table()
+    return pa.concat_tables(tables)
+
+
+def iter_face_batches(store: Store, version: int, columns: list[str] | None = None,
+                      batch_size: int = 256) -> Iterable[pa.RecordBatch]:
+    """Stream a version's faces shard by shard (the trainer and rescoring never load it whole)."""
+    manifest = read_manifest(store, version)
+    vdir = store.version_dir(version)
+    for shard in manifest["shards"]:
+        with store.fs.open(f"{vdir}/{shard['file']}", "rb") as f:
+            yield from pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=columns)
+
+
+def read_side_table(store: Store, version: int, name: str) -> pa.Table:
+    """images | quarantine | scores-rNN of a version."""
+    with store.fs.open(f"{store.version_dir(version)}/{name}.parquet", "rb") as f:
+        return pq.read_table(f)
+
+
+# ------------------------------------------------------------------------------------------- lock
+
+
+class LockedError(RuntimeError):
+    pass
+
+
+class DatasetLock:
+    """One writer per dataset: an exclusive lock file holding host and pid; stale locks are taken over."""
+
+    def __init__(self, store: Store, wait_s: float = 0.0):
+        self.store = store
+        self.path = f"{store.dir}/.lock"
+        self.wait_s = wait_s
+        self._held = False
+
+    def _owner(self) -> dict | None:
+        try:
+            with self.store.fs.open(self.path, "rb") as f:
+                return json.loads(f.read() or b"{}")
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def _stale(self, owner: dict | None) -> bool:
+        if not owner or owner.get("host") != socket.gethostname():
+            return False
+        try:
+            os.kill(int(owner["pid"]), 0)
+            return False
+        except ProcessLookupError:
+            return True
+        except (PermissionError, KeyError, ValueError):
+            return False
+
+    def acquire(self) -> "DatasetLock":
+        fs = self.store.fs
+        fs.makedirs(self.store.dir, exist_ok=True)
+        deadline = time.monotonic() + self.wait_s
+        me = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": _now()}).encode()
+        while True:
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(me)
+                self._held = True
+                return self
+            except FileExistsError:
+                owner = self._owner()
+                if self._stale(owner):
+                    os.unlink(self.path)
+                    continue
+                if time.monotonic() >= deadline:
+                    raise LockedError(
+                        f"dataset {self.store.dataset!r} is being built by another process "
+                        f"({owner}); wait for it, or remove {self.path} if that process is gone"
+                    ) from None
+                time.sleep(0.5)
+
+    def release(self) -> None:
+        if self._held:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            self._held = False
+
+    def __enter__(self) -> "DatasetLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,84 @@
+"""Shared fixtures: a project-local Prefect home, Prefect's test harness, small real catalogs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# Before anything imports prefect: a project-local home, no analytics, quiet logs.
+os.environ.setdefault("PREFECT_HOME", str(ROOT / ".prefect" / "test-home"))
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["DO_NOT_TRACK"] = "1"
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+from pipeline.settings import shared_root  # noqa: E402
+
+SHARED = shared_root()
+DATA = SHARED / "data"
+MODELS = SHARED / "models"
+
+
+def pytest_configure(config):
+    if not (MODELS / "SHA256SUMS").is_file():
+        raise pytest.UsageError(f"shared models not found at {MODELS}: set FACECURATE_SHARED to the shared folder")
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect API for every flow test in the session (not started for others)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+AFLW_DEV = sorted(p.stem for p in (DATA / "aflw2000-dev").glob("*.jpg"))
+WILD = sorted(p.name for p in (DATA / "aflw-wild-crops").glob("*.jpg"))
+
+
+def copy_images(dst: Path, folder: str, names: list[str], with_mat: bool = False) -> Path:
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        stem = Path(name).stem
+        shutil.copy(DATA / folder / f"{stem}.jpg", dst / f"{stem}.jpg")
+        if with_mat:
+            shutil.copy(DATA / folder / f"{stem}.mat", dst / f"{stem}.mat")
+    return dst
+
+
+def write_catalog(path: Path, sources: list[dict], *, output_root: str = "out", batch_images: int = 8,
+                  extra: dict | None = None) -> Path:
+    """A catalog with the bundled detector chain and rules, over the given sources."""
+    import yaml
+
+    bundled = yaml.safe_load((ROOT / "catalog.yaml").read_text())
+    data = {
+        "dataset": "faces",
+        "output_root": output_root,
+        "sources": sources,
+        "detectors": bundled["detectors"],
+        "rules": bundled["rules"],
+        "execution": {"batch_images": batch_images},
+        **(extra or {}),
+    }
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def small_catalog(tmp_path) -> Path:
+    """4 AFLW2000-3D images with labels, 6 wild crops and one two-face scene: real images, all kinds."""
+    dev = copy_images(tmp_path / "src" / "dev", "aflw2000-dev", AFLW_DEV[:4], with_mat=True)
+    wild = copy_images(tmp_path / "src" / "wild", "aflw-wild-crops", WILD[:6])
+    scenes = tmp_path / "src" / "scenes"
+    scenes.mkdir(parents=True)
+    shutil.copy(DATA / "scenes" / "3ddfa_v2_trump_hillary.jpg", scenes)
+    return write_catalog(tmp_path / "catalog.yaml", [
+        {"name": "dev", "kind": "folder", "path": str(dev), "labels": "mat", "split": "eval"},
+        {"name": "wild", "kind": "folder", "path": str(wild), "pre_cropped": True},
+        {"name": "scenes", "kind": "folder", "path": str(scenes)},
+    ])
