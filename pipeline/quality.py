@@ -77,5 +77,7 @@ def apply_rules(features: pd.DataFrame, rules: Rules) -> pd.DataFrame:
         weight *= np.exp(-np.maximum(values - rule.offset, 0.0) / rule.scale)
     weight = np.clip(weight, rules.min_weight, 1.0)
     weight[~keep] = 0.0
-    return pd.DataFrame({"keep": keep, "weight": weight.astype(np.float32), "reject_reason": reason},
-                        index=features.index)
+    out = pd.DataFrame({"keep": keep, "weight": weight.astype(np.float32)}, index=features.index)
+    # object dtype: pandas would otherwise infer a string dtype and turn None into NaN.
+    out["reject_reason"] = pd.Series(list(reason), index=features.index, dtype=object)
+    return out

@@ -1,0 +1,245 @@
+"""A dataset version -> one self-contained HTML page: funnel, feature distributions, NME vs
+references, trainer rounds, and galleries of crops with their 68 points. No JS library, no network.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from pipeline import shards
+from pipeline.crops import apply_affine
+from pipeline.landmarks import ced_curve, nme_pct
+from pipeline.shards import FEATURE_COLUMNS, Store
+from pipeline.summary import YAW_BINS, version_summary
+
+GALLERY_SIZE = 12
+_CSS = """
+body{font:14px/1.45 system-ui,sans-serif;margin:24px auto;max-width:1200px;color:#222;padding:0 16px}
+h1{font-size:22px}h2{font-size:18px;margin-top:32px;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ddd;padding:3px 8px;text-align:right}
+th{background:#f4f4f4}td.l,th.l{text-align:left}.grid{display:flex;flex-wrap:wrap;gap:8px}
+.card{width:150px;font-size:11px;word-break:break-all}.card img{width:150px;height:150px;cursor:zoom-in}
+.hist{display:inline-block;margin:4px 12px 12px 0}.muted{color:#777}.kept{color:#1a7f37}.dropped{color:#c62828}
+#lightbox{display:none;position:fixed;inset:0;background:rgba(0,0,0,.85);align-items:center;justify-content:center}
+#lightbox.open{display:flex}#lightbox img{width:480px;height:480px;image-rendering:pixelated}
+#lightbox p{color:#fff;max-width:480px}
+"""
+_JS = """
+document.addEventListener('click', e => {
+  const img = e.target.closest('img.face');
+  const box = document.getElementById('lightbox');
+  if (img) { box.querySelector('img').src = img.src; box.querySelector('p').textContent = img.dataset.caption;
+             box.classList.add('open'); }
+  else if (e.target.closest('#lightbox')) { box.classList.remove('open'); }
+});
+"""
+
+
+def esc(value) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _fmt(v, digits: int = 2) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "-"
+    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def _table(header: list[str], rows: list[list], left: int = 1, id_: str = "") -> str:
+    head = "".join(f"<th class='{'l' if i < left else ''}'>{esc(h)}</th>" for i, h in enumerate(header))
+    body = "".join("<tr>" + "".join(f"<td class='{'l' if i < left else ''}'>{esc(_fmt(c))}</td>"
+                                    for i, c in enumerate(r)) + "</tr>" for r in rows)
+    return f"<table{f' id={esc(id_)}' if id_ else ''}><tr>{head}</tr>{body}</table>"
+
+
+def _histogram_svg(name: str, kept: np.ndarray, dropped: np.ndarray, bins: int = 24) -> str:
+    values = np.concatenate([kept, dropped])
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return ""
+    lo, hi = np.percentile(values, [0.5, 99.5])
+    hi = hi if hi > lo else lo + 1
+    edges = np.linspace(lo, hi, bins + 1)
+    hk = np.histogram(np.clip(kept[np.isfinite(kept)], lo, hi), edges)[0]
+    hd = np.histogram(np.clip(dropped[np.isfinite(dropped)], lo, hi), edges)[0]
+    top = max(int(hk.max(initial=0)), int(hd.max(initial=0)), 1)
+    w, h = 240, 90
+    bw = w / bins
+    bars = []
+    for i in range(bins):
+        for count, color, dx in ((hk[i], "#1a7f37", 0), (hd[i], "#c62828", bw / 2)):
+            bh = count / top * (h - 14)
+            bars.append(f"<rect x='{i * bw + dx:.1f}' y='{h - 14 - bh:.1f}' width='{bw / 2:.1f}' height='{bh:.1f}' "
+                        f"fill='{color}'><title>{count}</title></rect>")
+    return (f"<div class='hist'><div><b>{esc(name)}</b></div><svg width='{w}' height='{h}'>{''.join(bars)}"
+            f"<text x='0' y='{h - 2}' font-size='10'>{lo:.3g}</text>"
+            f"<text x='{w}' y='{h - 2}' font-size='10' text-anchor='end'>{hi:.3g}</text></svg></div>")
+
+
+def _ced_svg(curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> str:
+    w, h, pad = 360, 220, 30
+    colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
+    lines = []
+    for (name, (x, y)), color in zip(curves.items(), colors):
+        pts = " ".join(f"{pad + xi / 10 * (w - pad):.1f},{h - pad - yi * (h - 2 * pad):.1f}" for xi, yi in zip(x, y))
+        lines.append(f"<polyline fill='none' stroke='{color}' stroke-width='2' points='{pts}'/>")
+        lines.append(f"<text x='{w - 110}' y='{20 + 14 * len(lines) // 2}' fill='{color}' font-size='11'>{esc(name)}</text>")
+    axes = (f"<line x1='{pad}' y1='{h - pad}' x2='{w}' y2='{h - pad}' stroke='#999'/>"
+            f"<line x1='{pad}' y1='0' x2='{pad}' y2='{h - pad}' stroke='#999'/>"
+            f"<text x='{pad}' y='{h - 10}' font-size='10'>0</text><text x='{w - 20}' y='{h - 10}' font-size='10'>10% NME</text>"
+            f"<text x='2' y='{2 * pad}' font-size='10'>1.0</text>")
+    return f"<svg width='{w}' height='{h}' id='ced'>{axes}{''.join(lines)}</svg>"
+
+
+def _face_thumb(row: dict) -> str:
+    crop = cv2.imdecode(np.frombuffer(row["crop"], np.uint8), cv2.IMREAD_COLOR)
+    crop = cv2.resize(crop, (240, 240), interpolation=cv2.INTER_LINEAR)
+    points = apply_affine(np.asarray(row["landmarks"], np.float32).reshape(68, 2), np.asarray(row["crop_affine"])) * 2
+    color = (55, 127, 26) if row["keep"] else (40, 40, 198)
+    for x, y in points:
+        cv2.circle(crop, (int(round(x)), int(round(y))), 2, color, -1, lineType=cv2.LINE_AA)
+    ok, jpg = cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, 85])
+    return "data:image/jpeg;base64," + base64.b64encode(jpg.tobytes()).decode()
+
+
+def _gallery(title: str, rows: pd.DataFrame, anchor: str) -> str:
+    cards = []
+    for _, r in rows.iterrows():
+        state = "kept" if r["keep"] else "dropped"
+        caption = (f"{r['face_id'][:12]}… {Path(str(r['uri'])).name} | {state} | weight {r['weight']:.2f}"
+                   + (f" | {r['reject_reason']}" if r["reject_reason"] else "")
+                   + (f" | score {r['score']:.2f}" if "score" in r and pd.notna(r.get("score")) else ""))
+        cards.append(
+            f"<div class='card'><img class='face' loading='lazy' alt='{esc(r['face_id'])}' src='{_face_thumb(r)}' "
+            f"data-caption='{esc(caption)}'><div><span class='{state}'>{state}</span> "
+            f"w={r['weight']:.2f} yaw={_fmt(float(r['yaw_deg']), 0)}</div><div class='muted'>{esc(Path(str(r['uri'])).name)}</div>"
+            + (f"<div class='dropped'>{esc(r['reject_reason'])}</div>" if r["reject_reason"] else "") + "</div>")
+    if not cards:
+        return ""
+    return f"<h3 id='{esc(anchor)}'>{esc(title)} ({len(cards)})</h3><div class='grid'>{''.join(cards)}</div>"
+
+
+def _rounds_section(store: Store, version: int) -> str:
+    scores_dir = Path(store.dir) / "scores"
+    files = sorted(scores_dir.glob(f"v{version:04d}-r*.parquet")) if scores_dir.exists() else []
+    manifest = shards.read_manifest(store, version)
+    if "scores" in manifest.get("tables", {}):
+        files.insert(0, Path(store.version_dir(version)) / "scores.parquet")
+    if not files:
+        return "<p class='muted'>No trainer round has scored this version yet.</p>"
+    rows = []
+    for f in files:
+        s = pd.read_parquet(f)
+        rows.append([f.name, int(s["round"].iloc[0]) if len(s) else "-", len(s), float(s.cycle_error.median()),
+                     float(s.landmark_residual.median()), float(s.critic_score.median()), float(s.new_weight.mean()),
+                     int((s.new_weight < 0.1).sum())])
+    return _table(["scores file", "round", "faces", "median cycle %", "median residual %", "median critic",
+                   "mean new weight", "weight < 0.1"], rows)
+
+
+def render_report(store: Store, version: int | None = None, *, seed: int = 0) -> str:
+    version = shards.resolve_version(store, version)
+    summary = version_summary(store, version)
+    manifest, counts = summary["manifest"], summary["manifest"]["counts"]
+    cols = ["face_id", "uri", "source", "keep", "weight", "reject_reason", "crop", "crop_affine", "landmarks",
+            "ref_landmarks", "det_score", *FEATURE_COLUMNS]
+    faces = shards.read_faces(store, version, columns=cols).to_pandas()
+    quarantine = shards.read_side_table(store, version, "quarantine").to_pandas()
+    vdir = Path(store.version_dir(version))
+
+    parts = [f"<h1>Landmark quality report: {esc(summary['ref'])}</h1>",
+             f"<p class='muted'>created {esc(manifest['created_at'])}, parent v{esc(manifest['parent'])}, catalog "
+             f"{esc(manifest['catalog_hash'][:12])}; detectors: "
+             + ", ".join(f"{esc(d['name'])} ({esc(d['role'])})" for d in manifest["detectors"]) + "</p>"]
+
+    funnel = [["images seen", counts["images_seen"]], ["decoded", counts["images_decoded"]],
+              ["quarantined", counts["images_quarantined"]], ["duplicates", counts["images_duplicate"]],
+              ["images with faces", counts["images_with_faces"]], ["faces found", counts["faces"]],
+              ["faces kept", counts["faces_kept"]], ["faces dropped", counts["faces_dropped"]]]
+    parts += ["<h2 id='funnel'>Funnel</h2>", _table(["stage", "count"], funnel, id_="funnel-table")]
+    if counts["quarantine_reasons"]:
+        parts.append("<h3>Quarantined, by reason</h3>" + _table(
+            ["reason", "images"], sorted(counts["quarantine_reasons"].items()), id_="quarantine-reasons"))
+        q = quarantine.head(50)
+        parts.append("<details><summary>quarantined files</summary>" + _table(
+            ["uri", "stage", "reason", "detail"], q[["uri", "stage", "reason", "detail"]].values.tolist(), left=4)
+            + "</details>")
+    if counts["drop_reasons"]:
+        parts.append("<h3>Dropped, by rule</h3>" + _table(["rule", "faces"], sorted(counts["drop_reasons"].items()),
+                                                          id_="drop-reasons"))
+
+    parts.append("<h2 id='features'>Quality features (<span class='kept'>kept</span> vs <span class='dropped'>dropped</span>)</h2>")
+    kept = faces[faces.keep]
+    dropped = faces[~faces.keep]
+    for name in ("det_score", *FEATURE_COLUMNS):
+        parts.append(_histogram_svg(name, kept[name].to_numpy(np.float64), dropped[name].to_numpy(np.float64)))
+
+    yaw_bin = np.digitize(np.abs(faces.yaw_deg.to_numpy(np.float64)), [30, 60])
+    rows = []
+    for b, label in enumerate(YAW_BINS):
+        sel = faces[yaw_bin == b]
+        rows.append([label, len(sel), int(sel.keep.sum()), float(sel.agreement_nme_pct.median()) if len(sel) else None,
+                     float(sel.flip_nme_pct.median()) if len(sel) else None])
+    parts += ["<h2 id='pose'>Per yaw bin</h2>",
+              _table(["yaw", "faces", "kept", "median agreement NME %", "median flip NME %"], rows, id_="yaw-table")]
+
+    if summary["reference_nme"]:
+        rows, curves = [], {}
+        ref_rows = faces[faces.ref_landmarks.notna()]
+        ref = np.stack(ref_rows.ref_landmarks.to_numpy()).reshape(-1, 68, 2)
+        for name, t in summary["reference_nme"].items():
+            b = t["bins"]
+            rows.append([name, b[0]["mean"], b[1]["mean"], b[2]["mean"], t["balanced"], t.get("auc_7"),
+                         t.get("failure_10"), t["kept_mean"], t["dropped_mean"], t["count"]])
+        primary = np.stack(ref_rows.landmarks.to_numpy()).reshape(-1, 68, 2)
+        nme = nme_pct(primary, ref)
+        curves[summary["manifest"]["detectors"][1]["name"]] = ced_curve(nme, max_pct=10)
+        parts += ["<h2 id='nme'>Against reference labels (AFLW2000-3D protocol)</h2>",
+                  _table(["landmarker", "0-30", "30-60", "60-90", "balanced", "AUC@7", "fail@10", "kept", "dropped",
+                          "n"], rows, id_="nme-table"), _ced_svg(curves)]
+
+    parts += ["<h2 id='rounds'>Trainer rounds</h2>", _rounds_section(store, version)]
+
+    rng = np.random.default_rng(seed)
+    parts.append("<h2 id='galleries'>Galleries</h2>")
+    galleries = [("kept", kept.sample(min(GALLERY_SIZE, len(kept)), random_state=seed) if len(kept) else kept),
+                 ("dropped", dropped.sample(min(GALLERY_SIZE, len(dropped)), random_state=seed) if len(dropped) else dropped),
+                 ("worst agreement", faces.nlargest(GALLERY_SIZE, "agreement_nme_pct")),
+                 ("random", faces.sample(min(GALLERY_SIZE, len(faces)), random_state=int(rng.integers(1 << 30))))]
+    for b, label in enumerate(YAW_BINS):
+        sel = faces[yaw_bin == b]
+        galleries.append((f"yaw {label}", sel.sample(min(6, len(sel)), random_state=seed) if len(sel) else sel))
+    for title, rows_ in galleries:
+        parts.append(_gallery(title, rows_, "gallery-" + title.replace(" ", "-")))
+
+    links = [f"<li><a href='{esc((vdir / e['file']).as_uri())}'>{esc(e['file'])}</a> ({e['rows']} faces)</li>"
+             for e in manifest["shards"][:200]]
+    parts += ["<h2 id='files'>Files</h2>",
+              f"<p><a id='manifest-link' href='{esc((vdir / 'manifest.json').as_uri())}'>manifest.json</a></p>",
+              f"<ul>{''.join(links)}</ul>"]
+    body = "\n".join(p for p in parts if p)
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(summary['ref'])} quality report</title>"
+            f"<style>{_CSS}</style></head><body>{body}<div id='lightbox'><div><img alt='enlarged'><p></p></div></div>"
+            f"<script>{_JS}</script><script type='application/json' id='counts'>"
+            f"{esc(json.dumps(counts))}</script></body></html>")
+
+
+def write_report(store: Store, version: int | None = None, out_dir: str | Path | None = None) -> Path:
+    """Write the report next to the version (or into `out_dir`); returns the HTML file's path."""
+    version = shards.resolve_version(store, version)
+    out = Path(out_dir) if out_dir else Path(store.dir) / "reports"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{store.dataset}-v{version:04d}.html"
+    tmp = path.with_suffix(".html.tmp")
+    tmp.write_text(render_report(store, version), encoding="utf-8")
+    tmp.replace(path)
+    return path

@@ -1,0 +1,31 @@
+"""The build-dataset Prefect flow runs its batches on a dask LocalCluster and commits one version."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline import shards
+from pipeline.build import store_of
+from pipeline.catalog import load_catalog
+
+
+def test_build_flow_on_dask_then_noop(small_catalog, prefect_harness):
+    from flows.build import run_build
+
+    first = run_build(str(small_catalog))
+    assert first["created"] and first["version"] == 1 and first["processed"] == 11
+    second = run_build(str(small_catalog))
+    assert not second["created"] and second["version"] == 1 and second["processed"] == 0
+    store = store_of(load_catalog(small_catalog))
+    faces = shards.read_faces(store, 1, columns=["face_id"]).to_pandas()
+    assert faces.face_id.is_unique and len(faces) >= 12
+
+
+def test_cli_reports_a_bad_catalog_in_one_line(tmp_path, capsys):
+    from flows.cli import main
+
+    bad = tmp_path / "c.yaml"
+    bad.write_text("dataset: x\noutput_root: out\nsources: []\ndetectors: {}\n")
+    assert main(["build", "--catalog", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "c.yaml: sources: List should have at least 1 item" in err
