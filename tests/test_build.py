@@ -49,7 +49,7 @@ def test_build_small_catalog_end_to_end(small_catalog):
         assert hashlib.sha256((vdir / entry["file"]).read_bytes()).hexdigest() == entry["sha256"]
     first_shard = vdir / manifest["shards"][0]["file"]
     assert len(pd.read_parquet(first_shard, columns=["face_id"])) == manifest["shards"][0]["rows"]
-    n = duckdb.sql(f"select count(*) from read_parquet('{vdir}/faces-*.parquet')").fetchone()[0]
+    n = duckdb.sql(f"select count(*) from read_parquet('{vdir}/faces-*.parquet')").fetchall()[0][0]
     assert n == len(faces) == counts["faces"]
     summary = version_summary(store, 1)
     table = summary["reference_nme"]["tddfa_mb05"]

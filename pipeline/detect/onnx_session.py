@@ -1,0 +1,18 @@
+"""onnxruntime sessions for the detectors: CUDA when the device asks for it and ORT has it, quiet logs."""
+
+from __future__ import annotations
+
+import onnxruntime as ort
+import torch
+
+
+def providers_for(device: torch.device) -> list[str]:
+    if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        return [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def session(model: bytes | str, device: torch.device) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # ORT's per-initializer warnings would drown the progress output
+    return ort.InferenceSession(model, sess_options=opts, providers=providers_for(device))

@@ -1,0 +1,85 @@
+"""3DDFA_V2's mb05 as a landmarker: box -> 3DDFA crop -> 62 3DMM params -> 68 points and head pose.
+
+The teacher of the 2DASL trainer. Recipe (models README): crop side int(1.58 x box size), centre
+shifted down 0.14; BGR (x - 127.5) / 128; params = net * std + mean; points from the `bfm/` basis.
+With `refine` a second pass re-crops from the first pass's 68 points (3DDFA_V2's own two-step
+use), which the measured figures show closes most of the gap to ground-truth crops.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from pipeline.crops import crop_roi, roi_from_box, roi_from_landmarks
+from pipeline.detect.base import Landmarks
+from pipeline.device import pick_device
+from pipeline.weights import sha256_file, verified_path
+
+
+class TDDFAOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    bfm: Path  # bfm/bfm_68.npz
+    param_stats: Path  # 3ddfa_v2/param_mean_std_62d_120x120.pkl
+    refine: bool = True  # second pass from the first pass's landmarks
+
+
+class TDDFALandmarker:
+    name = "tddfa_mb05"
+
+    def __init__(self, weights, *, weights_sha256: str | None = None, device: str = "auto", batch_size: int = 128,
+                 options: TDDFAOptions):
+        from trainer.bfm import landmarks_3d, load_bfm, load_param_stats
+        from trainer.mobilenet import load_teacher_mobilenet
+
+        self.device = pick_device(device)
+        self.batch_size = batch_size
+        self.refine = options.refine
+        path = verified_path(weights, weights_sha256, what="3DDFA_V2 mb05 weights")
+        self.weights_sha256 = sha256_file(path)
+        self.net = load_teacher_mobilenet(path, in_channels=3, weights_sha256=self.weights_sha256).to(self.device)
+        self.bfm = load_bfm(options.bfm, device=self.device)
+        mean, std = load_param_stats(options.param_stats)
+        self.mean = torch.as_tensor(mean, device=self.device)
+        self.std = torch.as_tensor(std, device=self.device)
+        self._to_points = landmarks_3d
+
+    @torch.inference_mode()
+    def predict_crops(self, crops_rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """[N, 120, 120, 3] RGB crops -> (params [N, 62], crop-pixel points [N, 68, 3]), batched."""
+        params, points = [np.zeros((0, 62), np.float32)], [np.zeros((0, 68, 3), np.float32)]
+        for i in range(0, len(crops_rgb), self.batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(crops_rgb[i:i + self.batch_size])).to(self.device)
+            x = (x.permute(0, 3, 1, 2).flip(1).float() - 127.5) / 128.0  # RGB -> BGR, as trained
+            p = self.net(x) * self.std + self.mean
+            params.append(p.cpu().numpy())
+            points.append(self._to_points(p, self.bfm).cpu().numpy())
+        return np.concatenate(params), np.concatenate(points)
+
+    def predict_rois(self, images: list[np.ndarray], rois: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """One roi per (image index, roi) pair flattened -> (params [N, 62], image-pixel points [N, 68, 3])."""
+        from trainer.bfm import project_to_image
+
+        crops = np.stack([crop_roi(images[i], roi) for i, roi in rois]) if rois else np.zeros((0, 120, 120, 3), np.uint8)
+        params, pts = self.predict_crops(crops)
+        image_pts = np.stack([project_to_image(p, roi) for p, (_, roi) in zip(pts, rois)]) if rois else pts
+        return params, image_pts
+
+    def __call__(self, images: list[np.ndarray], boxes: list[np.ndarray]) -> list[list[Landmarks]]:
+        from trainer.bfm import pose_from_params
+
+        rois = [(i, roi_from_box(b)) for i, bs in enumerate(boxes) for b in bs]
+        params, pts = self.predict_rois(images, rois)
+        if self.refine and rois:
+            rois = [(i, roi_from_landmarks(p[:, :2])) for (i, _), p in zip(rois, pts)]
+            params, pts = self.predict_rois(images, rois)
+        poses = pose_from_params(params) if len(params) else np.zeros((0, 3), np.float32)
+        out: list[list[Landmarks]] = [[] for _ in images]
+        for (i, roi), p, pt, pose in zip(rois, params, pts, poses):
+            out[i].append(Landmarks(points=pt[:, :2].astype(np.float32), scores=np.ones(68, np.float32),
+                                    roi=roi.astype(np.float32), pose_deg=pose, params_62=p.astype(np.float32)))
+        return out

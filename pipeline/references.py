@@ -1,0 +1,90 @@
+"""Reference labels in the AFLW2000-3D / 300W-LP `.mat` layout, converted to facecurate's conventions.
+
+`pt3d_68` gives the 68 reference points (image pixels); `Pose_Para` (pitch, yaw, roll, tx, ty, tz,
+scale), `Shape_Para` (199) and `Exp_Para` (29) give the 3DMM fit, which we truncate to 3DDFA's
+62-param layout (first 40 shape, first 10 expression) in the BFM units of `bfm_68.npz`. In the
+`.mat` frame image y is measured from the bottom: y_img = H + 1 - Y.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.io
+
+from pipeline.crops import CROP_SIZE, crop_affine
+
+
+class BadReference(ValueError):
+    """A reference file that cannot be read or lacks a field; the image is kept, without reference."""
+
+
+@dataclass
+class Reference:
+    landmarks_68: np.ndarray  # (68, 2) float32 image pixels (x, y of pt3d_68)
+    params_62: np.ndarray | None  # (62,) float64 in the image frame (see params_image_to_crop)
+    yaw_pitch_roll_deg: np.ndarray  # (3,) degrees, from Pose_Para
+
+
+def angles_to_matrix(pitch: float, yaw: float, roll: float) -> np.ndarray:
+    """3DDFA's angle2matrix (face3d `angle2matrix_3ddfa`): R = Rx(pitch) @ Ry(yaw) @ Rz(roll)."""
+    cx, sx, cy, sy, cz, sz = np.cos(pitch), np.sin(pitch), np.cos(yaw), np.sin(yaw), np.cos(roll), np.sin(roll)
+    rx = np.array([[1, 0, 0], [0, cx, sx], [0, -sx, cx]])
+    ry = np.array([[cy, 0, -sy], [0, 1, 0], [sy, 0, cy]])
+    rz = np.array([[cz, sz, 0], [-sz, cz, 0], [0, 0, 1]])
+    return rx @ ry @ rz
+
+
+def params_from_mat_fit(pose_para: np.ndarray, shape_para: np.ndarray, exp_para: np.ndarray) -> np.ndarray:
+    """`.mat` fit -> 62 params in the image frame: [s*R | t] row-major, shape[:40], exp[:10]."""
+    pitch, yaw, roll, tx, ty, tz, scale = (float(v) for v in np.asarray(pose_para).reshape(-1)[:7])
+    camera = np.concatenate([scale * angles_to_matrix(pitch, yaw, roll), [[tx], [ty], [tz]]], axis=1)
+    shape = np.asarray(shape_para, np.float64).reshape(-1)
+    exp = np.asarray(exp_para, np.float64).reshape(-1)
+    if shape.size < 40 or exp.size < 10:
+        raise BadReference(f"Shape_Para has {shape.size} and Exp_Para {exp.size} values; need at least 40 and 10")
+    return np.concatenate([camera.reshape(12), shape[:40], exp[:10]])
+
+
+def load_mat_reference(file, image_height: int) -> Reference:
+    """Read one `.mat` (path or file object) -> Reference; BadReference names what is wrong."""
+    try:
+        mat = scipy.io.loadmat(file)
+    except Exception as err:  # scipy raises several types for a damaged file
+        raise BadReference(f"unreadable .mat file ({type(err).__name__}: {err})") from None
+    if "pt3d_68" not in mat:
+        raise BadReference(".mat file has no pt3d_68")
+    pts = np.asarray(mat["pt3d_68"], dtype=np.float64)
+    if pts.shape[0] < 2 or pts.shape[-1] != 68:
+        raise BadReference(f"pt3d_68 has shape {pts.shape}, expected (3, 68)")
+    landmarks = pts[:2].T.astype(np.float32)
+    if not np.isfinite(landmarks).all():
+        raise BadReference("pt3d_68 holds non-finite values")
+    params, ypr = None, np.full(3, np.nan, np.float32)
+    if "Pose_Para" in mat:
+        pose = np.asarray(mat["Pose_Para"], np.float64).reshape(-1)
+        ypr = np.degrees([pose[1], pose[0], pose[2]]).astype(np.float32)
+        if "Shape_Para" in mat and "Exp_Para" in mat:
+            params = params_from_mat_fit(pose, mat["Shape_Para"], mat["Exp_Para"])
+    return Reference(landmarks_68=landmarks, params_62=params, yaw_pitch_roll_deg=ypr)
+
+
+def params_image_to_crop(params_62: np.ndarray, roi: np.ndarray, image_height: int,
+                         size: int = CROP_SIZE) -> np.ndarray:
+    """Image-frame params (`.mat` convention) -> params whose 3DDFA crop points land on the crop of `roi`.
+
+    The crop maps x_c = a*x + c, y_c = e*y + f (crop_affine). The 3DDFA crop convention reads
+    x_c = X' - 1, y_c = size - Y'; the image frame reads x = X, y = H + 1 - Y. Solving for the
+    camera rows gives the scaled rows and shifted translations below (z is scaled like x).
+    """
+    a, _, c, _, e, f = (float(v) for v in crop_affine(roi, size))
+    camera = np.asarray(params_62, np.float64)[:12].reshape(3, 4).copy()
+    camera[0] *= a
+    camera[0, 3] += c + 1
+    camera[1] *= e
+    camera[1, 3] += size - e * (image_height + 1) - f
+    camera[2] *= a
+    out = np.array(params_62, dtype=np.float64, copy=True)
+    out[:12] = camera.reshape(12)
+    return out
