@@ -21,11 +21,13 @@ def test_build_flow_on_dask_then_noop(small_catalog, prefect_harness):
     assert faces.face_id.is_unique and len(faces) >= 12
 
 
-def test_cli_reports_a_bad_catalog_in_one_line(tmp_path, capsys):
+def test_cli_names_every_bad_catalog_field(tmp_path, capsys):
     from flows.cli import main
 
     bad = tmp_path / "c.yaml"
     bad.write_text("dataset: x\noutput_root: out\nsources: []\ndetectors: {}\n")
     assert main(["build", "--catalog", str(bad)]) == 2
     err = capsys.readouterr().err
-    assert "c.yaml: sources: List should have at least 1 item" in err
+    assert "c.yaml: sources: Tuple should have at least 1 item" in err
+    assert "c.yaml: detectors.face: Field required" in err
+    assert "Traceback" not in err
