@@ -15,9 +15,12 @@ import time
 DEFAULT_CATALOG = "catalog.yaml"
 
 
-def _prefect_defaults() -> None:
+def _prefect_defaults(verbose: bool) -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
+    if not verbose:  # the progress bar and the summary are the output; per-task INFO lines bury them
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
 
 
 def cmd_build(args) -> int:
@@ -98,8 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _prefect_defaults()
     args = build_parser().parse_args(argv)
+    _prefect_defaults(args.verbose)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from pipeline.catalog import CatalogError
     from pipeline.shards import LockedError

@@ -95,7 +95,7 @@ class FanLandmarker:
             if len(bs) == 0:
                 out.append([])
                 continue
-            pts, scores, _ = self.fa.get_landmarks_from_image(img, detected_faces=[b for b in bs],
+            pts, scores, _ = self.fa.get_landmarks_from_image(img, detected_faces=[np.asarray(b, np.float64) for b in bs],  # f32 breaks its torch maths
                                                               return_landmark_score=True)
             out.append([Landmarks(points=np.asarray(p[:, :2], np.float32),
                                   scores=np.clip(np.asarray(s, np.float32).reshape(68), 0, 1),
