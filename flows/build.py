@@ -13,7 +13,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from flows.runtime import dask_task_runner
 from pipeline import shards
-from pipeline.build import Batch, BatchResult, clean_abandoned, commit_version, plan_build, process_batch, store_of
+from pipeline.build import (Batch, BatchResult, check_scores_parent, scores_version, clean_abandoned, commit_version, plan_build,
+                            process_batch, store_of)
 from pipeline.catalog import Catalog, load_catalog
 from pipeline.summary import format_summary, version_summary
 
@@ -24,8 +25,11 @@ def process_batch_task(catalog: Catalog, staging_key: str, batch: Batch) -> Batc
 
 
 @flow(name="build-dataset")
-def build_dataset(catalog_path: str = "catalog.yaml", lock_wait_s: float = 0.0) -> dict:
-    """Build the next version of the catalog's dataset; returns {'dataset', 'version', 'created', ...}."""
+def build_dataset(catalog_path: str = "catalog.yaml", lock_wait_s: float = 0.0, scores_path: str | None = None) -> dict:
+    """Build the next version of the catalog's dataset; returns {'dataset', 'version', 'created', ...}.
+
+    `scores_path`: a trainer round's scores table (`facecurate rescore`) folded into the new version.
+    """
     logger = get_run_logger()
     catalog = load_catalog(catalog_path)
     store = store_of(catalog)
@@ -33,9 +37,11 @@ def build_dataset(catalog_path: str = "catalog.yaml", lock_wait_s: float = 0.0) 
         for path in clean_abandoned(catalog):
             logger.info("removed abandoned %s", path)
         plan = plan_build(catalog)
+        scores = shards.read_table_file(store.fs, scores_path) if scores_path else None
+        check_scores_parent(plan, scores, scores_version(scores_path) if scores_path else None)
         logger.info("%s: %d items listed, %d unchanged, %d new in %d batches%s", catalog.dataset, plan.listed,
                     plan.unchanged, plan.new_items, len(plan.batches), ", rules changed" if plan.rules_changed else "")
-        if plan.nothing_to_do:
+        if plan.nothing_to_do and scores is None:
             logger.info("nothing new: %s@v%d stays the latest", catalog.dataset, plan.parent)
             return {"dataset": catalog.dataset, "version": plan.parent, "created": False, "processed": 0}
         futures = process_batch_task.map(unmapped(catalog), unmapped(plan.staging_key), plan.batches)
@@ -47,16 +53,17 @@ def build_dataset(catalog_path: str = "catalog.yaml", lock_wait_s: float = 0.0) 
             for future in as_completed(futures):
                 results.append(future.result())
                 bar.advance(job, sizes[future.task_run_id])
-        version = commit_version(catalog, plan, results)
+        version = commit_version(catalog, plan, results, scores=scores)
     summary = version_summary(store, version)
     logger.info("committed %s\n%s", summary["ref"], format_summary(summary))
     return {"dataset": catalog.dataset, "version": version, "created": True, "processed": plan.new_items,
             "root": catalog.output_root}
 
 
-def run_build(catalog_path: str, *, dask_address: str | None = None, workers: int | None = None) -> dict:
+def run_build(catalog_path: str, *, dask_address: str | None = None, workers: int | None = None,
+              scores_path: str | None = None) -> dict:
     """Run the flow with the dask runner the catalog (or the caller) asks for."""
     catalog = load_catalog(catalog_path)  # fail fast, before any Prefect or dask start-up
     ex = catalog.execution
     runner = dask_task_runner(dask_address or ex.dask_address, workers or ex.dask_workers, ex.dask_processes)
-    return build_dataset.with_options(task_runner=runner)(catalog_path=str(catalog.path))
+    return build_dataset.with_options(task_runner=runner)(catalog_path=str(catalog.path), scores_path=scores_path)

@@ -1,4 +1,4 @@
-"""The `facecurate` command: build, datasets, show.
+"""The `facecurate` command: build, datasets, show, train, rescore, round, evaluate.
 
 Each subcommand calls a flow or a library function; errors print one clear line and exit 2.
 """
@@ -31,7 +31,8 @@ def cmd_build(args) -> int:
 
     catalog = load_catalog(args.catalog)
     started = time.perf_counter()
-    result = run_build(args.catalog, dask_address=args.dask_address, workers=args.workers)
+    result = run_build(args.catalog, dask_address=args.dask_address, workers=args.workers,
+                       scores_path=getattr(args, "scores", None))
     seconds = time.perf_counter() - started
     summary = version_summary(store_of(catalog), result["version"])
     print(format_summary(summary))
@@ -79,6 +80,94 @@ def cmd_show(args) -> int:
     return 0
 
 
+def _store(catalog, ref: str):
+    from pipeline.shards import Store, parse_ref
+
+    name, version = parse_ref(ref)
+    return Store(catalog.output_root, name or catalog.dataset), version
+
+
+def cmd_train(args) -> int:
+    import yaml
+
+    from pipeline.catalog import load_catalog
+    from trainer.config import TrainConfig
+    from trainer.train import train
+
+    catalog = load_catalog(args.catalog)
+    values = yaml.safe_load(open(args.config)) if args.config else {}
+    values.update({"dataset_root": catalog.output_root, "dataset": args.dataset})
+    for key in ("backbone", "batch_size", "max_steps", "epochs", "device", "checkpoint_dir", "lr", "seed",
+                "num_workers"):
+        if getattr(args, key) is not None:
+            values[key] = getattr(args, key)
+    if args.resume:
+        values["resume"] = True
+    result = train(TrainConfig.from_dict(values))
+    losses = " ".join(f"{k}={v:.4g}" for k, v in result.final_losses.items())
+    print(f"trained {result.steps} steps ({result.epochs} epochs): {result.checkpoint}\n  last step: {losses}")
+    return 0
+
+
+def _rescore(catalog, ref: str, checkpoint: str, round_index: int, device: str) -> tuple[str, int]:
+    from pipeline.shards import resolve_version
+    from trainer.checkpoint import load_predictor
+    from trainer.rescore import rescore, write_scores
+
+    store, version = _store(catalog, ref)
+    version = resolve_version(store, version)
+    table = rescore(load_predictor(checkpoint, device=device), store, version, round_index=round_index)
+    path = write_scores(store, version, table, round_index)
+    weights = table.column("new_weight").to_numpy()
+    print(f"rescored {store.dataset}@v{version} round {round_index}: {table.num_rows} faces, "
+          f"mean new weight {weights.mean():.3f}, {(weights < 0.1).sum()} under 0.1 -> {path}")
+    return path, version
+
+
+def cmd_rescore(args) -> int:
+    from pipeline.catalog import load_catalog
+
+    _rescore(load_catalog(args.catalog), args.dataset, args.checkpoint, args.round, args.device)
+    return 0
+
+
+def cmd_round(args) -> int:
+    """Rescore the latest version with a checkpoint, then build the next version with those scores."""
+    from pipeline.catalog import load_catalog
+
+    catalog = load_catalog(args.catalog)
+    args.scores, _ = _rescore(catalog, catalog.dataset, args.checkpoint, args.round, args.device)
+    return cmd_build(args)
+
+
+def cmd_evaluate(args) -> int:
+    from pipeline.catalog import load_catalog
+    from pipeline.detect.registry import build_face_detector, build_landmarker
+    from trainer.evaluate import StudentModel, TeacherModel, evaluate, format_result, load_eval_set, write_result
+
+    catalog = load_catalog(args.catalog)
+    primary = catalog.detectors.landmarkers[0]
+    if primary.name != "tddfa_mb05":
+        raise ValueError(f"evaluate needs tddfa_mb05 as the catalog's primary landmarker, got {primary.name!r}")
+    teacher = build_landmarker(primary)
+    protocols = ("gt", "detector") if args.crops == "both" else (args.crops,)
+    detector = build_face_detector(catalog.detectors.face) if "detector" in protocols else None
+    if args.checkpoint == "teacher":
+        model = TeacherModel(teacher)
+    else:
+        from trainer.checkpoint import load_predictor
+
+        model = StudentModel(load_predictor("teacher" if args.checkpoint == "untrained" else args.checkpoint,
+                                            device=args.device))
+    data = load_eval_set(args.data, limit=args.limit)
+    result = evaluate(model, data, teacher, detector, protocols)
+    result.update({"checkpoint": args.checkpoint, "data": str(args.data)})
+    print(format_result(result, f"{args.checkpoint} on {args.data}"))
+    if args.json:
+        print(f"wrote {write_result(result, args.json)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="facecurate", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -91,12 +180,52 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_catalog(sub.add_parser("build", help="crawl, label and commit the next dataset version"))
     p.add_argument("--dask-address", default=None, help="an existing dask scheduler (default: a LocalCluster)")
     p.add_argument("--workers", type=int, default=None, help="LocalCluster workers (default: catalog)")
+    p.add_argument("--scores", default=None, help="a trainer round's scores file to fold into the new version")
     p.set_defaults(fn=cmd_build)
     with_catalog(sub.add_parser("datasets", help="list versions with counts")).set_defaults(fn=cmd_datasets)
     p = with_catalog(sub.add_parser("show", help="summarise NAME@vN (funnel, reasons, pose, reference NME)"))
     p.add_argument("ref", help="NAME@vN, or NAME for the latest")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_show)
+
+    p = with_catalog(sub.add_parser("train", help="train the 2DASL model on a dataset version"))
+    p.add_argument("--dataset", required=True, help="NAME@vN (or NAME for the latest)")
+    p.add_argument("--config", default=None, help="YAML of TrainConfig fields (flags override it)")
+    p.add_argument("--backbone", choices=["mobilenet", "resnet50"], default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--num-workers", type=int, default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--checkpoint-dir", default=None)
+    p.add_argument("--resume", action="store_true", help="continue exactly from the newest checkpoint")
+    p.set_defaults(fn=cmd_train)
+
+    def scoring(p):
+        p.add_argument("--checkpoint", required=True, help="a checkpoint path, or 'teacher'")
+        p.add_argument("--round", type=int, default=1)
+        p.add_argument("--device", default="auto")
+        return p
+
+    p = scoring(with_catalog(sub.add_parser("rescore", help="score every pseudo-label of a version")))
+    p.add_argument("--dataset", required=True, help="NAME@vN (or NAME for the latest)")
+    p.set_defaults(fn=cmd_rescore)
+    p = scoring(with_catalog(sub.add_parser("round", help="rescore the latest version, build the next with it")))
+    p.add_argument("--dask-address", default=None)
+    p.add_argument("--workers", type=int, default=None)
+    p.set_defaults(fn=cmd_round)
+
+    p = with_catalog(sub.add_parser("evaluate", help="AFLW2000-3D protocol on a folder of jpg + mat"))
+    p.add_argument("--checkpoint", required=True,
+                   help="'teacher' (3DDFA_V2 mb05), 'untrained' (the 4-channel model at step 0) or a path")
+    p.add_argument("--data", required=True, help="folder in the AFLW2000-3D layout")
+    p.add_argument("--crops", choices=["gt", "detector", "both"], default="both")
+    p.add_argument("--limit", type=int, default=None, help="first N images only")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", default=None, help="write the full result (tables, CED, per image) here")
+    p.set_defaults(fn=cmd_evaluate)
     return parser
 
 

@@ -502,17 +502,39 @@ def clean_abandoned(catalog: Catalog) -> list[str]:
 # -------------------------------------------------------------------------------------- in-process
 
 
+def scores_version(path: str) -> int | None:
+    """The version a scores file was written for, from its name (`vNNNN-rNN.parquet`), if it says."""
+    import re
+
+    match = re.search(r"v(\d{4,})-r\d+\.parquet$", str(path))
+    return int(match.group(1)) if match else None
+
+
+def check_scores_parent(plan: BuildPlan, scores: pa.Table | None, version: int | None = None) -> None:
+    """A trainer round's scores must be for the version this build extends (else faces would mismatch)."""
+    if scores is None:
+        return
+    if plan.parent is None:
+        raise ValueError("scores need a parent version to fold into; build the dataset first")
+    if version is not None and version != plan.parent:
+        raise ValueError(f"the scores are for v{version}, but this build extends v{plan.parent}; "
+                         f"rescore v{plan.parent} first")
+
+
 def build(catalog: Catalog, *, map_batches: Callable | None = None, progress: Callable | None = None,
-          lock_wait_s: float = 0.0) -> tuple[int | None, BuildPlan]:
+          lock_wait_s: float = 0.0, scores: pa.Table | None = None,
+          scores_for_version: int | None = None) -> tuple[int | None, BuildPlan]:
     """Run a whole build in this process (or with `map_batches(fn, batches) -> results`).
 
-    Returns (the new version or the unchanged latest, the plan).
+    With `scores` (a trainer round's scores table for the latest version) the new version folds them
+    in, even when no image is new. Returns (the new version or the unchanged latest, the plan).
     """
     store = store_of(catalog)
     with shards.DatasetLock(store, wait_s=lock_wait_s):
         clean_abandoned(catalog)
         plan = plan_build(catalog)
-        if plan.nothing_to_do:
+        check_scores_parent(plan, scores, scores_for_version)
+        if plan.nothing_to_do and scores is None:
             return plan.parent, plan
         fn = lambda batch: process_batch(catalog, plan.staging_key, batch)  # noqa: E731
         if map_batches is None:
@@ -523,4 +545,4 @@ def build(catalog: Catalog, *, map_batches: Callable | None = None, progress: Ca
                     progress(len(batch.items))
         else:
             results = list(map_batches(fn, plan.batches))
-        return commit_version(catalog, plan, results), plan
+        return commit_version(catalog, plan, results, scores=scores), plan

@@ -336,3 +336,11 @@ class DatasetLock:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def read_table_file(fs: fsspec.AbstractFileSystem, path: str) -> pa.Table:
+    """One Parquet file (a side table such as a trainer round's scores) as an Arrow table."""
+    if not fs.exists(path):
+        raise FileNotFoundError(f"no such table: {path}")
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f)

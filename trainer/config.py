@@ -1,0 +1,104 @@
+"""The trainer's one typed config: data, model, optimisation, checkpointing and loss weights.
+
+Every knob has a default; `to_dict`/`from_dict` round-trip through JSON (stored in checkpoints).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pipeline.settings import shared_root
+
+
+def _model_file(*parts: str) -> str:
+    # A factory, not a constant: FACECURATE_SHARED is read when the config is made, not at import.
+    return str(shared_root().joinpath("models", *parts))
+
+
+@dataclass
+class TrainConfig:
+    # ---- data: a dataset version in a pipeline.shards store
+    dataset_root: str = "out/datasets"  # the store root (path or fsspec URL), catalog.yaml's output_root
+    dataset: str = "faces"  # 'name@vN' ('faces@v3'); a bare name means the latest version
+    num_workers: int = 2  # DataLoader workers; 0 decodes in the training process (exact-resume tests)
+    shuffle_buffer: int = 2048  # rows held for the streaming shuffle (rows are JPEG bytes: ~5 kB each)
+
+    # ---- model
+    backbone: Literal["mobilenet", "resnet50"] = "mobilenet"  # mobilenet starts as the 3DDFA_V2 teacher
+    map_points: Literal["18", "68"] = "18"  # points drawn into the landmark map (2DASL uses 18)
+    freeze_bn: bool | None = None  # BN in eval mode; None: frozen for mobilenet (keeps step 0 == teacher)
+    teacher_weights: str = field(default_factory=lambda: _model_file("3ddfa_v2", "mb05_120x120.pth"))
+    bfm_path: str = field(default_factory=lambda: _model_file("bfm", "bfm_68.npz"))
+    param_stats_path: str = field(
+        default_factory=lambda: _model_file("3ddfa_v2", "param_mean_std_62d_120x120.pkl"))
+    encoder_width: int = 16  # critic encoder's first conv channels (doubling, capped at 8x): at 16 E costs
+    # about what the MobileNet regressor does per image; 2DASL does not give its widths
+
+    # ---- optimisation
+    batch_size: int = 32
+    lr: float = 1e-4  # AdamW for the regressor; fine-tuning the teacher wants it small
+    weight_decay: float = 1e-4
+    lr_schedule: Literal["constant", "cosine"] = "cosine"  # cosine decays to 0 at max_steps
+    warmup_steps: int = 0  # linear warm-up steps before the schedule
+    grad_clip: float = 10.0  # max global grad norm of the regressor; 0 disables
+    critic_lr: float = 1e-4  # Adam for the critic side (encoder E + discriminator D)
+    max_steps: int = 0  # optimiser steps; 0 means run `epochs` full passes
+    epochs: int = 1
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: bool = True  # bf16 autocast; only ever on CUDA (CPU runs stay fp32)
+
+    # ---- checkpoints and logs
+    checkpoint_dir: str = "out/checkpoints/2dasl"
+    checkpoint_every: int = 500  # steps between checkpoints; the last step is always saved
+    keep_checkpoints: int = 3  # older step checkpoints are deleted
+    log_every: int = 10  # steps between logging lines (every step goes to train_log.jsonl)
+    resume: bool = False  # continue from the newest checkpoint in checkpoint_dir, exactly
+
+    # ---- loss weights (generator side; 0 switches a term off)
+    # Pseudo-label 2D loss: all 68 projected points vs the teacher's noisy 68 points, per face
+    # weighted by its curation weight, distances divided by face size (NME-like, scale-free).
+    w_lmk2d: float = 1.0
+    # 2DASL L_2d-con: the map points drawn into the input map vs the same points of the projection
+    # of pass 1 (uniform per-landmark weights v_i; face-size normalised).
+    w_con2d: float = 1.0
+    # 2DASL L_3d-con: 3D landmarks of pass 1 vs pass 2 (re-fed with pass 1's projected map).
+    w_con3d: float = 1.0
+    # 2DASL L_cyc: the input map points vs the projection of pass 2's landmarks.
+    w_cyc: float = 1.0
+    # 2DASL L_sc, generator side: BCE(D(E(img), params), real); small, it is only a prior.
+    w_critic: float = 1e-3
+    # 2DASL L_3d (WPDC-like, landmark-reprojection weighted) on rows with trusted ref_params.
+    w_params: float = 1.0
+    # Anchor: MSE of whitened params to the teacher's params_62, on rows without trusted params;
+    # stands in for L_3d when the version has no reference labels (keeps the student near the teacher).
+    w_anchor: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.backbone not in ("mobilenet", "resnet50"):
+            raise ValueError(f"TrainConfig.backbone: {self.backbone!r} is not 'mobilenet' or 'resnet50'")
+        self.map_points = str(self.map_points)  # JSON/YAML may give 18 as an int
+        if self.map_points not in ("18", "68"):
+            raise ValueError(f"TrainConfig.map_points: {self.map_points!r} is not '18' or '68'")
+        if self.batch_size < 1:
+            raise ValueError(f"TrainConfig.batch_size: {self.batch_size} must be >= 1")
+
+    @property
+    def bn_frozen(self) -> bool:
+        return self.backbone == "mobilenet" if self.freeze_bn is None else self.freeze_bn
+
+    def loss_weights(self) -> dict[str, float]:
+        return {name[2:]: getattr(self, name) for name in self.__dataclass_fields__ if name.startswith("w_")}
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"TrainConfig: unknown keys {unknown}; known keys: {sorted(known)}")
+        return cls(**data)

@@ -1,0 +1,166 @@
+"""Training batches streamed from a dataset version: train-split, kept, weighted faces only.
+
+Row groups are split across DataLoader workers and shuffled through a seeded buffer; nothing loads whole.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from typing import Any, Iterator
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline.crops import CROP_SIZE, apply_affine
+from pipeline.shards import Store, read_manifest
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ["face_id", "split", "keep", "weight", "crop", "landmarks", "crop_affine", "params_62", "ref_params"]
+TRAIN_SPLIT = "train"
+
+
+def _train_mask(batch: pa.RecordBatch) -> pa.Array:
+    # 'eval' rows (reference sources) must never reach the optimiser; dropped faces carry weight 0.
+    mask = pc.and_(pc.equal(batch.column("split"), TRAIN_SPLIT), batch.column("keep"))
+    return pc.and_(mask, pc.greater(batch.column("weight"), 0.0))
+
+
+def count_train_rows(store: Store, version: int) -> int:
+    """Rows a training epoch sees (reads only the three filter columns)."""
+    total = 0
+    for unit in _row_groups(store, version):
+        total += int(pc.sum(_train_mask(_read_unit(store, version, unit, ["split", "keep", "weight"]))
+                            .cast(pa.int64())).as_py() or 0)
+    return total
+
+
+def _row_groups(store: Store, version: int) -> list[tuple[str, int]]:
+    """(shard file, row group) units: finer than shards, so one big shard still feeds every worker."""
+    vdir = store.version_dir(version)
+    units = []
+    for shard in read_manifest(store, version)["shards"]:
+        with store.fs.open(f"{vdir}/{shard['file']}", "rb") as f:
+            units += [(shard["file"], g) for g in range(pq.ParquetFile(f).num_row_groups)]
+    return units
+
+
+def _read_unit(store: Store, version: int, unit: tuple[str, int], columns: list[str]) -> pa.RecordBatch:
+    with store.fs.open(f"{store.version_dir(version)}/{unit[0]}", "rb") as f:
+        table = pq.ParquetFile(f).read_row_group(unit[1], columns=columns)
+    return table.combine_chunks().to_batches()[0] if table.num_rows else pa.RecordBatch.from_pylist(
+        [], schema=table.schema)
+
+
+def _nan62(values: list[float] | None) -> tuple[torch.Tensor, bool]:
+    if values is None:
+        return torch.full((62,), float("nan")), False
+    return torch.tensor(values, dtype=torch.float32), True
+
+
+def decode_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A raw Parquet row -> one training sample (img RGB uint8 [3,120,120], points in crop px, ...)."""
+    bgr = cv2.imdecode(np.frombuffer(row["crop"], np.uint8), cv2.IMREAD_COLOR)
+    if bgr is None or bgr.shape[:2] != (CROP_SIZE, CROP_SIZE):
+        raise ValueError(f"face {row['face_id']}: crop is not a decodable {CROP_SIZE}x{CROP_SIZE} JPEG "
+                         "(rebuild the version)")
+    rgb = np.ascontiguousarray(bgr[:, :, ::-1].transpose(2, 0, 1))
+    points_img = np.asarray(row["landmarks"], dtype=np.float32).reshape(68, 2)
+    params, has_params = _nan62(row["ref_params"])
+    teacher, has_teacher = _nan62(row["params_62"])
+    return {
+        "img": torch.from_numpy(rgb),
+        "points": torch.from_numpy(apply_affine(points_img, np.asarray(row["crop_affine"]))),
+        "weight": torch.tensor(float(row["weight"]), dtype=torch.float32),
+        "params": params,
+        "has_params": torch.tensor(has_params),
+        "teacher_params": teacher,
+        "has_teacher": torch.tensor(has_teacher),
+        "face_id": row["face_id"],
+    }
+
+
+def _shuffled(rows: Iterator[dict], buffer_size: int, rng: random.Random) -> Iterator[dict]:
+    """Streaming shuffle: hold `buffer_size` rows, emit a random one as each new row arrives."""
+    buffer: list[dict] = []
+    for row in rows:
+        if len(buffer) < buffer_size:
+            buffer.append(row)
+            continue
+        i = rng.randrange(len(buffer))
+        buffer[i], row = row, buffer[i]
+        yield row
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+class FaceStream(IterableDataset):
+    """Training samples of one version, streamed; `set_epoch` reseeds the order (same seed -> same order).
+
+    `skip_batches` resumes mid-epoch: each worker drops the rows of the batches it already produced
+    (DataLoader takes batches from workers round-robin), before any JPEG is decoded.
+    """
+
+    def __init__(self, store: Store, version: int, *, shuffle: bool = True, seed: int = 0,
+                 buffer_size: int = 2048, batch_size: int = 1, epoch: int = 0, skip_batches: int = 0):
+        super().__init__()
+        self.store, self.version = store, version
+        self.shuffle, self.seed, self.buffer_size = shuffle, seed, buffer_size
+        self.batch_size, self.epoch, self.skip_batches = batch_size, epoch, skip_batches
+        self._units: list[tuple[str, int]] | None = None
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.epoch, self.skip_batches = epoch, skip_batches
+
+    def units(self) -> list[tuple[str, int]]:
+        if self._units is None:
+            self._units = _row_groups(self.store, self.version)
+        return self._units
+
+    def _rows(self, units: list[tuple[str, int]]) -> Iterator[dict]:
+        for unit in units:
+            batch = _read_unit(self.store, self.version, unit, COLUMNS)
+            yield from batch.filter(_train_mask(batch)).to_pylist()
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        units = list(self.units())
+        if self.shuffle:
+            random.Random(f"{self.seed}:{self.epoch}").shuffle(units)
+        rows = self._rows(units[worker::n_workers])
+        if self.shuffle:
+            rows = _shuffled(rows, self.buffer_size, random.Random(f"{self.seed}:{self.epoch}:{worker}"))
+        skip = len(range(worker, self.skip_batches, n_workers)) * self.batch_size
+        for i, row in enumerate(rows):
+            if i >= skip:
+                yield decode_row(row)
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack tensors; face ids stay a list of strings."""
+    out: dict[str, Any] = {k: torch.stack([s[k] for s in samples]) for k in samples[0] if k != "face_id"}
+    out["face_id"] = [s["face_id"] for s in samples]
+    return out
+
+
+def build_loader(cfg, store: Store, version: int, shuffle: bool = True, epoch: int = 0,
+                 skip_batches: int = 0) -> DataLoader:
+    """A DataLoader over the version's training faces for `epoch`, `skip_batches` batches in."""
+    stream = FaceStream(store, version, shuffle=shuffle, seed=cfg.seed, buffer_size=cfg.shuffle_buffer,
+                        batch_size=cfg.batch_size, epoch=epoch, skip_batches=skip_batches)
+    workers = min(cfg.num_workers, max(len(stream.units()), 1))  # idle workers would only cost memory
+    return DataLoader(stream, batch_size=cfg.batch_size, num_workers=workers, collate_fn=collate,
+                      pin_memory=torch.cuda.is_available(), drop_last=False,
+                      prefetch_factor=4 if workers else None, persistent_workers=False)
+
+
+def batches_per_epoch(n_rows: int, batch_size: int) -> int:
+    return max(math.ceil(n_rows / batch_size), 1)

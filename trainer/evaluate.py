@@ -1,0 +1,141 @@
+"""The AFLW2000-3D protocol on any folder of jpg + mat: 68-point 2D NME / sqrt(w*h) of the reference
+box, yaw bins 0-30 / 30-60 / 60-90 (reference pose), balanced mean, CED, AUC@7%, failure rate @10%.
+
+Two crop protocols: `gt` (3DDFA's: the crop from the reference points, as the papers report) and
+`detector` (ours: SCRFD boxes, then the teacher's refine crop, as `facecurate build` labels faces).
+The 4-channel model's landmark map is drawn from the teacher's points on the same crop: the
+pseudo-labels it is trained with (2DASL's own test feeds 2D FAN points the same way).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.crops import crop_roi, roi_from_landmarks
+from pipeline.decode import decode_image
+from pipeline.landmarks import ced_curve, nme_pct, nme_table
+from pipeline.references import load_mat_reference
+
+log = logging.getLogger(__name__)
+
+PROTOCOLS = ("gt", "detector")
+
+
+@dataclass
+class EvalSet:
+    names: list[str]
+    images: list[np.ndarray]
+    ref_points: np.ndarray  # [N, 68, 2] image px
+    yaw_deg: np.ndarray  # [N] from the reference pose
+
+
+def load_eval_set(data_dir: str | Path, limit: int | None = None) -> EvalSet:
+    """Every `<name>.jpg` with a `<name>.mat` beside it (AFLW2000-3D / 300W-LP layout)."""
+    data_dir = Path(data_dir)
+    pairs = [p for p in sorted(data_dir.glob("*.jpg")) if p.with_suffix(".mat").is_file()]
+    if not pairs:
+        raise FileNotFoundError(f"{data_dir}: no .jpg with a .mat beside it (AFLW2000-3D layout)")
+    pairs = pairs[:limit] if limit else pairs
+    names, images, points, yaws = [], [], [], []
+    for path in pairs:
+        image = decode_image(path.read_bytes())
+        ref = load_mat_reference(path.with_suffix(".mat"), image_height=image.shape[0])
+        names.append(path.stem)
+        images.append(image)
+        points.append(ref.landmarks_68)
+        yaws.append(ref.yaw_pitch_roll_deg[0])
+    return EvalSet(names, images, np.stack(points), np.asarray(yaws, np.float64))
+
+
+class TeacherModel:
+    """The 3-channel 3DDFA_V2 mb05 exactly as the pipeline runs it (the `teacher` checkpoint)."""
+
+    def __init__(self, landmarker):
+        self.teacher = landmarker
+        self.sha256 = landmarker.weights_sha256
+
+    def predict_points(self, crops: np.ndarray, teacher_points: np.ndarray) -> np.ndarray:
+        return teacher_points
+
+
+class StudentModel:
+    """A 4-channel 2DASL model (untrained = teacher + zero filters, or a checkpoint)."""
+
+    def __init__(self, predictor):
+        self.predictor = predictor
+        self.sha256 = predictor.sha256
+
+    def predict_points(self, crops: np.ndarray, teacher_points: np.ndarray) -> np.ndarray:
+        return self.predictor.points(self.predictor.params(crops, teacher_points))
+
+
+def _crops_for(protocol: str, data: EvalSet, teacher, detector) -> tuple[list[int], list[np.ndarray]]:
+    """(indices of evaluated images, their rois) under a crop protocol."""
+    if protocol == "gt":
+        return list(range(len(data.images))), [roi_from_landmarks(p) for p in data.ref_points]
+    found, rois = [], []
+    boxes = detector(data.images)
+    for i, faces in enumerate(boxes):
+        ref = data.ref_points[i]
+        ref_box = np.r_[ref.min(0), ref.max(0)]
+        best = max(faces, key=lambda f: _iou(f.bbox, ref_box), default=None)
+        if best is None or _iou(best.bbox, ref_box) < 0.3:
+            continue  # a miss: counted, not scored
+        labels = teacher([data.images[i]], [best.bbox[None]])[0][0]
+        found.append(i)
+        rois.append(labels.roi)
+    return found, rois
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    x0, y0, x1, y1 = max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])
+    inter = max(0.0, x1 - x0) * max(0.0, y1 - y0)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return float(inter / union) if union > 0 else 0.0
+
+
+def evaluate(model, data: EvalSet, teacher, detector=None, protocols: tuple[str, ...] = PROTOCOLS) -> dict:
+    """NME tables per protocol for `model` (TeacherModel or StudentModel)."""
+    from trainer.bfm import project_to_image
+
+    out = {"model_sha256": model.sha256, "images": len(data.images), "protocols": {}}
+    for protocol in protocols:
+        if protocol == "detector" and detector is None:
+            raise ValueError("the detector protocol needs a face detector")
+        idx, rois = _crops_for(protocol, data, teacher, detector)
+        crops = np.stack([crop_roi(data.images[i], roi) for i, roi in zip(idx, rois)])
+        _, teacher_crop_pts = teacher.predict_crops(crops)
+        points_crop = model.predict_points(crops, teacher_crop_pts[..., :2])
+        points = np.stack([project_to_image(p, roi) for p, roi in zip(points_crop, rois)])
+        nme = nme_pct(points, data.ref_points[idx])
+        table = nme_table(nme, data.yaw_deg[idx])
+        x, y = ced_curve(nme, max_pct=10.0, steps=51)
+        table.update({"found": len(idx), "missed": len(data.images) - len(idx),
+                      "ced": {"nme_pct": x.round(3).tolist(), "fraction": y.round(4).tolist()},
+                      "per_image": {data.names[i]: round(float(v), 4) for i, v in zip(idx, nme)}})
+        out["protocols"][protocol] = table
+    return out
+
+
+def format_result(result: dict, title: str) -> str:
+    lines = [f"{title}  (model sha256 {result['model_sha256'][:12]}..., {result['images']} images)",
+             f"  {'crops':<10}{'found':>7}{'0-30':>8}{'30-60':>8}{'60-90':>8}{'balanced':>10}{'mean':>8}"
+             f"{'AUC@7':>8}{'fail@10':>9}"]
+    for protocol, t in result["protocols"].items():
+        bins = [b["mean"] for b in t["bins"]]
+        cells = "".join(f"{v:8.2f}" if v is not None else f"{'-':>8}" for v in bins)
+        lines.append(f"  {protocol:<10}{t['found']:>7}{cells}{t['balanced']:10.2f}{t['mean']:8.2f}"
+                     f"{t['auc_7']:8.3f}{t['failure_10'] * 100:8.1f}%")
+    return "\n".join(lines)
+
+
+def write_result(result: dict, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    return path

@@ -1,0 +1,198 @@
+"""The 2DASL networks: 4-channel regressor (image + landmark map -> 62 params), encoder E and critic D.
+
+Backbones: 3DDFA_V2's MobileNetV1-0.5 (starts as the teacher) or 2DASL's ResNet-50 (random init).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from pipeline.crops import CROP_SIZE
+
+N_PARAMS = 62
+
+
+# ------------------------------------------------------------------------------- landmark maps
+
+
+def map_points(points68: Tensor, which: str = "18") -> Tensor:
+    """[..., 68, 2] -> the points drawn into the map: 2DASL's 18 stable points, or all 68."""
+    if str(which) == "68":
+        return points68
+    if str(which) != "18":
+        raise ValueError(f"map points {which!r}: expected '18' or '68'")
+    from pipeline.landmarks import select_18
+
+    return select_18(points68)
+
+
+def landmark_map(points_crop: Tensor, size: int = CROP_SIZE) -> Tensor:
+    """[B, N, 2] crop px -> [B, 1, size, size]: +1 at floor(clip(p, 0, size-1)), -1 elsewhere (2DASL code)."""
+    pts = torch.nan_to_num(points_crop.detach().float(), nan=0.0).clamp(0, size - 1).floor().long()
+    flat = pts[..., 1] * size + pts[..., 0]  # [B, N] (row = y, column = x)
+    out = torch.full((pts.shape[0], size * size), -1.0, device=pts.device)
+    out.scatter_(1, flat, 1.0)
+    return out.view(-1, 1, size, size)
+
+
+# ----------------------------------------------------------------------------------- ResNet-50
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, in_ch: int, width: int, stride: int = 1):
+        super().__init__()
+        out_ch = width * self.expansion
+        self.conv1 = nn.Conv2d(in_ch, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False)  # stride here (v1.5)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, out_ch, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_ch)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or in_ch != out_ch:
+            self.downsample = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False),
+                                            nn.BatchNorm2d(out_ch))
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        return self.relu(self.bn3(self.conv3(out)) + identity)
+
+
+class ResNet50(nn.Module):
+    """2DASL's regressor: torchvision-layout ResNet-50, 4-channel conv1, layer4 stride 1, AvgPool2d(7, 2).
+
+    At 120x120 the feature map is 8x8 after layer4 and 1x1 after the pool; fc 2048 -> 62 whitened params.
+    """
+
+    def __init__(self, in_channels: int = 4, num_outputs: int = N_PARAMS):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        self.layer1 = self._layer(64, 64, 3, 1)
+        self.layer2 = self._layer(256, 128, 4, 2)
+        self.layer3 = self._layer(512, 256, 6, 2)
+        self.layer4 = self._layer(1024, 512, 3, 1)
+        self.avgpool = nn.AvgPool2d(7, stride=2)
+        self.fc = nn.Linear(2048, num_outputs)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        # No pretrained weights exist offline: start the output at the whitened mean (0) with a small
+        # spread, so the first projections are a mean face inside the crop and the 2D losses start sane.
+        nn.init.normal_(self.fc.weight, std=1e-3)
+        nn.init.zeros_(self.fc.bias)
+
+    @staticmethod
+    def _layer(in_ch: int, width: int, blocks: int, stride: int) -> nn.Sequential:
+        layers = [Bottleneck(in_ch, width, stride)]
+        layers += [Bottleneck(width * Bottleneck.expansion, width) for _ in range(blocks - 1)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+# ---------------------------------------------------------------------------------- regressor
+
+
+class TwoDASLNet(nn.Module):
+    """F(I, map) -> 62 de-whitened 3DMM params in the crop frame; the backbone predicts whitened ones."""
+
+    def __init__(self, backbone: nn.Module, param_mean: np.ndarray | Tensor, param_std: np.ndarray | Tensor,
+                 map_points: str = "18"):
+        super().__init__()
+        self.backbone = backbone
+        self.map_points = str(map_points)
+        self.register_buffer("param_mean", torch.as_tensor(np.asarray(param_mean), dtype=torch.float32))
+        self.register_buffer("param_std", torch.as_tensor(np.asarray(param_std), dtype=torch.float32))
+
+    def forward(self, img_norm: Tensor, landmark_map: Tensor) -> Tensor:
+        x = torch.cat([img_norm, landmark_map.to(img_norm.dtype)], dim=1)
+        return self.dewhiten(self.backbone(x).float())
+
+    def whiten(self, params: Tensor) -> Tensor:
+        return (params.float() - self.param_mean) / self.param_std
+
+    def dewhiten(self, params_whitened: Tensor) -> Tensor:
+        return params_whitened.float() * self.param_std + self.param_mean
+
+    def predict(self, img_norm: Tensor, points68: Tensor) -> Tensor:
+        """Params from an image and its 68 crop-px points (the map is drawn from this net's map points)."""
+        return self(img_norm, landmark_map(map_points(points68, self.map_points)))
+
+    @staticmethod
+    def preprocess(crops_rgb_uint8: np.ndarray | Tensor, device: torch.device | str | None = None) -> Tensor:
+        """RGB uint8 crops [B,120,120,3] (numpy or tensor) or [B,3,120,120] tensor -> BGR (x-127.5)/128.
+
+        The teacher (3DDFA_V2) was trained on cv2's BGR order with this normalisation.
+        """
+        x = torch.as_tensor(np.ascontiguousarray(crops_rgb_uint8)) if isinstance(crops_rgb_uint8, np.ndarray) \
+            else crops_rgb_uint8
+        if device is not None:
+            x = x.to(device, non_blocking=True)
+        if x.dim() != 4:
+            raise ValueError(f"crops: expected a batch [B,120,120,3] or [B,3,120,120], got shape {tuple(x.shape)}")
+        if x.shape[1] != 3 and x.shape[-1] == 3:
+            x = x.permute(0, 3, 1, 2)
+        return (x.flip(1).float() - 127.5) / 128.0
+
+
+def build_backbone(name: str, teacher_weights: str | None = None) -> nn.Module:
+    """'mobilenet': the teacher's MobileNetV1-0.5 with a zero-filter 4th input channel; 'resnet50': random."""
+    if name == "mobilenet":
+        from trainer.mobilenet import load_teacher_mobilenet
+
+        if teacher_weights is None:
+            raise ValueError("backbone 'mobilenet' needs teacher_weights (mb05_120x120.pth)")
+        return load_teacher_mobilenet(teacher_weights, in_channels=4)
+    if name == "resnet50":
+        return ResNet50(in_channels=4)
+    raise ValueError(f"backbone {name!r}: expected 'mobilenet' or 'resnet50'")
+
+
+# ------------------------------------------------------------------------------ critic side
+
+
+class Encoder(nn.Module):
+    """2DASL's E: 6 x (3x3 conv + ReLU + 2x2 max-pool), 120 -> 1 px, image -> latent z [B, z_dim]."""
+
+    def __init__(self, width: int = 32, in_channels: int = 3):
+        super().__init__()
+        chans = [in_channels] + [width * min(2**i, 8) for i in range(6)]
+        layers: list[nn.Module] = []
+        for c_in, c_out in zip(chans[:-1], chans[1:]):
+            layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+        self.net = nn.Sequential(*layers)
+        self.z_dim = chans[-1]
+
+    def forward(self, img_norm: Tensor) -> Tensor:
+        return torch.flatten(self.net(img_norm), 1)  # 120 -> 60 -> 30 -> 15 -> 7 -> 3 -> 1
+
+
+class Critic(nn.Module):
+    """2DASL's D: FC 512-1024-1024-1 on concat(z, whitened params) -> a logit (sigmoid = consistency)."""
+
+    def __init__(self, z_dim: int, n_params: int = N_PARAMS):
+        super().__init__()
+        dims = [z_dim + n_params, 512, 1024, 1024]
+        layers: list[nn.Module] = []
+        for d_in, d_out in zip(dims[:-1], dims[1:]):
+            layers += [nn.Linear(d_in, d_out), nn.LeakyReLU(0.2, inplace=True)]
+        self.net = nn.Sequential(*layers, nn.Linear(dims[-1], 1))
+
+    def forward(self, z: Tensor, params_whitened: Tensor) -> Tensor:
+        return self.net(torch.cat([z, params_whitened.to(z.dtype)], dim=1)).squeeze(1)

@@ -1,0 +1,234 @@
+"""Rescoring: a trained model re-reads every face of a version and scores how much to trust its label.
+
+Per face: landmark residual (model vs pseudo-label), cycle error (2DASL's 2D->3D->2D cycle), critic score.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.crops import CROP_SIZE, apply_affine
+from pipeline.landmarks import nme_pct
+from pipeline.shards import SCORES_SCHEMA, Store, iter_face_batches, resolve_version, write_table
+
+log = logging.getLogger(__name__)
+
+_COLUMNS = ["face_id", "crop", "landmarks", "crop_affine"]
+
+# combine(): a label whose model residual is within RESIDUAL_OK_PCT keeps full weight (the teacher's
+# own NME on AFLW2000-3D is ~3.8%, so a few percent of disagreement is ordinary noise); beyond it the
+# weight decays by e every RESIDUAL_SCALE_PCT. At the defaults 8% -> 0.37, 12% -> 0.14, 13.2% -> 0.1.
+RESIDUAL_OK_PCT = 4.0
+RESIDUAL_SCALE_PCT = 4.0
+# The critic is a GAN discriminator, only a prior (2DASL.md §3.5): it can at most scale a weight by
+# CRITIC_FLOOR, and does so linearly as its score falls from CRITIC_OK to 0. A collapsed critic
+# (every wild face scored ~0) therefore halves weights uniformly instead of dropping the dataset.
+CRITIC_OK = 0.5
+CRITIC_FLOOR = 0.5
+
+
+def combine(residual_pct: np.ndarray, cycle_pct: np.ndarray, critic: np.ndarray, *,
+            residual_ok_pct: float = RESIDUAL_OK_PCT, residual_scale_pct: float = RESIDUAL_SCALE_PCT,
+            critic_ok: float = CRITIC_OK, critic_floor: float = CRITIC_FLOOR) -> np.ndarray:
+    """Per-face new weight in [0, 1] from the residual, the cycle error (both NME %) and the critic.
+
+    error = max(residual, cycle): a label is only as good as the worse of the two checks (the cycle
+    catches labels the model "agrees with" only because the map told it so, then drifts from on
+    re-feeding). weight = exp(-max(error - ok, 0) / scale) x critic factor (1 when the critic is NaN).
+    A face whose errors are not finite (undecodable crop, degenerate label) gets weight 0.
+    """
+    residual = np.asarray(residual_pct, dtype=np.float64)
+    cycle = np.asarray(cycle_pct, dtype=np.float64)
+    error = np.fmax(residual, cycle)  # fmax: a NaN cycle falls back to the residual and vice versa
+    weight = np.exp(-np.maximum(error - residual_ok_pct, 0.0) / residual_scale_pct)
+    critic = np.asarray(critic, dtype=np.float64)
+    factor = 1.0 - (1.0 - critic_floor) * (1.0 - np.clip(critic / critic_ok, 0.0, 1.0))
+    weight = weight * np.where(np.isfinite(critic), factor, 1.0)
+    return np.where(np.isfinite(error), np.clip(weight, 0.0, 1.0), 0.0).astype(np.float32)
+
+
+def _decode_crops(blobs: list[bytes], face_ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """JPEG crops -> RGB uint8 [B,120,120,3] and a mask of the ones that decoded (others are black)."""
+    crops = np.zeros((len(blobs), CROP_SIZE, CROP_SIZE, 3), dtype=np.uint8)
+    ok = np.zeros(len(blobs), dtype=bool)
+    for i, blob in enumerate(blobs):
+        bgr = cv2.imdecode(np.frombuffer(blob or b"", np.uint8), cv2.IMREAD_COLOR) if blob else None
+        if bgr is None or bgr.shape[:2] != (CROP_SIZE, CROP_SIZE):
+            log.warning("face %s: crop is not a decodable %dx%d JPEG; scored with weight 0",
+                        face_ids[i], CROP_SIZE, CROP_SIZE)
+            continue
+        crops[i] = bgr[:, :, ::-1]
+        ok[i] = True
+    return crops, ok
+
+
+def score_batch(predictor, crops_rgb: np.ndarray, pseudo_crop: np.ndarray) -> dict[str, np.ndarray]:
+    """The three raw scores for one batch: crops [B,120,120,3] RGB, pseudo-labels [B,68,2] crop px.
+
+    Pass 1 draws the pseudo-label's map (what the trainer fed); its points Y give the residual.
+    Pass 2 draws Y's map on the same crop (2DASL's cycle); its points X̂ vs the pseudo-label give the
+    cycle error. Both are NME % normalised by sqrt(w*h) of the pseudo-label's box.
+    """
+    params_1 = predictor.params(crops_rgb, pseudo_crop)
+    points_y = predictor.points(params_1)
+    points_x_hat = predictor.points(predictor.params(crops_rgb, points_y))
+    return {
+        "landmark_residual": np.asarray(nme_pct(points_y, pseudo_crop), dtype=np.float32),
+        "cycle_error": np.asarray(nme_pct(points_x_hat, pseudo_crop), dtype=np.float32),
+        "critic_score": np.asarray(predictor.critic_score(crops_rgb, params_1), dtype=np.float32),
+    }
+
+
+def rescore(predictor, store: Store, version: int, *, round_index: int, batch_size: int = 128) -> pa.Table:
+    """Score EVERY face of `store`@`version` (streamed, never loaded whole) -> a SCORES_SCHEMA table.
+
+    Dropped and eval faces are scored too: a later round may bring a dropped face back, and reports
+    compare scores against reference labels on eval faces.
+    """
+    if batch_size < 1:
+        raise ValueError(f"rescore: batch_size={batch_size} must be >= 1")
+    version = resolve_version(store, version)
+    parts: list[pa.Table] = []
+    started, n_faces = time.perf_counter(), 0
+    for batch in iter_face_batches(store, version, columns=_COLUMNS, batch_size=batch_size):
+        n = batch.num_rows
+        if n == 0:
+            continue
+        face_ids = batch.column("face_id").to_pylist()
+        crops, decoded = _decode_crops(batch.column("crop").to_pylist(), face_ids)
+        points_img = np.asarray(batch.column("landmarks").to_pylist(), dtype=np.float32).reshape(n, 68, 2)
+        affines = np.asarray(batch.column("crop_affine").to_pylist(), dtype=np.float32).reshape(n, 2, 3)
+        # Image px -> crop px with each face's own affine (einsum: one affine per face).
+        pseudo = (np.einsum("bij,bnj->bni", affines[:, :, :2].astype(np.float64), points_img)
+                  + affines[:, None, :, 2]).astype(np.float32)
+        raw = score_batch(predictor, crops, pseudo)
+        for key in ("landmark_residual", "cycle_error"):
+            raw[key] = np.where(decoded, raw[key], np.nan).astype(np.float32)
+        weight = combine(raw["landmark_residual"], raw["cycle_error"], raw["critic_score"])
+        parts.append(pa.table({
+            "face_id": pa.array(face_ids, pa.string()),
+            "round": pa.array(np.full(n, round_index, np.int32)),
+            "model_sha256": pa.array([predictor.sha256] * n, pa.string()),
+            "cycle_error": pa.array(raw["cycle_error"]),
+            "critic_score": pa.array(raw["critic_score"]),
+            "landmark_residual": pa.array(raw["landmark_residual"]),
+            "new_weight": pa.array(weight),
+        }, schema=SCORES_SCHEMA))
+        n_faces += n
+    table = pa.concat_tables(parts) if parts else SCORES_SCHEMA.empty_table()
+    elapsed = time.perf_counter() - started
+    log.info("rescored %s@v%d round %d: %d faces in %.1fs (%.0f faces/s)", store.dataset, version, round_index,
+             n_faces, elapsed, n_faces / max(elapsed, 1e-9))
+    return table
+
+
+# ---------------------------------------------------------------------------------- storage
+
+
+def scores_path(store: Store, version: int, round_index: int) -> str:
+    """Scores live beside the versions, not inside one: versions are immutable once committed."""
+    return f"{store.dir}/scores/v{version:04d}-r{round_index:02d}.parquet"
+
+
+def write_scores(store: Store, version: int, table: pa.Table, round_index: int) -> str:
+    """Write a round's scores atomically; returns the path. Refuses a table that is not SCORES_SCHEMA."""
+    if not table.schema.equals(SCORES_SCHEMA, check_metadata=False):
+        raise ValueError(f"write_scores: table schema {table.schema} is not SCORES_SCHEMA")
+    rounds = pc.unique(table.column("round")).to_pylist()
+    if table.num_rows and rounds != [round_index]:
+        raise ValueError(f"write_scores: rows are for rounds {rounds}, not round {round_index}")
+    path = scores_path(store, version, round_index)
+    write_table(store.fs, path, table)
+    return path
+
+
+def read_scores(store: Store, version: int, round_index: int) -> pa.Table:
+    """The scores a round wrote for `version` (FileNotFoundError naming the path when absent)."""
+    path = scores_path(store, version, round_index)
+    if not store.fs.exists(path):
+        raise FileNotFoundError(f"no scores for {store.dataset}@v{version} round {round_index} at {path}: "
+                                "run rescoring first")
+    with store.fs.open(path, "rb") as f:
+        return pq.read_table(f).cast(SCORES_SCHEMA)
+
+
+# ------------------------------------------------------------------------ checking the scores
+
+
+def roc_auc(score: np.ndarray, positive: np.ndarray) -> float:
+    """ROC-AUC of `score` ranking positives above negatives (Mann-Whitney U with mid-ranks for ties).
+
+    NaN when either class is empty or no score is finite.
+    """
+    score = np.asarray(score, dtype=np.float64)
+    positive = np.asarray(positive, dtype=bool)
+    finite = np.isfinite(score)
+    score, positive = score[finite], positive[finite]
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(score, kind="mergesort")
+    ranks = np.empty(len(score), dtype=np.float64)
+    sorted_scores = score[order]
+    # Mid-ranks: tied scores share the mean of the ranks they span, so ties count one half.
+    boundaries = np.flatnonzero(np.diff(sorted_scores)) + 1
+    starts = np.concatenate([[0], boundaries])
+    ends = np.concatenate([boundaries, [len(score)]])
+    for start, end in zip(starts, ends):
+        ranks[order[start:end]] = (start + end + 1) / 2.0
+    u = ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))
+
+
+def score_auc(scores: pa.Table, faces: pa.Table, threshold_pct: float = 8.0, *,
+              weight_threshold: float = 0.1) -> dict:
+    """How well each score finds bad pseudo-labels, on faces that carry reference landmarks.
+
+    A label is bad when its NME against the reference (AFLW2000-3D protocol: sqrt(w*h) of the
+    reference box) exceeds `threshold_pct`. Returns the ROC-AUC of landmark_residual, cycle_error,
+    1 - new_weight (and 1 - critic_score when finite), plus the label NME of faces kept vs dropped
+    at `weight_threshold` (what fold_scores' drop_below would do).
+    """
+    ref = faces.select(["face_id", "landmarks", "ref_landmarks"]).filter(pc.is_valid(faces.column("ref_landmarks")))
+    joined = ref.join(scores.select(["face_id", "landmark_residual", "cycle_error", "critic_score", "new_weight"]),
+                      "face_id", join_type="inner")
+    n = joined.num_rows
+    if n == 0:
+        return {"n": 0, "threshold_pct": threshold_pct, "auc": {}, "note": "no scored face has reference landmarks"}
+    pseudo = np.asarray(joined.column("landmarks").to_pylist(), np.float32).reshape(n, 68, 2)
+    reference = np.asarray(joined.column("ref_landmarks").to_pylist(), np.float32).reshape(n, 68, 2)
+    label_nme = np.asarray(nme_pct(pseudo, reference), dtype=np.float64)
+    bad = label_nme > threshold_pct
+    col = {name: joined.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
+           for name in ("landmark_residual", "cycle_error", "critic_score", "new_weight")}
+    auc = {"landmark_residual": roc_auc(col["landmark_residual"], bad),
+           "cycle_error": roc_auc(col["cycle_error"], bad),
+           "one_minus_weight": roc_auc(1.0 - col["new_weight"], bad)}
+    if np.isfinite(col["critic_score"]).any():
+        auc["one_minus_critic"] = roc_auc(1.0 - col["critic_score"], bad)
+    kept = col["new_weight"] >= weight_threshold
+
+    def _mean(mask: np.ndarray) -> float | None:
+        return float(label_nme[mask].mean()) if mask.any() else None
+
+    return {
+        "n": n,
+        "n_bad": int(bad.sum()),
+        "threshold_pct": threshold_pct,
+        "auc": auc,
+        "weight_threshold": weight_threshold,
+        "n_kept": int(kept.sum()),
+        "n_dropped": int((~kept).sum()),
+        "label_nme_kept_pct": _mean(kept),
+        "label_nme_dropped_pct": _mean(~kept),
+        "label_nme_all_pct": float(label_nme.mean()),
+        "bad_dropped": int((bad & ~kept).sum()),
+    }

@@ -1,0 +1,294 @@
+"""The 2DASL training loop on a dataset version: two passes of F per batch, every loss, critic updates.
+
+Checkpoints hold everything a resume needs (models, optimisers, data position, RNG states); resume is exact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from pipeline.device import pick_device
+from pipeline.shards import Store, parse_ref, resolve_version
+from trainer import losses
+from trainer.bfm import landmarks_3d, load_bfm, load_param_stats
+from trainer.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from trainer.config import TrainConfig
+from trainer.data import batches_per_epoch, build_loader, count_train_rows
+from trainer.model import Critic, Encoder, TwoDASLNet, build_backbone, landmark_map, map_points
+
+log = logging.getLogger(__name__)
+LOG_FILE = "train_log.jsonl"
+
+
+@dataclass
+class TrainResult:
+    checkpoint: str  # the last checkpoint written
+    steps: int  # optimiser steps done in total (including before a resume)
+    epochs: int  # completed passes over the data
+    final_losses: dict[str, float] = field(default_factory=dict)  # the last step's loss terms
+    log_path: str = ""
+
+
+# ------------------------------------------------------------------------------------ building
+
+
+def build_model(cfg: TrainConfig) -> TwoDASLNet:
+    mean, std = load_param_stats(cfg.param_stats_path)
+    return TwoDASLNet(build_backbone(cfg.backbone, cfg.teacher_weights), mean, std, cfg.map_points)
+
+
+def build_critic(cfg: TrainConfig) -> tuple[Encoder, Critic]:
+    encoder = Encoder(width=cfg.encoder_width)
+    return encoder, Critic(encoder.z_dim)
+
+
+def set_train_mode(net: TwoDASLNet, bn_frozen: bool) -> None:
+    """Train mode, but BN layers in eval when frozen: small fine-tuning batches would otherwise
+    replace the teacher's running statistics (and step 0 would no longer equal the teacher)."""
+    net.train()
+    if bn_frozen:
+        for m in net.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG as tensors / lists, so the checkpoint loads with torch.load(weights_only=True)."""
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"kind": np_kind, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                  "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_gauss)},
+        "python": [py_version, list(py_internal), py_gauss],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def lr_factor(cfg: TrainConfig, step: int, total_steps: int) -> float:
+    """Linear warm-up then constant or cosine-to-zero; a function of the step so resumes need no state."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    progress = min((step - cfg.warmup_steps) / max(total_steps - cfg.warmup_steps, 1), 1.0)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _autocast(device: torch.device, enabled: bool):
+    # bf16 only on CUDA: CPU bf16 autocast is slow on most CPUs and the tests want fp32 exactness.
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------------- one step
+
+
+def compute_losses(batch: dict[str, Any], net: TwoDASLNet, encoder: Encoder, critic: Critic, bfm,
+                   cfg: TrainConfig, amp: bool) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
+    """2DASL's iteration on one batch -> (generator total, critic loss or None, every term as floats)."""
+    device = net.param_mean.device
+    img = net.preprocess(batch["img"], device)
+    pseudo = batch["points"].to(device)  # [B, 68, 2] the teacher's noisy 68 points, crop px
+    weight = batch["weight"].to(device)
+    trusted = batch["has_params"].to(device)
+    params_ref = batch["params"].to(device)
+    teacher = batch["teacher_params"].to(device)
+    to_points = partial(landmarks_3d, bfm=bfm)
+    which = cfg.map_points
+
+    # Pass 1: α̂ = F(I, map(X_2d)); Y_2d = Proj(α̂).  BFM maths and losses stay fp32 (outside autocast).
+    x2d = map_points(pseudo, which)
+    with _autocast(device, amp):
+        params_1 = net(img, landmark_map(x2d))
+    lmk3d_1 = to_points(params_1)  # [B, 68, 3]
+    y2d = lmk3d_1[..., :2]
+    # Pass 2: α̃ = F(I, map(Y_2d)) on the same image; the re-drawn map is a constant input.
+    with _autocast(device, amp):
+        params_2 = net(img, landmark_map(map_points(y2d.detach(), which)))
+    lmk3d_2 = to_points(params_2)
+
+    terms: dict[str, torch.Tensor] = {
+        "lmk2d": losses.landmark_2d_loss(y2d, pseudo, weight),
+        "con2d": losses.consistency_2d_loss(x2d, map_points(y2d, which), face_weight=weight),
+        "con3d": losses.consistency_3d_loss(lmk3d_1, lmk3d_2),
+        "cyc": losses.cycle_loss(x2d, map_points(lmk3d_2[..., :2], which), face_weight=weight),
+        "params": losses.wpdc_loss(params_1[trusted], params_ref[trusted], net.param_std, to_points),
+        "anchor": losses.anchor_loss(net.whiten(params_1[~trusted]), net.whiten(teacher[~trusted])),
+    }
+
+    # Self-critic. Real pairs: (E(J), α*) for rows with trusted params; without any in the batch the
+    # teacher's params stand in as "real" (so D judges drift from the teacher's labelling: an
+    # adversarial form of the anchor). Fake pairs: (E(I), α̂) for the other rows (all rows if none).
+    loss_d = None
+    terms["critic_g"] = params_1.sum() * 0.0
+    if cfg.w_critic > 0:
+        has_teacher = batch["has_teacher"].to(device)
+        real_rows, real_params = (trusted, params_ref) if bool(trusted.any()) else (has_teacher, teacher)
+        fake_rows = ~trusted if bool((~trusted).any()) else torch.ones_like(trusted)
+        if bool(real_rows.any()):
+            with _autocast(device, amp):
+                z = encoder(img)  # once for the batch: real and fake rows often are the same images
+                d_real = critic(z[real_rows], net.whiten(real_params[real_rows]))
+                d_fake = critic(z[fake_rows], net.whiten(params_1[fake_rows]))
+            loss_d, terms["critic_g"] = losses.critic_losses(d_real.float(), d_fake.float())
+
+    weights = cfg.loss_weights()
+    total = sum(weights["critic" if k == "critic_g" else k] * v for k, v in terms.items())
+    logged = {k: float(v.detach()) for k, v in terms.items()}
+    logged["total"] = float(total.detach())
+    if loss_d is not None:
+        logged["critic_d"] = float(loss_d.detach())
+    return total, loss_d, logged
+
+
+def train_step(batch: dict[str, Any], net: TwoDASLNet, encoder: Encoder, critic: Critic, bfm,
+               cfg: TrainConfig, opt: torch.optim.Optimizer, opt_critic: torch.optim.Optimizer,
+               amp: bool) -> dict[str, float]:
+    """One forward, two backward passes restricted with `inputs=`: the total trains F only, loss_D
+    trains E and D only; then the critic steps and the regressor steps (alternating D / G updates)."""
+    total, loss_d, logged = compute_losses(batch, net, encoder, critic, bfm, cfg, amp)
+    net_params = [p for p in net.parameters() if p.requires_grad]
+    critic_params = list(encoder.parameters()) + list(critic.parameters())
+    opt.zero_grad(set_to_none=True)
+    opt_critic.zero_grad(set_to_none=True)
+    total.backward(inputs=net_params, retain_graph=loss_d is not None)
+    if loss_d is not None:
+        loss_d.backward(inputs=critic_params)
+        opt_critic.step()
+    if cfg.grad_clip > 0:
+        logged["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(net_params, cfg.grad_clip))
+    opt.step()
+    return logged
+
+
+# ----------------------------------------------------------------------------------- the loop
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Train on `cfg.dataset` for `cfg.max_steps` steps (or `cfg.epochs` passes); returns the last checkpoint."""
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+    amp = cfg.amp and device.type == "cuda"
+    name, wanted = parse_ref(cfg.dataset)
+    store = Store(cfg.dataset_root, name)
+    version = resolve_version(store, wanted)
+    n_rows = count_train_rows(store, version)
+    if n_rows == 0:
+        raise ValueError(f"{name}@v{version}: no training faces (split 'train', keep, weight > 0)")
+    per_epoch = batches_per_epoch(n_rows, cfg.batch_size)
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * per_epoch
+
+    bfm = load_bfm(cfg.bfm_path, device=device)
+    net = build_model(cfg).to(device)
+    encoder, critic = (m.to(device) for m in build_critic(cfg))
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # Adam with beta1 0.5, the usual GAN setting: the critic's target moves as F trains.
+    opt_critic = torch.optim.Adam(list(encoder.parameters()) + list(critic.parameters()), lr=cfg.critic_lr,
+                                  betas=(0.5, 0.999))
+
+    ckpt_dir = Path(cfg.checkpoint_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    step, epoch, batch_in_epoch = 0, 0, 0
+    last_ckpt = ""
+    if cfg.resume and (found := latest_checkpoint(ckpt_dir)) is not None:
+        state = load_checkpoint(found)
+        net.load_state_dict(state["model"])
+        encoder.load_state_dict(state["encoder"])
+        critic.load_state_dict(state["critic"])
+        opt.load_state_dict(state["optimizer"])
+        opt_critic.load_state_dict(state["critic_optimizer"])
+        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        set_rng_state(state["rng"])
+        last_ckpt = str(found)
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", found, step, epoch, batch_in_epoch)
+    log_path = ckpt_dir / LOG_FILE
+    _truncate_log(log_path, step)  # steps past the checkpoint were lost with the crash: redo them
+
+    def checkpoint() -> str:
+        path = ckpt_dir / f"step-{step:07d}.pt"
+        save_checkpoint(path, {
+            "model": net.state_dict(), "encoder": encoder.state_dict(), "critic": critic.state_dict(),
+            "optimizer": opt.state_dict(), "critic_optimizer": opt_critic.state_dict(),
+            "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "rng": rng_state(),
+            "config": cfg.to_dict(), "dataset": {"root": cfg.dataset_root, "name": name, "version": version},
+        })
+        prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
+        return str(path)
+
+    log.info("training %s on %s@v%d: %d faces, %d steps, device %s%s", cfg.backbone, name, version, n_rows,
+             total_steps, device, " (bf16)" if amp else "")
+    last: dict[str, float] = {}
+    progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[msg]}"),
+                        TimeRemainingColumn(), disable=not sys.stderr.isatty())
+    with progress, open(log_path, "a") as log_file:
+        task = progress.add_task("train", total=total_steps, completed=step, msg="")
+        while step < total_steps:
+            loader = build_loader(cfg, store, version, epoch=epoch, skip_batches=batch_in_epoch)
+            for batch in loader:
+                for group in opt.param_groups:
+                    group["lr"] = cfg.lr * lr_factor(cfg, step, total_steps)
+                set_train_mode(net, cfg.bn_frozen)
+                encoder.train()
+                critic.train()
+                started = time.perf_counter()
+                last = train_step(batch, net, encoder, critic, bfm, cfg, opt, opt_critic, amp)
+                step += 1
+                batch_in_epoch += 1
+                record = {"step": step, "epoch": epoch, "lr": opt.param_groups[0]["lr"], "batch": len(batch["face_id"]),
+                          "sec": round(time.perf_counter() - started, 4), **last}
+                log_file.write(json.dumps(record) + "\n")
+                progress.update(task, advance=1, msg=f"loss {last['total']:.4f}")
+                if step % cfg.log_every == 0 or step == total_steps:
+                    log.info("step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in last.items()))
+                if step % cfg.checkpoint_every == 0 and step < total_steps:
+                    log_file.flush()
+                    last_ckpt = checkpoint()
+                if step >= total_steps:
+                    break
+            else:
+                epoch += 1
+                batch_in_epoch = 0
+        log_file.flush()
+    if not last_ckpt or not last_ckpt.endswith(f"step-{step:07d}.pt"):
+        last_ckpt = checkpoint()
+    return TrainResult(checkpoint=last_ckpt, steps=step, epochs=epoch, final_losses=last, log_path=str(log_path))
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
