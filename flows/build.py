@@ -11,7 +11,8 @@ from prefect.futures import as_completed
 from prefect.utilities.annotations import unmapped
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from flows.runtime import dask_task_runner
+from flows.events import emit_landed
+from flows.runtime import dask_task_runner, default_task_runner
 from pipeline import shards
 from pipeline.build import (Batch, BatchResult, check_scores_parent, scores_version, clean_abandoned, commit_version, plan_build,
                             process_batch, store_of)
@@ -24,7 +25,7 @@ def process_batch_task(catalog: Catalog, staging_key: str, batch: Batch) -> Batc
     return process_batch(catalog, staging_key, batch)
 
 
-@flow(name="build-dataset")
+@flow(name="build-dataset", task_runner=default_task_runner())
 def build_dataset(catalog_path: str = "catalog.yaml", lock_wait_s: float = 0.0, scores_path: str | None = None) -> dict:
     """Build the next version of the catalog's dataset; returns {'dataset', 'version', 'created', ...}.
 
@@ -56,6 +57,11 @@ def build_dataset(catalog_path: str = "catalog.yaml", lock_wait_s: float = 0.0, 
         version = commit_version(catalog, plan, results, scores=scores)
     summary = version_summary(store, version)
     logger.info("committed %s\n%s", summary["ref"], format_summary(summary))
+    # The manifest is committed: tell whoever listens (the retrain deployment's trigger).
+    emit_landed(catalog.dataset, version, {"root": catalog.output_root, "counts": summary["manifest"]["counts"]})
+    from flows.report import report_version
+
+    report_version(catalog_path=str(catalog.path), dataset_ref=summary["ref"])
     return {"dataset": catalog.dataset, "version": version, "created": True, "processed": plan.new_items,
             "root": catalog.output_root}
 

@@ -1,4 +1,4 @@
-"""The `facecurate` command: build, datasets, show, train, rescore, round, evaluate.
+"""The `facecurate` command: build, datasets, show, train, rescore, round, evaluate, report, serve, server.
 
 Each subcommand calls a flow or a library function; errors print one clear line and exit 2.
 """
@@ -168,6 +168,39 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from pipeline.build import store_of
+    from pipeline.catalog import load_catalog
+    from pipeline.report import write_report
+
+    catalog = load_catalog(args.catalog)
+    store, version = _store(catalog, args.ref) if args.ref else (store_of(catalog), None)
+    print(f"wrote {write_report(store, version, args.out)}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from flows.runtime import prefect_server_configured
+    from flows.serve import serve_catalog
+    from pipeline.catalog import load_catalog
+
+    if not prefect_server_configured():
+        raise ValueError("serve needs a Prefect server: set PREFECT_API_URL (e.g. http://127.0.0.1:4200/api; "
+                         "`facecurate server` starts a local one)")
+    serve_catalog(load_catalog(args.catalog))
+    return 0
+
+
+def cmd_server(args) -> int:
+    """A local Prefect server (UI + API) for users who have none; blocks until stopped."""
+    import subprocess
+
+    print(f"Prefect server on http://{args.host}:{args.port}; in another shell: "
+          f"export PREFECT_API_URL=http://{args.host}:{args.port}/api && facecurate serve")
+    return subprocess.call([sys.executable, "-m", "prefect", "server", "start", "--host", args.host,
+                            "--port", str(args.port)])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="facecurate", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -226,6 +259,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", default=None, help="write the full result (tables, CED, per image) here")
     p.set_defaults(fn=cmd_evaluate)
+
+    p = with_catalog(sub.add_parser("report", help="write the HTML landmark quality report of a version"))
+    p.add_argument("ref", nargs="?", default=None, help="NAME@vN (default: the catalog's latest version)")
+    p.add_argument("--out", default=None, help="folder for the HTML file (default: <dataset>/reports/)")
+    p.set_defaults(fn=cmd_report)
+    with_catalog(sub.add_parser("serve", help="serve the build (cron), retrain (on landed) and report deployments")
+                 ).set_defaults(fn=cmd_serve)
+    p = sub.add_parser("server", help="start a local Prefect server")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=4200)
+    p.set_defaults(fn=cmd_server)
     return parser
 
 

@@ -29,3 +29,13 @@ def dask_task_runner(address: str | None, workers: int = 1, processes: bool | No
         processes = prefect_server_configured()
     kwargs = {"n_workers": workers, "threads_per_worker": 1, "processes": processes, "dashboard_address": None}
     return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=kwargs)
+
+
+def default_task_runner() -> DaskTaskRunner:
+    """The runner a served (deployed) build uses: FACECURATE_DASK_ADDRESS if set, else a LocalCluster.
+
+    A deployment run loads the flow from its module, so the runner must be chosen at import;
+    `facecurate build` overrides it per run with the catalog's and the command line's choice.
+    """
+    return dask_task_runner(os.environ.get("FACECURATE_DASK_ADDRESS") or None,
+                            int(os.environ.get("FACECURATE_DASK_WORKERS", "1")))

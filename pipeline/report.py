@@ -92,11 +92,12 @@ def _ced_svg(curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> str:
     for (name, (x, y)), color in zip(curves.items(), colors):
         pts = " ".join(f"{pad + xi / 10 * (w - pad):.1f},{h - pad - yi * (h - 2 * pad):.1f}" for xi, yi in zip(x, y))
         lines.append(f"<polyline fill='none' stroke='{color}' stroke-width='2' points='{pts}'/>")
-        lines.append(f"<text x='{w - 110}' y='{20 + 14 * len(lines) // 2}' fill='{color}' font-size='11'>{esc(name)}</text>")
+        lines.append(f"<text x='{w - 110}' y='{h - pad - 60 + 14 * (len(lines) // 2)}' fill='{color}' "
+                     f"font-size='11'>{esc(name)}</text>")
     axes = (f"<line x1='{pad}' y1='{h - pad}' x2='{w}' y2='{h - pad}' stroke='#999'/>"
             f"<line x1='{pad}' y1='0' x2='{pad}' y2='{h - pad}' stroke='#999'/>"
             f"<text x='{pad}' y='{h - 10}' font-size='10'>0</text><text x='{w - 20}' y='{h - 10}' font-size='10'>10% NME</text>"
-            f"<text x='2' y='{2 * pad}' font-size='10'>1.0</text>")
+            f"<text x='2' y='{pad + 4}' font-size='10'>1.0</text><text x='2' y='{h - pad}' font-size='10'>0</text>")
     return f"<svg width='{w}' height='{h}' id='ced'>{axes}{''.join(lines)}</svg>"
 
 
@@ -111,18 +112,29 @@ def _face_thumb(row: dict) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(jpg.tobytes()).decode()
 
 
+def display_name(uri) -> str:
+    """What a person calls the file: a tar member's whole name (which may hold '/'), else the file name."""
+    uri = str(uri)
+    return uri.split("#", 1)[1] if "#" in uri else uri.rsplit("/", 1)[-1]
+
+
+def _present(value) -> bool:
+    return value is not None and not (isinstance(value, float) and np.isnan(value)) and value != ""
+
+
 def _gallery(title: str, rows: pd.DataFrame, anchor: str) -> str:
     cards = []
     for _, r in rows.iterrows():
         state = "kept" if r["keep"] else "dropped"
-        caption = (f"{r['face_id'][:12]}… {Path(str(r['uri'])).name} | {state} | weight {r['weight']:.2f}"
-                   + (f" | {r['reject_reason']}" if r["reject_reason"] else "")
+        caption = (f"{r['face_id'][:12]}… {display_name(r['uri'])} | {state} | weight {r['weight']:.2f}"
+                   + (f" | {r['reject_reason']}" if _present(r["reject_reason"]) else "")
                    + (f" | score {r['score']:.2f}" if "score" in r and pd.notna(r.get("score")) else ""))
         cards.append(
             f"<div class='card'><img class='face' loading='lazy' alt='{esc(r['face_id'])}' src='{_face_thumb(r)}' "
             f"data-caption='{esc(caption)}'><div><span class='{state}'>{state}</span> "
-            f"w={r['weight']:.2f} yaw={_fmt(float(r['yaw_deg']), 0)}</div><div class='muted'>{esc(Path(str(r['uri'])).name)}</div>"
-            + (f"<div class='dropped'>{esc(r['reject_reason'])}</div>" if r["reject_reason"] else "") + "</div>")
+            f"w={r['weight']:.2f} yaw={_fmt(float(r['yaw_deg']), 0)}</div><div class='muted'>{esc(display_name(r['uri']))}</div>"
+            + (f"<div class='dropped'>{esc(r['reject_reason'])}</div>" if _present(r["reject_reason"]) else "")
+            + "</div>")
     if not cards:
         return ""
     return f"<h3 id='{esc(anchor)}'>{esc(title)} ({len(cards)})</h3><div class='grid'>{''.join(cards)}</div>"
@@ -142,8 +154,25 @@ def _rounds_section(store: Store, version: int) -> str:
         rows.append([f.name, int(s["round"].iloc[0]) if len(s) else "-", len(s), float(s.cycle_error.median()),
                      float(s.landmark_residual.median()), float(s.critic_score.median()), float(s.new_weight.mean()),
                      int((s.new_weight < 0.1).sum())])
-    return _table(["scores file", "round", "faces", "median cycle %", "median residual %", "median critic",
-                   "mean new weight", "weight < 0.1"], rows)
+    parts = [_table(["scores file", "round", "faces", "median cycle %", "median residual %", "median critic",
+                     "mean new weight", "weight < 0.1"], rows, id_="rounds-table")]
+    if "scores" in manifest.get("tables", {}) and manifest.get("parent"):
+        parts.append(_state_changes(store, manifest["parent"], version))
+    return "".join(parts)
+
+
+def _state_changes(store: Store, parent: int, version: int) -> str:
+    """What folding a round's scores changed: faces whose keep flipped and how weights moved."""
+    cols = ["face_id", "keep", "weight"]
+    before = shards.read_faces(store, parent, columns=cols).to_pandas().set_index("face_id")
+    after = shards.read_faces(store, version, columns=cols).to_pandas().set_index("face_id")
+    both = before.join(after, lsuffix="_before", rsuffix="_after", how="inner")
+    delta = both.weight_after - both.weight_before
+    rows = [["kept -> dropped", int((both.keep_before & ~both.keep_after).sum())],
+            ["dropped -> kept", int((~both.keep_before & both.keep_after).sum())],
+            ["weight down by > 0.1", int((delta < -0.1).sum())], ["weight up by > 0.1", int((delta > 0.1).sum())],
+            ["mean weight before", float(both.weight_before.mean())], ["mean weight after", float(both.weight_after.mean())]]
+    return f"<h3>Changes from v{parent} to v{version}</h3>" + _table(["change", "faces"], rows, id_="state-changes")
 
 
 def render_report(store: Store, version: int | None = None, *, seed: int = 0) -> str:
@@ -151,7 +180,7 @@ def render_report(store: Store, version: int | None = None, *, seed: int = 0) ->
     summary = version_summary(store, version)
     manifest, counts = summary["manifest"], summary["manifest"]["counts"]
     cols = ["face_id", "uri", "source", "keep", "weight", "reject_reason", "crop", "crop_affine", "landmarks",
-            "ref_landmarks", "det_score", *FEATURE_COLUMNS]
+            "ref_landmarks", "alt_landmarks", "landmarker", "det_score", *FEATURE_COLUMNS]
     faces = shards.read_faces(store, version, columns=cols).to_pandas()
     quarantine = shards.read_side_table(store, version, "quarantine").to_pandas()
     vdir = Path(store.version_dir(version))
@@ -200,9 +229,13 @@ def render_report(store: Store, version: int | None = None, *, seed: int = 0) ->
             b = t["bins"]
             rows.append([name, b[0]["mean"], b[1]["mean"], b[2]["mean"], t["balanced"], t.get("auc_7"),
                          t.get("failure_10"), t["kept_mean"], t["dropped_mean"], t["count"]])
-        primary = np.stack(ref_rows.landmarks.to_numpy()).reshape(-1, 68, 2)
-        nme = nme_pct(primary, ref)
-        curves[summary["manifest"]["detectors"][1]["name"]] = ced_curve(nme, max_pct=10)
+        predictions = {str(ref_rows.landmarker.iloc[0]): np.stack(ref_rows.landmarks.to_numpy()).reshape(-1, 68, 2)}
+        for i, alts in enumerate(ref_rows.alt_landmarks):
+            for alt in (alts if alts is not None else []):
+                predictions.setdefault(alt["name"], np.full((len(ref_rows), 68, 2), np.nan))[i] = \
+                    np.asarray(alt["points"], np.float64).reshape(68, 2)
+        for name, pred in predictions.items():  # one CED curve per landmarker
+            curves[name] = ced_curve(nme_pct(pred, ref), max_pct=10)
         parts += ["<h2 id='nme'>Against reference labels (AFLW2000-3D protocol)</h2>",
                   _table(["landmarker", "0-30", "30-60", "60-90", "balanced", "AUC@7", "fail@10", "kept", "dropped",
                           "n"], rows, id_="nme-table"), _ced_svg(curves)]

@@ -271,9 +271,10 @@ class LockedError(RuntimeError):
 class DatasetLock:
     """One writer per dataset: an exclusive lock file holding host and pid; stale locks are taken over."""
 
-    def __init__(self, store: Store, wait_s: float = 0.0):
+    def __init__(self, store: Store, wait_s: float = 0.0, name: str = ".lock"):
+        # `name` gives other exclusive jobs on the dataset (a training round per version) their own lock.
         self.store = store
-        self.path = f"{store.dir}/.lock"
+        self.path = f"{store.dir}/{name}"
         self.wait_s = wait_s
         self._held = False
 
@@ -314,7 +315,7 @@ class DatasetLock:
                     continue
                 if time.monotonic() >= deadline:
                     raise LockedError(
-                        f"dataset {self.store.dataset!r} is being built by another process "
+                        f"dataset {self.store.dataset!r} is locked ({self.path}) by another process "
                         f"({owner}); wait for it, or remove {self.path} if that process is gone"
                     ) from None
                 time.sleep(0.5)

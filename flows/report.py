@@ -1,0 +1,53 @@
+"""The report flow: the HTML landmark quality report of a version, plus the same summary as Prefect
+artifacts (markdown, a table, a link to the HTML file) so the UI shows it under the flow run."""
+
+from __future__ import annotations
+
+import re
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+
+from pipeline.build import store_of
+from pipeline.catalog import load_catalog
+from pipeline.report import write_report
+from pipeline.shards import Store, parse_ref, resolve_version
+from pipeline.summary import YAW_BINS, version_summary
+
+
+def _artifact_key(text: str) -> str:
+    return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")[:100]
+
+
+def summary_markdown(summary: dict, html_path: str) -> str:
+    c = summary["manifest"]["counts"]
+    lines = [f"# {summary['ref']}", "",
+             f"- images: {c['images_seen']} seen, {c['images_decoded']} decoded, {c['images_quarantined']} quarantined",
+             f"- faces: {c['faces']} found, {c['faces_kept']} kept ({summary['kept_fraction']:.1%}), "
+             f"{c['faces_dropped']} dropped",
+             f"- report: `{html_path}`"]
+    for name, t in summary["reference_nme"].items():
+        lines.append(f"- {name}: balanced NME {t['balanced']:.2f}% vs references "
+                     f"(kept {t['kept_mean'] or float('nan'):.2f}%, dropped {t['dropped_mean'] or float('nan'):.2f}%)")
+    return "\n".join(lines)
+
+
+@flow(name="report")
+def report_version(catalog_path: str = "catalog.yaml", dataset_ref: str | None = None,
+                   out_dir: str | None = None) -> str:
+    """Write `<dataset>/reports/<dataset>-vNNNN.html` for `dataset_ref` (default: the latest version)."""
+    logger = get_run_logger()
+    catalog = load_catalog(catalog_path)
+    name, version = parse_ref(dataset_ref) if dataset_ref else (catalog.dataset, None)
+    store = Store(catalog.output_root, name) if name else store_of(catalog)
+    version = resolve_version(store, version)
+    path = write_report(store, version, out_dir)
+    summary = version_summary(store, version)
+    key = _artifact_key(f"report-{store.dataset}-v{version}")
+    create_markdown_artifact(summary_markdown(summary, str(path)), key=key, description="landmark quality summary")
+    create_table_artifact([{"yaw": label, **summary["pose_bins"][label]} for label in YAW_BINS],
+                          key=key + "-pose", description="faces and kept faces per yaw bin")
+    create_link_artifact(path.resolve().as_uri(), link_text=path.name, key=key + "-html",
+                         description="the HTML report (opens from disk)")
+    logger.info("report for %s@v%d: %s", store.dataset, version, path)
+    return str(path)
