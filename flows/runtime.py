@@ -37,5 +37,8 @@ def default_task_runner() -> DaskTaskRunner:
     A deployment run loads the flow from its module, so the runner must be chosen at import;
     `facecurate build` overrides it per run with the catalog's and the command line's choice.
     """
+    # Threads by default: the models release the GIL, and a worker process per served run would
+    # only add start-up time. FACECURATE_DASK_PROCESSES=1 asks for processes.
+    processes = os.environ.get("FACECURATE_DASK_PROCESSES", "0") == "1"
     return dask_task_runner(os.environ.get("FACECURATE_DASK_ADDRESS") or None,
-                            int(os.environ.get("FACECURATE_DASK_WORKERS", "1")))
+                            int(os.environ.get("FACECURATE_DASK_WORKERS", "1")), processes)

@@ -118,6 +118,12 @@ def display_name(uri) -> str:
     return uri.split("#", 1)[1] if "#" in uri else uri.rsplit("/", 1)[-1]
 
 
+def _script_json(value) -> str:
+    """JSON for a <script> element: entities are not decoded there, so '<' is written as \\u003c
+    (valid JSON) and no string from the data can close the element."""
+    return json.dumps(value).replace("<", "\\u003c")
+
+
 def _present(value) -> bool:
     return value is not None and not (isinstance(value, float) and np.isnan(value)) and value != ""
 
@@ -263,7 +269,7 @@ def render_report(store: Store, version: int | None = None, *, seed: int = 0) ->
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(summary['ref'])} quality report</title>"
             f"<style>{_CSS}</style></head><body>{body}<div id='lightbox'><div><img alt='enlarged'><p></p></div></div>"
             f"<script>{_JS}</script><script type='application/json' id='counts'>"
-            f"{esc(json.dumps(counts))}</script></body></html>")
+            f"{_script_json(counts)}</script></body></html>")
 
 
 def write_report(store: Store, version: int | None = None, out_dir: str | Path | None = None) -> Path:
