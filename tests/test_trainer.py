@@ -128,6 +128,11 @@ def test_rescore_scores_every_face_and_a_round_folds_them(tiny, tmp_path):
     assert np.isfinite(residual).all() and np.median(residual) < 3.0
     new_weight = scores.column("new_weight").to_numpy()
     assert ((0 <= new_weight) & (new_weight <= 1)).all()
+    from trainer.rescore import score_auc
+
+    report = score_auc(scores, shards.read_faces(store, 1), threshold_pct=8.0)
+    assert report["n"] == 4  # the four faces with reference labels
+    assert 0 < report["label_nme_all_pct"] < 10
     write_scores(store, 1, scores, 1)
     version, plan = build(tiny, scores=read_scores(store, 1, 1), scores_for_version=1)
     assert version == 2 and plan.new_items == 0

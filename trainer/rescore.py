@@ -198,13 +198,18 @@ def score_auc(scores: pa.Table, faces: pa.Table, threshold_pct: float = 8.0, *,
     at `weight_threshold` (what fold_scores' drop_below would do).
     """
     ref = faces.select(["face_id", "landmarks", "ref_landmarks"]).filter(pc.is_valid(faces.column("ref_landmarks")))
-    joined = ref.join(scores.select(["face_id", "landmark_residual", "cycle_error", "critic_score", "new_weight"]),
-                      "face_id", join_type="inner")
-    n = joined.num_rows
+    # Joined by hand: Arrow's join cannot carry the fixed-size list columns along.
+    score_row = {f: i for i, f in enumerate(scores.column("face_id").to_pylist())}
+    ref_ids = ref.column("face_id").to_pylist()
+    take_ref = [i for i, f in enumerate(ref_ids) if f in score_row]
+    take_scores = [score_row[ref_ids[i]] for i in take_ref]
+    n = len(take_ref)
     if n == 0:
         return {"n": 0, "threshold_pct": threshold_pct, "auc": {}, "note": "no scored face has reference landmarks"}
-    pseudo = np.asarray(joined.column("landmarks").to_pylist(), np.float32).reshape(n, 68, 2)
-    reference = np.asarray(joined.column("ref_landmarks").to_pylist(), np.float32).reshape(n, 68, 2)
+    ref = ref.take(take_ref)
+    joined = scores.take(take_scores)
+    pseudo = np.asarray(ref.column("landmarks").to_pylist(), np.float32).reshape(n, 68, 2)
+    reference = np.asarray(ref.column("ref_landmarks").to_pylist(), np.float32).reshape(n, 68, 2)
     label_nme = np.asarray(nme_pct(pseudo, reference), dtype=np.float64)
     bad = label_nme > threshold_pct
     col = {name: joined.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
