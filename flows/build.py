@@ -6,6 +6,7 @@ A thin composition of `pipeline.build`; all behaviour (incremental, resumable, a
 from __future__ import annotations
 
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NONE
 from prefect.futures import as_completed
 from prefect.utilities.annotations import unmapped
@@ -47,13 +48,17 @@ def build_dataset(catalog_path: str = "catalog.yaml", lock_wait_s: float = 0.0, 
             return {"dataset": catalog.dataset, "version": plan.parent, "created": False, "processed": 0}
         futures = process_batch_task.map(unmapped(catalog), unmapped(plan.staging_key), plan.batches)
         sizes = {f.task_run_id: len(b.items) for f, b in zip(futures, plan.batches)}
-        results = []
+        results, done = [], 0
+        # Progress twice: rich on the terminal, a progress artifact in the Prefect UI.
+        artifact = create_progress_artifact(0.0, description=f"labelling {plan.new_items} images of {catalog.dataset}")
         with Progress(TextColumn("[bold]labelling"), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
                       TimeElapsedColumn(), transient=False) as bar:
             job = bar.add_task("images", total=plan.new_items)
             for future in as_completed(futures):
                 results.append(future.result())
+                done += sizes[future.task_run_id]
                 bar.advance(job, sizes[future.task_run_id])
+                update_progress_artifact(artifact, 100.0 * done / max(plan.new_items, 1))
         version = commit_version(catalog, plan, results, scores=scores)
     summary = version_summary(store, version)
     logger.info("committed %s\n%s", summary["ref"], format_summary(summary))

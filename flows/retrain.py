@@ -29,6 +29,7 @@ def retrain(catalog_path: str = "catalog.yaml", dataset_ref: str | None = None,
     from flows.report import report_version
     from trainer.checkpoint import load_predictor
     from trainer.config import TrainConfig
+    from trainer.evaluate import evaluate_version
     from trainer.rescore import rescore, write_scores
     from trainer.train import train
 
@@ -56,8 +57,14 @@ def retrain(catalog_path: str = "catalog.yaml", dataset_ref: str | None = None,
         result = train(cfg)
         logger.info("trained %d steps on %s@v%d: %s (last total loss %.4g)", result.steps, store.dataset, version,
                     result.checkpoint, result.final_losses.get("total", float("nan")))
-        scores = rescore(load_predictor(result.checkpoint, device=cfg.device), store, version, round_index=version)
+        predictor = load_predictor(result.checkpoint, device=cfg.device)
+        scores = rescore(predictor, store, version, round_index=version)
         scores_file = write_scores(store, version, scores, version)
+        evaluation = evaluate_version(predictor, store, version)  # on the version's reference (eval) faces
+        if evaluation is not None:
+            (where / "eval.json").write_text(json.dumps(evaluation, indent=1))
+            logger.info("round on v%d: balanced NME %.2f%% vs references (pseudo-labels %.2f%%)", version,
+                        evaluation["model"]["balanced"], evaluation["pseudo_labels"]["balanced"])
         record = {"dataset": store.dataset, "version": version, "checkpoint": result.checkpoint,
                   "steps": result.steps, "scores": scores_file, "faces_scored": scores.num_rows,
                   "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}

@@ -24,7 +24,7 @@ from pipeline import shards
 from pipeline.catalog import Catalog, UrlListSource
 from pipeline.decode import DecodeError, decode_image
 from pipeline.labeling import LabelledFace, get_chain, label_images
-from pipeline.quality import apply_rules, box_nme_pct, face_features
+from pipeline.quality import apply_rules, face_features
 from pipeline.shards import (FACES_SCHEMA, FEATURE_COLUMNS, IMAGES_SCHEMA, QUARANTINE_SCHEMA, Store,
                              link_or_copy, write_atomic, write_table)
 from pipeline.sources import FetchError, SourceItem, TarReader, fetch_url, list_items, read_file

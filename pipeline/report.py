@@ -13,7 +13,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 
 from pipeline import shards
 from pipeline.crops import apply_affine
@@ -58,7 +57,8 @@ def _table(header: list[str], rows: list[list], left: int = 1, id_: str = "") ->
     head = "".join(f"<th class='{'l' if i < left else ''}'>{esc(h)}</th>" for i, h in enumerate(header))
     body = "".join("<tr>" + "".join(f"<td class='{'l' if i < left else ''}'>{esc(_fmt(c))}</td>"
                                     for i, c in enumerate(r)) + "</tr>" for r in rows)
-    return f"<table{f' id={esc(id_)}' if id_ else ''}><tr>{head}</tr>{body}</table>"
+    id_attr = f" id='{esc(id_)}'" if id_ else ""
+    return f"<table{id_attr}><tr>{head}</tr>{body}</table>"
 
 
 def _histogram_svg(name: str, kept: np.ndarray, dropped: np.ndarray, bins: int = 24) -> str:
@@ -152,8 +152,9 @@ def _rounds_section(store: Store, version: int) -> str:
     manifest = shards.read_manifest(store, version)
     if "scores" in manifest.get("tables", {}):
         files.insert(0, Path(store.version_dir(version)) / "scores.parquet")
+    evals = _round_evaluations(store)
     if not files:
-        return "<p class='muted'>No trainer round has scored this version yet.</p>"
+        return evals or "<p class='muted'>No trainer round has scored this version yet.</p>"
     rows = []
     for f in files:
         s = pd.read_parquet(f)
@@ -161,10 +162,24 @@ def _rounds_section(store: Store, version: int) -> str:
                      float(s.landmark_residual.median()), float(s.critic_score.median()), float(s.new_weight.mean()),
                      int((s.new_weight < 0.1).sum())])
     parts = [_table(["scores file", "round", "faces", "median cycle %", "median residual %", "median critic",
-                     "mean new weight", "weight < 0.1"], rows, id_="rounds-table")]
+                     "mean new weight", "weight < 0.1"], rows, id_="rounds-table"), evals]
     if "scores" in manifest.get("tables", {}) and manifest.get("parent"):
         parts.append(_state_changes(store, manifest["parent"], version))
     return "".join(parts)
+
+
+def _round_evaluations(store: Store) -> str:
+    """NME per round against the reference labels of each trained version (rounds/vNNNN/eval.json)."""
+    rows = []
+    for path in sorted((Path(store.dir) / "rounds").glob("v*/eval.json")):
+        e = json.loads(path.read_text())
+        m, p = e["model"], e["pseudo_labels"]
+        rows.append([path.parent.name, e["faces"], *(b["mean"] for b in m["bins"]), m["balanced"], p["balanced"]])
+    if not rows:
+        return ""
+    return "<h3>NME per round (reference faces of the trained version)</h3>" + _table(
+        ["round on", "faces", "0-30", "30-60", "60-90", "model balanced", "pseudo-labels balanced"], rows,
+        id_="round-nme")
 
 
 def _state_changes(store: Store, parent: int, version: int) -> str:

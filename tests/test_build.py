@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-import shutil
 from pathlib import Path
 
 import duckdb
 import numpy as np
 import pandas as pd
-import pytest
 
 from pipeline import shards
 from pipeline.build import build, store_of

@@ -12,11 +12,10 @@ import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, WILD, copy_images, write_catalog
+from tests.conftest import AFLW_DEV, ROOT, WILD, copy_images, write_catalog
 
 PY = sys.executable
 
@@ -79,9 +78,11 @@ def test_serve_build_event_retrain_report(prefect_server, tmp_path):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     wild = copy_images(tmp_path / "src" / "wild", "aflw-wild-crops", WILD[400:404])
+    dev = copy_images(tmp_path / "src" / "dev", "aflw2000-dev", AFLW_DEV[10:13], with_mat=True)
     out = tmp_path / "out"
     catalog = write_catalog(tmp_path / "catalog.yaml", [
-        {"name": "wild", "kind": "folder", "path": str(wild), "pre_cropped": True}],
+        {"name": "wild", "kind": "folder", "path": str(wild), "pre_cropped": True},
+        {"name": "dev", "kind": "folder", "path": str(dev), "labels": "mat", "split": "eval"}],
         output_root=str(out), extra={
             "schedule": {"cron": "0 3 * * *"},
             "training": {"max_steps": 2, "batch_size": 4, "num_workers": 0, "device": "cpu"}})
@@ -102,7 +103,7 @@ def test_serve_build_event_retrain_report(prefect_server, tmp_path):
                 build_run = run_deployment("build-dataset/build-dataset", timeout=300)
                 assert build_run.state.is_completed(), build_run.state
                 manifest = json.loads((out / "faces" / "v0001" / "manifest.json").read_text())
-                assert manifest["counts"]["images_seen"] == 8
+                assert manifest["counts"]["images_seen"] == 11
 
                 def retrain_done():
                     runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["retrain"])))
@@ -128,7 +129,10 @@ def test_serve_build_event_retrain_report(prefect_server, tmp_path):
     checkpoints = sorted(p.name for p in (out / "faces" / "rounds" / "v0001" / "checkpoints").glob("step-*.pt"))
     assert checkpoints == ["step-0000002.pt"]
     assert (out / "faces" / "scores" / "v0001-r01.parquet").is_file()
-    assert (out / "faces" / "reports" / "faces-v0001.html").is_file()
+    report = (out / "faces" / "reports" / "faces-v0001.html").read_text()
+    assert "id='round-nme'" in report and "id='rounds-table'" in report  # the round's report, not the build's
+    evaluation = json.loads((out / "faces" / "rounds" / "v0001" / "eval.json").read_text())
+    assert evaluation["faces"] == 3
 
 
 def _deployment_ids(client) -> bool:

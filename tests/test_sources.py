@@ -9,7 +9,7 @@ import time
 import pytest
 
 from pipeline.catalog import FolderSource, TarSource, UrlListSource
-from pipeline.sources import FetchError, SourceItem, TarReader, fetch_url, list_items, read_file
+from pipeline.sources import FetchError, TarReader, fetch_url, list_items, read_file
 from tests.badfiles import face_jpeg
 from tests.http_server import LocalServer
 

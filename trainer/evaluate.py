@@ -139,3 +139,37 @@ def write_result(result: dict, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
     return path
+
+
+def evaluate_version(predictor, store, version: int, batch_size: int = 128) -> dict | None:
+    """The model's NME on a version's faces that carry reference labels (its eval sources), with the
+    pseudo-labels' own NME on the same faces beside it; None when the version has no such face.
+
+    The model sees each face's stored crop and the map drawn from its pseudo-label, as in training;
+    its points go back to the image through the stored crop affine.
+    """
+    import cv2
+    import pyarrow.compute as pc
+
+    from pipeline.crops import apply_affine, invert_affine
+    from pipeline.shards import read_faces
+
+    faces = read_faces(store, version, columns=["face_id", "crop", "crop_affine", "landmarks", "ref_landmarks",
+                                                 "ref_pose"])
+    faces = faces.filter(pc.is_valid(faces.column("ref_landmarks")))
+    n = faces.num_rows
+    if n == 0:
+        return None
+    pseudo_img = np.asarray(faces.column("landmarks").to_pylist(), np.float32).reshape(n, 68, 2)
+    ref = np.asarray(faces.column("ref_landmarks").to_pylist(), np.float32).reshape(n, 68, 2)
+    affines = np.asarray(faces.column("crop_affine").to_pylist(), np.float32).reshape(n, 6)
+    yaw = np.asarray(faces.column("ref_pose").to_pylist(), np.float64)[:, 0]
+    crops = np.stack([cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1]
+                      for b in faces.column("crop").to_pylist()])
+    pseudo_crop = np.stack([apply_affine(p, a) for p, a in zip(pseudo_img, affines)])
+    points = []
+    for i in range(0, n, batch_size):
+        points.append(predictor.points(predictor.params(crops[i:i + batch_size], pseudo_crop[i:i + batch_size])))
+    model_img = np.stack([apply_affine(p, invert_affine(a)) for p, a in zip(np.concatenate(points), affines)])
+    return {"faces": n, "model": nme_table(nme_pct(model_img, ref), yaw),
+            "pseudo_labels": nme_table(nme_pct(pseudo_img, ref), yaw)}

@@ -6,7 +6,6 @@ Per face: landmark residual (model vs pseudo-label), cycle error (2DASL's 2D->3D
 from __future__ import annotations
 
 import logging
-import math
 import time
 
 import cv2
@@ -15,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.crops import CROP_SIZE, apply_affine
+from pipeline.crops import CROP_SIZE
 from pipeline.landmarks import nme_pct
 from pipeline.shards import SCORES_SCHEMA, Store, iter_face_batches, resolve_version, write_table
 
