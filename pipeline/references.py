@@ -61,6 +61,9 @@ def load_mat_reference(file, image_height: int) -> Reference:
     landmarks = pts[:2].T.astype(np.float32)
     if not np.isfinite(landmarks).all():
         raise BadReference("pt3d_68 holds non-finite values")
+    span = 4 * image_height  # images are about as wide as tall; points this far out are not this image's
+    if (np.abs(landmarks) > span).any():
+        raise BadReference(f"pt3d_68 has points beyond +-{span} px of a {image_height} px high image")
     params, ypr = None, np.full(3, np.nan, np.float32)
     if "Pose_Para" in mat:
         pose = np.asarray(mat["Pose_Para"], np.float64).reshape(-1)

@@ -116,6 +116,10 @@ class Store:
     root: str  # output root (path or fsspec URL)
     dataset: str
 
+    def __post_init__(self) -> None:
+        if not DATASET_NAME.fullmatch(self.dataset):  # every path is built under <root>/<dataset>
+            raise ValueError(f"dataset name {self.dataset!r} would leave the output root")
+
     @property
     def fs(self) -> fsspec.AbstractFileSystem:
         return fsspec.core.url_to_fs(self.root)[0]
@@ -131,9 +135,14 @@ class Store:
         return f"{self.dir}/_staging/{key}"
 
 
+DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
 def parse_ref(ref: str) -> tuple[str, int | None]:
     """'faces@v3' or 'faces@3' -> ('faces', 3); 'faces' -> ('faces', None) meaning the latest."""
     name, _, version = ref.partition("@")
+    if name and not DATASET_NAME.fullmatch(name):  # a name is a folder under the root: no '/', no '..'
+        raise ValueError(f"{ref!r}: dataset names are letters, digits, '_', '.', '-' (not starting with '.')")
     if not version:
         return name, None
     digits = version.lstrip("vV")
@@ -268,6 +277,10 @@ class LockedError(RuntimeError):
     pass
 
 
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
 class DatasetLock:
     """One writer per dataset: an exclusive lock file holding host and pid; stale locks are taken over."""
 
@@ -296,6 +309,18 @@ class DatasetLock:
         except (PermissionError, KeyError, ValueError):
             return False
 
+    def _create_exclusive(self, data: bytes) -> None:
+        if _is_local(self.store.fs):
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            return
+        # Object stores have no exclusive create: check-then-write is best effort there; run one
+        # builder per dataset on such roots (a Prefect deployment's concurrency limit does that).
+        if self.store.fs.exists(self.path):
+            raise FileExistsError(self.path)
+        write_atomic(self.store.fs, self.path, data)
+
     def acquire(self) -> "DatasetLock":
         fs = self.store.fs
         fs.makedirs(self.store.dir, exist_ok=True)
@@ -303,15 +328,13 @@ class DatasetLock:
         me = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": _now()}).encode()
         while True:
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-                with os.fdopen(fd, "wb") as f:
-                    f.write(me)
+                self._create_exclusive(me)
                 self._held = True
                 return self
             except FileExistsError:
                 owner = self._owner()
                 if self._stale(owner):
-                    os.unlink(self.path)
+                    self.store.fs.rm(self.path)
                     continue
                 if time.monotonic() >= deadline:
                     raise LockedError(
@@ -323,7 +346,7 @@ class DatasetLock:
     def release(self) -> None:
         if self._held:
             try:
-                os.unlink(self.path)
+                self.store.fs.rm(self.path)
             except FileNotFoundError:
                 pass
             self._held = False

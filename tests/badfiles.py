@@ -56,6 +56,7 @@ def bad_files() -> dict[str, bytes]:
         "sliver_20000x1.png": _png(Image.new("L", (20000, 1), 128)),
         "pdf.jpg": b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\ntrailer\n%%EOF",
         "corrupt_body.jpg": good[:600] + bytes(len(good) - 600),
+        "one_pixel.png": _png(Image.new("RGB", (1, 1), (10, 20, 30))),
     }
 
 
@@ -76,4 +77,22 @@ def awkward_good_files() -> dict[str, bytes]:
         "alpha.png": _png(rgba),
         "exif_rotated.jpg": _jpeg(rotated, exif=exif.tobytes()),
         "webp_as.jpg": (lambda b: (face.save(b, format="WEBP"), b.getvalue())[1])(io.BytesIO()),
+        "png_named.jpg": _png(face),  # wrong extension: decoded by content
+        "huge_exif.jpg": _jpeg(face, exif=_big_exif()),
+        "animated.gif": _animated(face, "GIF"),  # first frame is the face
+        "animated.webp": _animated(face, "WEBP"),
     }
+
+
+def _big_exif() -> bytes:
+    """~60 kB of EXIF (a long ImageDescription), near JPEG's 64 kB APP1 limit."""
+    exif = Image.Exif()
+    exif[0x010E] = "x" * 60_000
+    return exif.tobytes()
+
+
+def _animated(face: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    frames = [face, Image.new("RGB", face.size, (0, 0, 0)), Image.new("RGB", face.size, (255, 255, 255))]
+    frames[0].save(buf, format=fmt, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    return buf.getvalue()

@@ -25,6 +25,7 @@ EXPECTED_REASON = {
     "sliver_20000x1.png": "too small",
     "pdf.jpg": "not an image",
     "corrupt_body.jpg": None,
+    "one_pixel.png": "too small",
 }
 
 

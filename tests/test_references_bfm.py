@@ -56,6 +56,16 @@ def test_bad_reference_files_are_named(tmp_path):
     scipy.io.savemat(tmp_path / "y.mat", {"pt3d_68": np.zeros((3, 21))})
     with pytest.raises(BadReference, match="shape"):
         load_mat_reference(tmp_path / "y.mat", 450)
+    good = scipy.io.loadmat(DEV_MATS[0])
+    cases = {"nan": ("non-finite", {"pt3d_68": np.where(np.arange(204).reshape(3, 68) == 5, np.nan, 100.0)}),
+             "far": ("beyond", {"pt3d_68": np.full((3, 68), 1e7)}),
+             "nokeys": ("no pt3d_68", {"Pose_Para": good["Pose_Para"]}),
+             "short": ("Shape_Para", {"pt3d_68": good["pt3d_68"], "Pose_Para": good["Pose_Para"],
+                                      "Shape_Para": np.zeros((10, 1)), "Exp_Para": np.zeros((29, 1))})}
+    for name, (message, content) in cases.items():
+        scipy.io.savemat(tmp_path / f"{name}.mat", content)
+        with pytest.raises(BadReference, match=message):
+            load_mat_reference(tmp_path / f"{name}.mat", 450)
 
 
 def test_landmark_helpers():
