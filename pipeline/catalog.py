@@ -45,7 +45,7 @@ class _SourceBase(_Strict):
     pre_cropped: bool = False  # one face fills the image (3DDFA-style crop): skip detection
     labels: Literal["none", "mat"] = "none"  # "mat": <stem>.mat beside each image (AFLW2000-3D layout)
     split: Literal["train", "eval"] = "train"  # eval sources are never trained on
-    include: tuple[str, ...] = ("*.jpg", "*.jpeg", "*.png", "*.webp", "*.bmp")
+    include: tuple[str, ...] = ("*.jpg", "*.jpeg", "*.png", "*.webp", "*.bmp", "*.gif", "*.tif", "*.tiff")
     max_bytes: int = Field(default=50_000_000, ge=1)
 
 
@@ -197,6 +197,8 @@ def _expand(node, where: str, base_dir: Path):
             value = expand_vars(node)
         except KeyError as err:
             raise CatalogError(f"{where}: environment variable ${{{err.args[0]}}} is not set") from None
+        if "\x00" in value:  # no filesystem takes it; found by fuzzing (it crashed path resolution)
+            raise CatalogError(f"{where}: contains a NUL character")
         key = where.rsplit(".", 1)[-1]
         if key in _PATH_FIELDS and "://" not in value:
             p = Path(value).expanduser()
