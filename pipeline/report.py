@@ -168,6 +168,15 @@ def _rounds_section(store: Store, version: int) -> str:
     return "".join(parts)
 
 
+def _latest_scores(store: Store, version: int) -> tuple[str, pd.DataFrame] | None:
+    """The newest trainer round's scores for this version: its own round, else the one it folded."""
+    files = sorted((Path(store.dir) / "scores").glob(f"v{version:04d}-r*.parquet"))
+    if files:
+        return files[-1].stem, pd.read_parquet(files[-1])
+    folded = Path(store.version_dir(version)) / "scores.parquet"
+    return ("folded round", pd.read_parquet(folded)) if folded.exists() else None
+
+
 def _round_evaluations(store: Store) -> str:
     """NME per round against the reference labels of each trained version (rounds/vNNNN/eval.json)."""
     rows = []
@@ -269,6 +278,11 @@ def render_report(store: Store, version: int | None = None, *, seed: int = 0) ->
                  ("dropped", dropped.sample(min(GALLERY_SIZE, len(dropped)), random_state=seed) if len(dropped) else dropped),
                  ("worst agreement", faces.nlargest(GALLERY_SIZE, "agreement_nme_pct")),
                  ("random", faces.sample(min(GALLERY_SIZE, len(faces)), random_state=int(rng.integers(1 << 30))))]
+    latest = _latest_scores(store, version)
+    if latest is not None:
+        name, scores = latest
+        scored = faces.merge(scores[["face_id", "new_weight"]].rename(columns={"new_weight": "score"}), on="face_id")
+        galleries.insert(3, (f"worst scored ({name})", scored.nsmallest(GALLERY_SIZE, "score")))
     for b, label in enumerate(YAW_BINS):
         sel = faces[yaw_bin == b]
         galleries.append((f"yaw {label}", sel.sample(min(6, len(sel)), random_state=seed) if len(sel) else sel))

@@ -131,6 +131,7 @@ def test_serve_build_event_retrain_report(prefect_server, tmp_path):
     assert (out / "faces" / "scores" / "v0001-r01.parquet").is_file()
     report = (out / "faces" / "reports" / "faces-v0001.html").read_text()
     assert "id='round-nme'" in report and "id='rounds-table'" in report  # the round's report, not the build's
+    assert "worst scored (v0001-r01)" in report
     evaluation = json.loads((out / "faces" / "rounds" / "v0001" / "eval.json").read_text())
     assert evaluation["faces"] == 3
 
