@@ -7,28 +7,14 @@ Usage: .venv/bin/python bench/label_throughput.py [--images 64] [--source aflw20
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
-
+from common import emit, header, timed
 from pipeline.catalog import load_catalog
 from pipeline.decode import decode_image
 from pipeline.labeling import get_chain, label_images
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def timed(fn, repeats: int = 2) -> tuple[float, object]:
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, out
 
 
 def main() -> None:
@@ -53,19 +39,14 @@ def main() -> None:
     faces = sum(len(f) for f in batched)
     assert faces == sum(len(f) for f in per_image)
     result = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "device": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-                  f"{'cuda ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}",
+        **header(),
         "images": len(images), "faces": faces, "source": args.source,
         "decode_images_per_s": len(images) / t_decode,
         "per_image_faces_per_s": faces / t_loop,
         "batched_faces_per_s": faces / t_batch,
         "batched_over_per_image": t_loop / t_batch,
     }
-    for k, v in result.items():
-        print(f"{k:>24}: {v:.2f}" if isinstance(v, float) else f"{k:>24}: {v}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

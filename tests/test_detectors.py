@@ -126,7 +126,8 @@ def test_fan_without_weights_names_the_missing_file(tmp_path):
 
 def test_fan_loads_through_face_alignment_when_the_file_is_there(tmp_path, dev_set):
     """face-alignment's own loading path, on a FAN of the released architecture with random weights
-    (the trained file cannot be had here): it loads, runs on our boxes and returns 68 points each."""
+    (the trained file cannot be had here): it loads, runs batched across images on our boxes, and
+    gives what face-alignment's own API gives."""
     import torch
     from face_alignment.models import FAN
 
@@ -139,9 +140,14 @@ def test_fan_loads_through_face_alignment_when_the_file_is_there(tmp_path, dev_s
     spec = DetectorSpec(name="fan", weights=path, sha256=sha256_file(path), device="cpu")
     fan = build_landmarker(spec)
     images, refs = dev_set
-    box = np.array([np.r_[refs[0].landmarks_68.min(0), refs[0].landmarks_68.max(0)]], np.float32)
-    out = fan([images[0]], [box])
-    assert len(out[0]) == 1 and out[0][0].points.shape == (68, 2) and np.isfinite(out[0][0].points).all()
+    images = images[:3]
+    boxes = [np.array([np.r_[r.landmarks_68.min(0), r.landmarks_68.max(0)]], np.float32) for r in refs[:3]]
+    out = fan(images, boxes)  # one batched forward over the three images
+    for img, box, faces in zip(images, boxes, out):
+        assert len(faces) == 1 and faces[0].points.shape == (68, 2) and np.isfinite(faces[0].points).all()
+        # ... and the same points as face-alignment's own per-image API on the same box
+        own = fan.fa.get_landmarks_from_image(img, detected_faces=[box[0].astype(np.float64)])[0]
+        np.testing.assert_allclose(faces[0].points, own[:, :2], atol=1e-3)
 
 
 def test_insightface68_without_its_pack_names_the_missing_file(tmp_path):
