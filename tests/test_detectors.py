@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from pipeline.crops import roi_from_landmarks
 from pipeline.decode import decode_image
@@ -154,3 +155,49 @@ def test_insightface68_without_its_pack_names_the_missing_file(tmp_path):
     with pytest.raises(WeightsError) as err:
         build_landmarker(_spec("insightface68", root=str(tmp_path), pack="buffalo_l"))
     assert str(tmp_path / "models" / "buffalo_l" / "1k3d68.onnx") in str(err.value)
+
+
+@pytest.mark.parametrize("file, shape", [("insightface-det/det_500m.onnx", (2, 3, 640, 640)),
+                                         ("insightface-det/det_2.5g.onnx", (1, 3, 480, 640)),
+                                         ("peppa/slim_160_latest.onnx", (3, 3, 160, 160))])
+def test_onnx_graphs_run_in_torch_as_in_onnxruntime(file, shape):
+    """The GPU path runs the ONNX detectors in PyTorch: every output equals onnxruntime's, per image of
+    a batch (the files themselves fix batch 1, so onnxruntime runs them one image at a time)."""
+    import onnxruntime as ort
+
+    from pipeline.detect.onnx_torch import OnnxModule, head_tensors
+
+    module = OnnxModule(MODELS / file).eval()
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(MODELS / file), opts, providers=["CPUExecutionProvider"])
+    with torch.inference_mode():
+        heads = head_tensors(module)
+        values = module.run(torch.from_numpy(x), [name for name, _ in heads])
+    for i in range(shape[0]):
+        expected = sess.run(None, {sess.get_inputs()[0].name: x[i:i + 1]})
+        for (name, sigmoid), want in zip(heads, expected):
+            got = values[name][i:i + 1]
+            got = torch.sigmoid(got) if sigmoid else got
+            if got.dim() == 4:  # a detector head: [1, C, H, W] -> onnxruntime's rows
+                got = got.permute(0, 2, 3, 1).reshape(want.shape)
+            np.testing.assert_allclose(got.numpy(), want, atol=2e-5, rtol=1e-4)
+
+
+def test_torch_scrfd_and_peppa_equal_the_onnxruntime_ones(dev_set):
+    images = dev_set[0][:10] + [decode_image((DATA / "scenes" / n).read_bytes())
+                                for n in ("insightface_t1.jpg", "3ddfa_v2_trump_hillary.jpg")]
+    ort_det = build_face_detector(_spec("scrfd", MODELS / "insightface-det/det_500m.onnx", backend="onnxruntime"))
+    torch_det = build_face_detector(_spec("scrfd", MODELS / "insightface-det/det_500m.onnx", backend="torch"))
+    a, b = ort_det(images), torch_det(images)  # torch: batched across the images
+    assert [len(f) for f in a] == [len(f) for f in b] and sum(len(f) for f in a) >= 18
+    for fa, fb in zip(sum(a, []), sum(b, [])):
+        np.testing.assert_allclose(fb.bbox, fa.bbox, atol=0.01)
+        np.testing.assert_allclose(fb.kps5, fa.kps5, atol=0.01)
+        assert abs(fb.score - fa.score) < 1e-4
+    boxes = [np.array([f.bbox for f in faces], np.float32).reshape(-1, 4) for faces in a]
+    p_ort = build_landmarker(_spec("peppa68", MODELS / "peppa/slim_160_latest.onnx", backend="onnxruntime"))
+    p_torch = build_landmarker(_spec("peppa68", MODELS / "peppa/slim_160_latest.onnx", backend="torch"))
+    for la, lb in zip(sum(p_ort(images, boxes), []), sum(p_torch(images, boxes), [])):
+        np.testing.assert_allclose(lb.points, la.points, atol=0.01)

@@ -8,6 +8,9 @@ file fixes batch 1; its graph has no reshape, so we relabel the batch axis as dy
 from __future__ import annotations
 
 import numpy as np
+from typing import Literal
+
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.crops import crop_roi
@@ -23,6 +26,7 @@ class PeppaOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     box_scale: float = Field(1.4, ge=1.0, le=3.0)
+    backend: Literal["auto", "onnxruntime", "torch"] = "auto"  # auto: torch on CUDA, onnxruntime on CPU
 
 
 def _dynamic_batch(path) -> bytes:
@@ -53,8 +57,22 @@ class PeppaLandmarker:
         path = verified_path(weights, weights_sha256, what="Peppa weights")
         self.weights_sha256 = sha256_file(path)
         self.batch_size = batch_size
-        self.session = session(_dynamic_batch(path), pick_device(device))
-        self.input_name = self.session.get_inputs()[0].name
+        self.device = pick_device(device)
+        backend = self.options.backend
+        self.backend = ("torch" if self.device.type == "cuda" else "onnxruntime") if backend == "auto" else backend
+        if self.backend == "torch":
+            from pipeline.detect.onnx_torch import OnnxModule
+
+            self.net = OnnxModule(path).eval().to(self.device)
+        else:
+            self.session = session(_dynamic_batch(path), self.device)
+            self.input_name = self.session.get_inputs()[0].name
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        if self.backend == "torch":
+            with torch.inference_mode():
+                return self.net(torch.from_numpy(x).to(self.device))[0].float().cpu().numpy()
+        return self.session.run(None, {self.input_name: x})[0]
 
     def __call__(self, images: list[np.ndarray], boxes: list[np.ndarray]) -> list[list[Landmarks]]:
         rois = [(i, peppa_roi(b, self.options.box_scale)) for i, bs in enumerate(boxes) for b in bs]
@@ -63,7 +81,7 @@ class PeppaLandmarker:
             chunk = rois[start:start + self.batch_size]
             crops = np.stack([crop_roi(images[i], roi, INPUT_SIZE) for i, roi in chunk])
             x = (crops[..., ::-1].astype(np.float32) - 127.0) / 127.0  # RGB -> BGR
-            y = self.session.run(None, {self.input_name: np.ascontiguousarray(x.transpose(0, 3, 1, 2))})[0]
+            y = self._run(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
             for (i, roi), row in zip(chunk, y):
                 sx, sy, ex, ey = (int(round(v)) for v in roi)  # crop_roi's rounding
                 pts = row[:136].reshape(68, 2) * np.array([ex - sx, ey - sy]) + np.array([sx, sy])

@@ -1,13 +1,18 @@
-"""SCRFD face detector through insightface's own model_zoo code: boxes + 5 points.
+"""SCRFD face detector: boxes + 5 points.
 
-insightface's SCRFD detects one image per call (its letterbox and anchor decoding are per image);
-the detector is cheap next to the landmarkers, which are where batching pays.
+Two backends over the same ONNX file. `onnxruntime` runs insightface's own model_zoo code, one
+image per call (the CPU default). `torch` runs the graph in PyTorch (`onnx_torch`), batched across
+images, for the GPU (onnxruntime's GPU build cannot be carried); its letterbox, anchor decoding
+and NMS follow insightface's `SCRFD.detect` step for step, and a test holds the two together.
 """
 
 from __future__ import annotations
 
 import cv2
 import numpy as np
+from typing import Literal
+
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.detect.base import FaceBox
@@ -23,19 +28,31 @@ class ScrfdOptions(BaseModel):
     input_size: int = Field(640, ge=128, le=2048, multiple_of=32)  # letterbox side
     nms_threshold: float = Field(0.4, gt=0, le=1)
     max_faces: int = Field(0, ge=0)  # 0 = all
+    backend: Literal["auto", "onnxruntime", "torch"] = "auto"  # auto: torch on CUDA, onnxruntime on CPU
 
 
 class ScrfdDetector:
     name = "scrfd"
 
-    def __init__(self, weights, *, weights_sha256: str | None = None, device: str = "auto", batch_size: int = 1,
+    def __init__(self, weights, *, weights_sha256: str | None = None, device: str = "auto", batch_size: int = 16,
                  options: ScrfdOptions | None = None):
-        from insightface.model_zoo import get_model
-
         self.options = options or ScrfdOptions()
         path = verified_path(weights, weights_sha256, what="SCRFD weights")
         self.weights_sha256 = sha256_file(path)
         self.device = pick_device(device)
+        self.batch_size = batch_size
+        backend = self.options.backend
+        self.backend = ("torch" if self.device.type == "cuda" else "onnxruntime") if backend == "auto" else backend
+        if self.backend == "torch":
+            from pipeline.detect.onnx_torch import OnnxModule, head_tensors
+
+            self.net = OnnxModule(path).eval().to(self.device)
+            self.heads = head_tensors(self.net)  # score x3, box x3, kps x3 (strides 8, 16, 32)
+            if len(self.heads) != 9:
+                raise ValueError(f"{path}: expected SCRFD's 9 outputs (scores, boxes, 5 points x 3 strides)")
+            return
+        from insightface.model_zoo import get_model
+
         self.model = get_model(str(path), providers=providers_for(self.device))
         if self.model is None or getattr(self.model, "taskname", None) != "detection":
             raise ValueError(f"{path} is not an insightface detection model")
@@ -44,11 +61,95 @@ class ScrfdDetector:
                            det_thresh=self.options.score_threshold, nms_thresh=self.options.nms_threshold)
 
     def __call__(self, images: list[np.ndarray]) -> list[list[FaceBox]]:
+        if self.backend == "torch":
+            out = []
+            for start in range(0, len(images), self.batch_size):
+                out += self._detect_torch(images[start:start + self.batch_size])
+            return out
         out = []
         for img in images:
             det, kps = self.model.detect(cv2.cvtColor(img, cv2.COLOR_RGB2BGR),
                                          input_size=(self.options.input_size,) * 2, max_num=self.options.max_faces)
-            order = np.argsort(-det[:, 4]) if len(det) else []
-            out.append([FaceBox(bbox=det[k, :4].astype(np.float32), score=float(det[k, 4]),
-                                kps5=None if kps is None else kps[k].astype(np.float32)) for k in order])
+            out.append(self._faces(det, kps))
         return out
+
+    @staticmethod
+    def _faces(det: np.ndarray, kps: np.ndarray | None) -> list[FaceBox]:
+        order = np.argsort(-det[:, 4], kind="stable") if len(det) else []
+        return [FaceBox(bbox=det[k, :4].astype(np.float32), score=float(det[k, 4]),
+                        kps5=None if kps is None else kps[k].astype(np.float32)) for k in order]
+
+    # ------------------------------------------------------------------ the batched torch path
+
+    def _letterbox(self, img: np.ndarray) -> tuple[np.ndarray, float]:
+        """insightface's: keep aspect, fit into size x size at the top-left, zero padding."""
+        size = self.options.input_size
+        h, w = img.shape[:2]
+        if h / w > 1.0:
+            new_h, new_w = size, int(size / (h / w))
+        else:
+            new_w, new_h = size, int(size * (h / w))
+        canvas = np.zeros((size, size, 3), np.uint8)
+        canvas[:new_h, :new_w] = cv2.resize(img, (new_w, new_h))
+        return canvas, new_h / h
+
+    def _detect_torch(self, images: list[np.ndarray]) -> list[list[FaceBox]]:
+        size = self.options.input_size
+        boxes, scales = zip(*(self._letterbox(img) for img in images))
+        x = torch.from_numpy(np.stack(boxes)).to(self.device).permute(0, 3, 1, 2).float()
+        x = (x - 127.5) / 128.0  # RGB, as insightface's blob (it swaps its BGR input)
+        with torch.inference_mode():
+            values = self.net.run(x, [name for name, _ in self.heads])
+        heads = [torch.sigmoid(values[name]) if sigmoid else values[name] for name, sigmoid in self.heads]
+        per_image: list[list[np.ndarray]] = [[] for _ in images]
+        for level, stride in enumerate((8, 16, 32)):
+            score, dist, kps = (heads[level + 3 * k] for k in range(3))
+            n, _, fh, fw = score.shape
+            anchors = score.shape[1]
+            # [N, A*k, H, W] -> [N, H*W*A, k]: insightface's (row, column, anchor) order.
+            score = score.permute(0, 2, 3, 1).reshape(n, -1)
+            dist = dist.permute(0, 2, 3, 1).reshape(n, -1, 4) * stride
+            kps = kps.permute(0, 2, 3, 1).reshape(n, -1, 10) * stride
+            ys, xs = torch.meshgrid(torch.arange(fh, device=x.device), torch.arange(fw, device=x.device),
+                                    indexing="ij")
+            centres = (torch.stack([xs, ys], -1).reshape(-1, 1, 2) * stride).expand(-1, anchors, 2).reshape(-1, 2)
+            keep = score >= self.options.score_threshold
+            for i in range(n):
+                sel = keep[i].nonzero().squeeze(1)
+                if sel.numel() == 0:
+                    continue
+                c, d, k = centres[sel].float(), dist[i, sel], kps[i, sel]
+                box = torch.cat([c - d[:, :2], c + d[:, 2:]], 1)
+                pts = (c[:, None, :] + k.reshape(-1, 5, 2))
+                rows = torch.cat([box, score[i, sel, None], pts.reshape(-1, 10)], 1)
+                per_image[i].append(rows.float().cpu().numpy())
+        out = []
+        for i, parts in enumerate(per_image):
+            if not parts:
+                out.append([])
+                continue
+            rows = np.concatenate(parts)
+            rows[:, :4] /= scales[i]
+            rows[:, 5:] /= scales[i]
+            rows = rows[np.argsort(-rows[:, 4], kind="stable")]
+            rows = rows[_nms(rows[:, :5], self.options.nms_threshold)]
+            if self.options.max_faces:
+                rows = rows[: self.options.max_faces]  # insightface ranks by area and centring; rare
+            out.append(self._faces(rows[:, :5], rows[:, 5:].reshape(-1, 5, 2)))
+        return out
+
+
+def _nms(dets: np.ndarray, threshold: float) -> list[int]:
+    """insightface's NMS (pixel-inclusive areas, +1), on score-sorted rows."""
+    x1, y1, x2, y2, scores = dets.T
+    areas = (x2 - x1 + 1) * (y2 - y1 + 1)
+    order = np.argsort(-scores, kind="stable")
+    keep = []
+    while order.size:
+        i = order[0]
+        keep.append(int(i))
+        w = np.maximum(0.0, np.minimum(x2[i], x2[order[1:]]) - np.maximum(x1[i], x1[order[1:]]) + 1)
+        h = np.maximum(0.0, np.minimum(y2[i], y2[order[1:]]) - np.maximum(y1[i], y1[order[1:]]) + 1)
+        overlap = w * h / (areas[i] + areas[order[1:]] - w * h)
+        order = order[1:][overlap <= threshold]
+    return keep
