@@ -94,7 +94,6 @@ class ScrfdDetector:
         return canvas, new_h / h
 
     def _detect_torch(self, images: list[np.ndarray]) -> list[list[FaceBox]]:
-        size = self.options.input_size
         boxes, scales = zip(*(self._letterbox(img) for img in images))
         x = torch.from_numpy(np.stack(boxes)).to(self.device).permute(0, 3, 1, 2).float()
         x = (x - 127.5) / 128.0  # RGB, as insightface's blob (it swaps its BGR input)
