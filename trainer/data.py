@@ -109,8 +109,10 @@ class FaceStream(IterableDataset):
     """
 
     def __init__(self, store: Store, version: int, *, shuffle: bool = True, seed: int = 0,
-                 buffer_size: int = 2048, batch_size: int = 1, epoch: int = 0, skip_batches: int = 0):
+                 buffer_size: int = 2048, batch_size: int = 1, epoch: int = 0, skip_batches: int = 0,
+                 rank: int = 0, world_size: int = 1):
         super().__init__()
+        self.rank, self.world_size = rank, world_size
         self.store, self.version = store, version
         self.shuffle, self.seed, self.buffer_size = shuffle, seed, buffer_size
         self.batch_size, self.epoch, self.skip_batches = batch_size, epoch, skip_batches
@@ -135,9 +137,15 @@ class FaceStream(IterableDataset):
         units = list(self.units())
         if self.shuffle:
             random.Random(f"{self.seed}:{self.epoch}").shuffle(units)
-        rows = self._rows(units[worker::n_workers])
+        # Row groups are dealt to processes (data-parallel ranks) first, then to their loader workers.
+        mine = units[self.rank::self.world_size]
+        if not mine:
+            raise ValueError(f"{self.store.dataset}@v{self.version} has {len(units)} row groups, fewer than the "
+                             f"{self.world_size} training processes: rebuild with smaller batches or use fewer")
+        rows = self._rows(mine[worker::n_workers])
         if self.shuffle:
-            rows = _shuffled(rows, self.buffer_size, random.Random(f"{self.seed}:{self.epoch}:{worker}"))
+            rows = _shuffled(rows, self.buffer_size,
+                             random.Random(f"{self.seed}:{self.epoch}:{self.rank}:{worker}"))
         skip = len(range(worker, self.skip_batches, n_workers)) * self.batch_size
         for i, row in enumerate(rows):
             if i >= skip:
@@ -152,11 +160,14 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def build_loader(cfg, store: Store, version: int, shuffle: bool = True, epoch: int = 0,
-                 skip_batches: int = 0) -> DataLoader:
-    """A DataLoader over the version's training faces for `epoch`, `skip_batches` batches in."""
+                 skip_batches: int = 0, rank: int = 0, world_size: int = 1) -> DataLoader:
+    """A DataLoader over the version's training faces for `epoch`, `skip_batches` batches in; with
+    several training processes, over this `rank`'s share of the row groups."""
     stream = FaceStream(store, version, shuffle=shuffle, seed=cfg.seed, buffer_size=cfg.shuffle_buffer,
-                        batch_size=cfg.batch_size, epoch=epoch, skip_batches=skip_batches)
-    workers = min(cfg.num_workers, max(len(stream.units()), 1))  # idle workers would only cost memory
+                        batch_size=cfg.batch_size, epoch=epoch, skip_batches=skip_batches, rank=rank,
+                        world_size=world_size)
+    share = len(stream.units()[rank::world_size])
+    workers = min(cfg.num_workers, max(share, 1))  # idle workers would only cost memory
     return DataLoader(stream, batch_size=cfg.batch_size, num_workers=workers, collate_fn=collate,
                       pin_memory=torch.cuda.is_available(), drop_last=False,
                       prefetch_factor=4 if workers else None, persistent_workers=False)

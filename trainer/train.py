@@ -9,6 +9,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import random
 import sys
 import time
@@ -21,13 +22,13 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from pipeline.device import pick_device
 from pipeline.shards import Store, parse_ref, resolve_version
 from trainer import losses
 from trainer.bfm import landmarks_3d, load_bfm, load_param_stats
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from trainer.config import TrainConfig
 from trainer.data import batches_per_epoch, build_loader, count_train_rows
+from trainer.distributed import World
 from trainer.model import Critic, Encoder, TwoDASLNet, build_backbone, landmark_map, map_points
 
 log = logging.getLogger(__name__)
@@ -176,9 +177,11 @@ def compute_losses(batch: dict[str, Any], net: TwoDASLNet, encoder: Encoder, cri
 
 def train_step(batch: dict[str, Any], net: TwoDASLNet, encoder: Encoder, critic: Critic, bfm,
                cfg: TrainConfig, opt: torch.optim.Optimizer, opt_critic: torch.optim.Optimizer,
-               amp: bool) -> dict[str, float]:
+               amp: bool, world: World | None = None) -> dict[str, float]:
     """One forward, two backward passes restricted with `inputs=`: the total trains F only, loss_D
-    trains E and D only; then the critic steps and the regressor steps (alternating D / G updates)."""
+    trains E and D only; then the critic steps and the regressor steps (alternating D / G updates).
+    With several processes (`world`), gradients are averaged across them before each step."""
+    world = world or World()
     total, loss_d, logged = compute_losses(batch, net, encoder, critic, bfm, cfg, amp)
     net_params = [p for p in net.parameters() if p.requires_grad]
     critic_params = list(encoder.parameters()) + list(critic.parameters())
@@ -187,7 +190,11 @@ def train_step(batch: dict[str, Any], net: TwoDASLNet, encoder: Encoder, critic:
     total.backward(inputs=net_params, retain_graph=loss_d is not None)
     if loss_d is not None:
         loss_d.backward(inputs=critic_params)
+    # The critic steps when any rank had real pairs (a rank without them contributes zero gradient).
+    if world.any(loss_d is not None, total.device):
+        world.average_gradients(critic_params)
         opt_critic.step()
+    world.average_gradients(net_params)
     if cfg.grad_clip > 0:
         logged["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(net_params, cfg.grad_clip))
     opt.step()
@@ -199,8 +206,16 @@ def train_step(batch: dict[str, Any], net: TwoDASLNet, encoder: Encoder, critic:
 
 def train(cfg: TrainConfig) -> TrainResult:
     """Train on `cfg.dataset` for `cfg.max_steps` steps (or `cfg.epochs` passes); returns the last checkpoint."""
-    seed_everything(cfg.seed)
-    device = pick_device(cfg.device)
+    world = World.from_env(cfg.device)
+    try:
+        return _train(cfg, world)
+    finally:
+        world.close()
+
+
+def _train(cfg: TrainConfig, world: World) -> TrainResult:
+    seed_everything(cfg.seed)  # the same seed on every rank: the same initial weights (broadcast too)
+    device = world.device(cfg.device)
     amp = cfg.amp and device.type == "cuda"
     name, wanted = parse_ref(cfg.dataset)
     store = Store(cfg.dataset_root, name)
@@ -208,7 +223,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     n_rows = count_train_rows(store, version)
     if n_rows == 0:
         raise ValueError(f"{name}@v{version}: no training faces (split 'train', keep, weight > 0)")
-    per_epoch = batches_per_epoch(n_rows, cfg.batch_size)
+    per_epoch = batches_per_epoch(n_rows, cfg.batch_size * world.size)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * per_epoch
 
     bfm = load_bfm(cfg.bfm_path, device=device)
@@ -218,6 +233,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     # Adam with beta1 0.5, the usual GAN setting: the critic's target moves as F trains.
     opt_critic = torch.optim.Adam(list(encoder.parameters()) + list(critic.parameters()), lr=cfg.critic_lr,
                                   betas=(0.5, 0.999))
+    world.broadcast(net, encoder, critic)
 
     ckpt_dir = Path(cfg.checkpoint_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -231,32 +247,46 @@ def train(cfg: TrainConfig) -> TrainResult:
         opt.load_state_dict(state["optimizer"])
         opt_critic.load_state_dict(state["critic_optimizer"])
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        if world.enabled:  # each rank continues its own shard where it stopped
+            if state.get("world_size", 1) != world.size:
+                raise ValueError(f"checkpoint {found} was written by {state.get('world_size', 1)} processes; "
+                                 f"resume it with as many (got {world.size})")
+            epoch, batch_in_epoch = state["positions"][world.rank]
         set_rng_state(state["rng"])
         last_ckpt = str(found)
         log.info("resumed from %s at step %d (epoch %d, batch %d)", found, step, epoch, batch_in_epoch)
     log_path = ckpt_dir / LOG_FILE
-    _truncate_log(log_path, step)  # steps past the checkpoint were lost with the crash: redo them
+    if world.is_main:
+        _truncate_log(log_path, step)  # steps past the checkpoint were lost with the crash: redo them
 
     def checkpoint() -> str:
         path = ckpt_dir / f"step-{step:07d}.pt"
+        positions = world.gather((epoch, batch_in_epoch))  # every rank, since each reads its own shard
+        world.check_in_sync(net, encoder, critic)
+        if not world.is_main:
+            world.barrier()  # rank 0 writes; the others wait until the file is there
+            return str(path)
         save_checkpoint(path, {
+            "world_size": world.size, "positions": positions,
             "model": net.state_dict(), "encoder": encoder.state_dict(), "critic": critic.state_dict(),
             "optimizer": opt.state_dict(), "critic_optimizer": opt_critic.state_dict(),
             "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "rng": rng_state(),
             "config": cfg.to_dict(), "dataset": {"root": cfg.dataset_root, "name": name, "version": version},
         })
         prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
+        world.barrier()
         return str(path)
 
     log.info("training %s on %s@v%d: %d faces, %d steps, device %s%s", cfg.backbone, name, version, n_rows,
              total_steps, device, " (bf16)" if amp else "")
     last: dict[str, float] = {}
     progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[msg]}"),
-                        TimeRemainingColumn(), disable=not sys.stderr.isatty())
-    with progress, open(log_path, "a") as log_file:
+                        TimeRemainingColumn(), disable=not sys.stderr.isatty() or not world.is_main)
+    with progress, open(log_path if world.is_main else os.devnull, "a") as log_file:
         task = progress.add_task("train", total=total_steps, completed=step, msg="")
         while step < total_steps:
-            loader = build_loader(cfg, store, version, epoch=epoch, skip_batches=batch_in_epoch)
+            loader = build_loader(cfg, store, version, epoch=epoch, skip_batches=batch_in_epoch,
+                                  rank=world.rank, world_size=world.size)
             for batch in loader:
                 for group in opt.param_groups:
                     group["lr"] = cfg.lr * lr_factor(cfg, step, total_steps)
@@ -264,7 +294,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 encoder.train()
                 critic.train()
                 started = time.perf_counter()
-                last = train_step(batch, net, encoder, critic, bfm, cfg, opt, opt_critic, amp)
+                last = train_step(batch, net, encoder, critic, bfm, cfg, opt, opt_critic, amp, world)
                 step += 1
                 batch_in_epoch += 1
                 record = {"step": step, "epoch": epoch, "lr": opt.param_groups[0]["lr"], "batch": len(batch["face_id"]),
