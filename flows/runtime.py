@@ -16,7 +16,8 @@ def prefect_server_configured() -> bool:
     return bool(os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value())
 
 
-def dask_task_runner(address: str | None, workers: int = 1, processes: bool | None = None) -> DaskTaskRunner:
+def dask_task_runner(address: str | None, workers: int = 1, processes: bool | None = None,
+                     cuda: bool = False) -> DaskTaskRunner:
     """An existing scheduler when `address` is given, else a LocalCluster.
 
     In Prefect's ephemeral mode every dask worker *process* would start its own temporary Prefect
@@ -25,10 +26,24 @@ def dask_task_runner(address: str | None, workers: int = 1, processes: bool | No
     """
     if address:
         return DaskTaskRunner(address=address)
+    if cuda:
+        return cuda_task_runner()
     if processes is None:
         processes = prefect_server_configured()
     kwargs = {"n_workers": workers, "threads_per_worker": 1, "processes": processes, "dashboard_address": None}
     return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=kwargs)
+
+
+def cuda_task_runner() -> DaskTaskRunner:
+    """One dask worker process per visible GPU (dask-cuda pins each to its device), one task at a
+    time each: every worker loads the detector chain once and keeps it for all its batches."""
+    import importlib.util
+
+    if importlib.util.find_spec("dask_cuda") is None:
+        raise ValueError("execution.dask_cuda needs the dask-cuda package (pip install dask-cuda) on a machine "
+                         "with NVIDIA GPUs")
+    return DaskTaskRunner(cluster_class="dask_cuda.LocalCUDACluster",
+                          cluster_kwargs={"threads_per_worker": 1, "dashboard_address": None})
 
 
 def default_task_runner() -> DaskTaskRunner:
@@ -40,5 +55,7 @@ def default_task_runner() -> DaskTaskRunner:
     # Threads by default: the models release the GIL, and a worker process per served run would
     # only add start-up time. FACECURATE_DASK_PROCESSES=1 asks for processes.
     processes = os.environ.get("FACECURATE_DASK_PROCESSES", "0") == "1"
+    if os.environ.get("FACECURATE_DASK_CUDA") == "1":
+        return cuda_task_runner()
     return dask_task_runner(os.environ.get("FACECURATE_DASK_ADDRESS") or None,
                             int(os.environ.get("FACECURATE_DASK_WORKERS", "1")), processes)

@@ -120,6 +120,7 @@ class Execution(_Strict):
     dask_address: str | None = None  # an existing scheduler; None = LocalCluster
     dask_workers: int = Field(default=1, ge=1)
     dask_processes: bool | None = None  # None: threads in ephemeral Prefect mode, processes with a server
+    dask_cuda: bool = False  # a dask_cuda.LocalCUDACluster: one worker process per GPU (needs dask-cuda)
 
 
 class Schedule(_Strict):

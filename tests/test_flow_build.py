@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 
+import pytest
+
 from pipeline import shards
 from pipeline.build import store_of
 from pipeline.catalog import load_catalog
+from tests.conftest import write_catalog
 
 
 def test_build_flow_on_dask_then_noop(small_catalog, prefect_harness):
@@ -30,3 +33,17 @@ def test_cli_names_every_bad_catalog_field(tmp_path, capsys):
     assert "c.yaml: sources: Tuple should have at least 1 item" in err
     assert "c.yaml: detectors.face: Field required" in err
     assert "Traceback" not in err
+
+
+def test_dask_cuda_without_the_package_is_a_clear_error(tmp_path, capsys):
+    """dask-cuda is not installed on the CPU path: asking for it fails before anything starts."""
+    import importlib.util
+
+    from flows.cli import main
+
+    if importlib.util.find_spec("dask_cuda") is not None:
+        pytest.skip("dask-cuda is installed here: asking for it is not an error")
+    path = write_catalog(tmp_path / "c.yaml", [{"name": "s", "kind": "folder", "path": str(tmp_path)}],
+                         extra={"execution": {"dask_cuda": True}})
+    assert main(["build", "--catalog", str(path)]) == 2
+    assert "execution.dask_cuda needs the dask-cuda package" in capsys.readouterr().err
