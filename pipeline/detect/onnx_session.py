@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-import onnxruntime as ort
 import torch
 
 
 def providers_for(device: torch.device) -> list[str]:
+    import onnxruntime as ort  # here, not at import: the torch backends run without it
+
     if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
         return [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 
 
-def session(model: bytes | str, device: torch.device) -> ort.InferenceSession:
+def session(model: bytes | str, device: torch.device):
+    import onnxruntime as ort
+
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # ORT's per-initializer warnings would drown the progress output
     return ort.InferenceSession(model, sess_options=opts, providers=providers_for(device))
