@@ -18,6 +18,8 @@ DEFAULT_CATALOG = "catalog.yaml"
 def _prefect_defaults(verbose: bool) -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
+    # The libraries log through `logging`; inside a flow run these reach Prefect's logs (and UI) too.
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pipeline,trainer")
     if not verbose:  # the progress bar and the summary are the output; per-task INFO lines bury them
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
         os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
