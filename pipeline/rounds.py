@@ -29,7 +29,12 @@ def _latest_round_per_face(scores: pa.Table) -> pa.Table:
 
 
 def fold_scores(faces: pa.Table, scores: pa.Table, *, drop_below: float = DEFAULT_DROP_BELOW) -> pa.Table:
-    """Faces with a score get `weight = new_weight`; those under `drop_below` become keep=False.
+    """Faces with a score get `weight = rule weight x new_weight`; those whose new_weight is under
+    `drop_below` become keep=False.
+
+    Multiplying keeps both kinds of evidence: the catalog's rules weigh what the build measured
+    (landmarker agreement, flip consistency), the round weighs what the trained model sees (its
+    residual, the cycle error, the critic); they are independent, and neither should erase the other.
 
     Faces a rule already dropped stay dropped with their reason (a good score does not overrule a
     rule); faces without a score row (new images, or not rescored) pass through unchanged. A NaN
@@ -61,7 +66,7 @@ def fold_scores(faces: pa.Table, scores: pa.Table, *, drop_below: float = DEFAUL
     clipped = np.clip(new_weight, 0.0, 1.0)
     drop = update & (clipped < drop_below)
     weight = weight.copy()
-    weight[update] = clipped[update].astype(np.float32)
+    weight[update] = (weight[update] * clipped[update]).astype(np.float32)
     weight[drop] = 0.0  # the trainer reads weight 0 as "ignore", like every other dropped face
     keep = keep & ~drop
     for i in np.flatnonzero(drop):

@@ -134,14 +134,23 @@ def test_rescore_scores_every_face_and_a_round_folds_them(tiny, tmp_path):
     report = score_auc(scores, shards.read_faces(store, 1), threshold_pct=8.0)
     assert report["n"] == 4  # the four faces with reference labels
     assert 0 < report["label_nme_all_pct"] < 10
-    write_scores(store, 1, scores, 1)
+    # The teacher scores its own labels ~1 everywhere; to see the fold act, give the round spread-out
+    # weights, one under the drop threshold (0.1).
+    import pyarrow as pa
+
+    new_weight = np.linspace(0.05, 1.0, scores.num_rows).astype(np.float32)
+    scores = scores.set_column(scores.schema.get_field_index("new_weight"), "new_weight", pa.array(new_weight))
+    write_scores(store, 1, scores.cast(shards.SCORES_SCHEMA), 1)
     version, plan = build(tiny, scores=read_scores(store, 1, 1), scores_for_version=1)
     assert version == 2 and plan.new_items == 0
     assert shards.read_manifest(store, 2)["parent"] == 1
     v2 = shards.read_faces(store, 2, columns=["face_id", "weight", "keep"]).to_pandas().set_index("face_id")
+    rule_weight = faces.to_pandas().set_index("face_id").weight  # v1's weights: the catalog rules'
     by_face = dict(zip(scores.column("face_id").to_pylist(), new_weight))
     kept = v2[v2.keep]
-    np.testing.assert_allclose(kept.weight.to_numpy(), [by_face[f] for f in kept.index], atol=1e-6)
+    assert len(kept) == scores.num_rows - 1  # only new_weight 0.05 falls under 0.1
+    np.testing.assert_allclose(kept.weight.to_numpy(), [rule_weight[f] * by_face[f] for f in kept.index], atol=1e-6)
+    assert (v2[~v2.keep].weight == 0).all()
     with pytest.raises(ValueError, match="rescore v2 first"):
         build(tiny, scores=read_scores(store, 1, 1), scores_for_version=1)
 
