@@ -61,6 +61,11 @@ def test_untrained_four_channel_model_is_the_teacher():
         ours = net.whiten(net(x, maps))  # compared whitened: shape params reach 1e5 in BFM units
         theirs = teacher(x)
     torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=1e-5)
+    # The labelling path folds BN into the convs: the same outputs, up to float rounding.
+    from trainer.mobilenet import fused_for_inference
+
+    with torch.no_grad():
+        torch.testing.assert_close(fused_for_inference(teacher)(x), theirs, atol=1e-4, rtol=1e-4)
 
 
 def test_a_few_steps_lower_the_loss_and_log_every_term(tiny, tmp_path):

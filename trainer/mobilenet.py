@@ -76,3 +76,20 @@ def load_teacher_mobilenet(weights: str | os.PathLike, in_channels: int = 3,
         state["conv1.weight"] = torch.cat([conv, extra], dim=1)
     net.load_state_dict(state, strict=True)
     return net.eval()
+
+
+def fused_for_inference(net: MobileNetV1) -> MobileNetV1:
+    """A copy with every BatchNorm folded into the conv before it (eval-mode maths, same outputs up
+    to float rounding): about a third less time per forward on the CPU, for the labelling path.
+    The trainer keeps the unfused network (its BN statistics stay frozen but present)."""
+    import copy
+
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    fused = copy.deepcopy(net).eval()
+    pairs = [(fused, "conv1", "bn1")] + [(getattr(fused, name), conv, bn) for name, *_ in _BLOCKS
+                                         for conv, bn in (("conv_dw", "bn_dw"), ("conv_sep", "bn_sep"))]
+    for owner, conv, bn in pairs:
+        setattr(owner, conv, fuse_conv_bn_eval(getattr(owner, conv), getattr(owner, bn)))
+        setattr(owner, bn, nn.Identity())
+    return fused

@@ -34,14 +34,15 @@ class TDDFALandmarker:
     def __init__(self, weights, *, weights_sha256: str | None = None, device: str = "auto", batch_size: int = 128,
                  options: TDDFAOptions):
         from trainer.bfm import landmarks_3d, load_bfm, load_param_stats
-        from trainer.mobilenet import load_teacher_mobilenet
+        from trainer.mobilenet import fused_for_inference, load_teacher_mobilenet
 
         self.device = pick_device(device)
         self.batch_size = batch_size
         self.refine = options.refine
         path = verified_path(weights, weights_sha256, what="3DDFA_V2 mb05 weights")
         self.weights_sha256 = sha256_file(path)
-        self.net = load_teacher_mobilenet(path, in_channels=3, weights_sha256=self.weights_sha256).to(self.device)
+        teacher = load_teacher_mobilenet(path, in_channels=3, weights_sha256=self.weights_sha256)
+        self.net = fused_for_inference(teacher).to(self.device)  # BN folded into the convs: same outputs
         self.bfm = load_bfm(options.bfm, device=self.device)
         mean, std = load_param_stats(options.param_stats)
         self.mean = torch.as_tensor(mean, device=self.device)
