@@ -15,8 +15,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from flows.events import emit_landed
 from flows.runtime import dask_task_runner, default_task_runner
 from pipeline import shards
-from pipeline.build import (Batch, BatchResult, check_scores_parent, scores_version, clean_abandoned, commit_version, plan_build,
-                            process_batch, store_of)
+from pipeline.build import (Batch, BatchResult, check_scores_parent, clean_abandoned, commit_version, plan_build,
+                            process_batch, scores_version, store_of)
 from pipeline.catalog import Catalog, load_catalog
 from pipeline.summary import format_summary, version_summary
 
