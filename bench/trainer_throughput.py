@@ -21,7 +21,7 @@ from pipeline.shards import Store, parse_ref, resolve_version
 from trainer.bfm import load_bfm
 from trainer.config import TrainConfig
 from trainer.data import build_loader
-from trainer.train import build_critic, build_model, set_train_mode, train_step
+from trainer.train import build_critic, build_model, build_optimizers, set_train_mode, train_step
 
 
 def loader_rate(cfg: TrainConfig, store: Store, version: int, batches: int) -> float:
@@ -42,8 +42,7 @@ def step_rate(cfg: TrainConfig, store: Store, version: int, steps: int) -> float
     bfm = load_bfm(cfg.bfm_path, device=device)
     net = build_model(cfg).to(device)
     encoder, critic = (m.to(device) for m in build_critic(cfg))
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr)
-    opt_c = torch.optim.Adam(list(encoder.parameters()) + list(critic.parameters()), lr=cfg.critic_lr)
+    opt, opt_c = build_optimizers(cfg, net, encoder, critic)
     amp = cfg.amp and device.type == "cuda"
 
     def step():

@@ -66,27 +66,17 @@ def cmd_datasets(args) -> int:
 
 
 def cmd_show(args) -> int:
-    from pipeline.build import store_of
+    from pipeline.build import store_for_ref
     from pipeline.catalog import load_catalog
-    from pipeline.shards import Store, parse_ref
     from pipeline.summary import format_summary, version_summary
 
-    catalog = load_catalog(args.catalog)
-    name, version = parse_ref(args.ref)
-    store = Store(catalog.output_root, name) if name else store_of(catalog)
+    store, version = store_for_ref(load_catalog(args.catalog), args.ref)
     summary = version_summary(store, version)
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
     else:
         print(format_summary(summary))
     return 0
-
-
-def _store(catalog, ref: str):
-    from pipeline.shards import Store, parse_ref
-
-    name, version = parse_ref(ref)
-    return Store(catalog.output_root, name or catalog.dataset), version
 
 
 def cmd_train(args) -> int:
@@ -112,11 +102,12 @@ def cmd_train(args) -> int:
 
 
 def _rescore(catalog, ref: str, checkpoint: str, round_index: int, device: str) -> tuple[str, int]:
+    from pipeline.build import store_for_ref
     from pipeline.shards import resolve_version
     from trainer.checkpoint import load_predictor
     from trainer.rescore import rescore, write_scores
 
-    store, version = _store(catalog, ref)
+    store, version = store_for_ref(catalog, ref)
     version = resolve_version(store, version)
     table = rescore(load_predictor(checkpoint, device=device), store, version, round_index=round_index)
     path = write_scores(store, version, table, round_index)
@@ -171,12 +162,11 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from pipeline.build import store_of
+    from pipeline.build import store_for_ref
     from pipeline.catalog import load_catalog
     from pipeline.report import write_report
 
-    catalog = load_catalog(args.catalog)
-    store, version = _store(catalog, args.ref) if args.ref else (store_of(catalog), None)
+    store, version = store_for_ref(load_catalog(args.catalog), args.ref)
     print(f"wrote {write_report(store, version, args.out)}")
     return 0
 

@@ -8,10 +8,10 @@ import re
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-from pipeline.build import store_of
+from pipeline.build import store_for_ref
 from pipeline.catalog import load_catalog
 from pipeline.report import write_report
-from pipeline.shards import Store, parse_ref, resolve_version
+from pipeline.shards import resolve_version
 from pipeline.summary import YAW_BINS, version_summary
 
 
@@ -38,11 +38,10 @@ def report_version(catalog_path: str = "catalog.yaml", dataset_ref: str | None =
     """Write `<dataset>/reports/<dataset>-vNNNN.html` for `dataset_ref` (default: the latest version)."""
     logger = get_run_logger()
     catalog = load_catalog(catalog_path)
-    name, version = parse_ref(dataset_ref) if dataset_ref else (catalog.dataset, None)
-    store = Store(catalog.output_root, name) if name else store_of(catalog)
+    store, version = store_for_ref(catalog, dataset_ref)
     version = resolve_version(store, version)
-    path = write_report(store, version, out_dir)
     summary = version_summary(store, version)
+    path = write_report(store, version, out_dir, summary=summary)
     key = _artifact_key(f"report-{store.dataset}-v{version}")
     create_markdown_artifact(summary_markdown(summary, str(path)), key=key, description="landmark quality summary")
     create_table_artifact([{"yaw": label, **summary["pose_bins"][label]} for label in YAW_BINS],

@@ -15,7 +15,8 @@ from prefect import flow, get_run_logger
 
 from flows.events import ref_from_resource_id
 from pipeline.catalog import load_catalog
-from pipeline.shards import DatasetLock, LockedError, Store, parse_ref, resolve_version
+from pipeline.build import store_for_ref
+from pipeline.shards import DatasetLock, LockedError, Store, resolve_version
 
 
 def round_dir(store: Store, version: int) -> Path:
@@ -36,8 +37,7 @@ def retrain(catalog_path: str = "catalog.yaml", dataset_ref: str | None = None,
     logger = get_run_logger()
     catalog = load_catalog(catalog_path)
     ref = dataset_ref or (ref_from_resource_id(resource_id) if resource_id else catalog.dataset)
-    name, version = parse_ref(ref)
-    store = Store(catalog.output_root, name or catalog.dataset)
+    store, version = store_for_ref(catalog, ref)
     version = resolve_version(store, version)
     where = round_dir(store, version)
     done = where / "done.json"

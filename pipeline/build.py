@@ -18,15 +18,15 @@ from typing import Callable, Iterable
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline import shards
 from pipeline.catalog import Catalog, UrlListSource
+from pipeline.crops import match_reference
 from pipeline.decode import DecodeError, decode_image
 from pipeline.labeling import LabelledFace, get_chain, label_images
 from pipeline.quality import apply_rules, face_features
 from pipeline.shards import (FACES_SCHEMA, FEATURE_COLUMNS, IMAGES_SCHEMA, QUARANTINE_SCHEMA, Store,
-                             link_or_copy, write_atomic, write_table)
+                             link_or_copy, read_table_file, write_atomic, write_table)
 from pipeline.sources import FetchError, SourceItem, TarReader, fetch_url, list_items, read_file
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,13 @@ class BuildPlan:
 
 def store_of(catalog: Catalog) -> Store:
     return Store(catalog.output_root, catalog.dataset)
+
+
+def store_for_ref(catalog: Catalog, ref: str | None) -> tuple[Store, int | None]:
+    """'NAME@vN', 'NAME' or None (the catalog's dataset) -> its store under the catalog's output root
+    and the version asked for (None: the latest)."""
+    name, version = shards.parse_ref(ref) if ref else (None, None)
+    return Store(catalog.output_root, name or catalog.dataset), version
 
 
 def _chain_hash(catalog: Catalog) -> str:
@@ -141,14 +148,6 @@ def _reference(item: SourceItem, catalog: Catalog, tars: TarReader, height: int)
         return load_mat_reference(io.BytesIO(data), image_height=height), None
     except BadReference as err:
         return None, str(err)
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def _face_row(face: LabelledFace, *, image_id: str, item: SourceItem, split: str, width: int, height: int,
@@ -267,10 +266,8 @@ def process_batch(catalog: Catalog, plan_staging_key: str, batch: Batch) -> Batc
                     log.warning("%s: %s", item.uri, problem)
                     counts["reference_problems"] += 1
                 elif faces:
-                    ref_box = np.concatenate([ref.landmarks_68.min(0), ref.landmarks_68.max(0)])
-                    ious = [_iou(f.box.bbox, ref_box) for f in faces]
-                    if max(ious) > 0.3:
-                        ref_match = int(np.argmax(ious))
+                    matched = match_reference([f.box.bbox for f in faces], ref.landmarks_68)
+                    ref_match = -1 if matched is None else matched
             for face in faces:
                 face_rows.append(_face_row(
                     face, image_id=image_id, item=item, split=source.split, width=width, height=height,
@@ -324,11 +321,6 @@ def _label_isolating_failures(chain, catalog, decoded, quarantine):
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _read(fs, path: str) -> pa.Table:
-    with fs.open(path, "rb") as f:
-        return pq.read_table(f)
 
 
 def _with_version(table: pa.Table, version: int) -> pa.Table:
@@ -393,14 +385,14 @@ def commit_version(catalog: Catalog, plan: BuildPlan, results: Iterable[BatchRes
     if plan.parent is not None:
         pdir = store.version_dir(plan.parent)
         parent_manifest = shards.read_manifest(store, plan.parent)
-        images_parts.append(_read(fs, f"{pdir}/images.parquet"))
-        quarantine_parts.append(_read(fs, f"{pdir}/quarantine.parquet"))
+        images_parts.append(read_table_file(fs, f"{pdir}/images.parquet"))
+        quarantine_parts.append(read_table_file(fs, f"{pdir}/quarantine.parquet"))
         seen_ids.update(x for x in images_parts[0].column("image_id").to_pylist() if x)
         rewrite = plan.rules_changed or scores is not None
         for i, entry in enumerate(parent_manifest["shards"]):
             src = f"{pdir}/{entry['file']}"
             if rewrite:
-                table = _reapply_rules(_read(fs, src), catalog)
+                table = _reapply_rules(read_table_file(fs, src), catalog)
                 if scores is not None:
                     from pipeline.rounds import fold_scores
 
@@ -409,13 +401,13 @@ def commit_version(catalog: Catalog, plan: BuildPlan, results: Iterable[BatchRes
                 shard_entries.append(write_table(fs, f"{vdir}/{name}", table))
             else:
                 link_or_copy(fs, src, f"{vdir}/{entry['file']}")
-                table = _read(fs, src).select(["keep", "reject_reason"])
+                table = read_table_file(fs, src).select(["keep", "reject_reason"])
                 shard_entries.append(dict(entry))
             keep_all += table.column("keep").to_pylist()
             reasons_all += table.column("reject_reason").to_pylist()
 
     for result in sorted(results, key=lambda r: r.key):
-        images = _read(fs, f"{staging}/{result.images_file}")
+        images = read_table_file(fs, f"{staging}/{result.images_file}")
         fresh_ids = set()
         status = images.column("status").to_pylist()
         ids = images.column("image_id").to_pylist()
@@ -426,9 +418,9 @@ def commit_version(catalog: Catalog, plan: BuildPlan, results: Iterable[BatchRes
                 fresh_ids.add(image_id)
         images = images.set_column(images.schema.get_field_index("status"), "status", pa.array(status, pa.string()))
         images_parts.append(_with_version(images, version))
-        quarantine_parts.append(_with_version(_read(fs, f"{staging}/{result.quarantine_file}"), version))
+        quarantine_parts.append(_with_version(read_table_file(fs, f"{staging}/{result.quarantine_file}"), version))
         if result.faces_file:
-            faces = _read(fs, f"{staging}/{result.faces_file}")
+            faces = read_table_file(fs, f"{staging}/{result.faces_file}")
             dup = pa.array([i in seen_ids for i in faces.column("image_id").to_pylist()])
             if any(dup.to_pylist()):
                 faces = faces.filter(pa.compute.invert(dup))

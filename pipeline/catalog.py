@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pipeline.detect.spec import DetectorSpec
 from pipeline.settings import expand_vars
+from pipeline.shards import DATASET_NAME
 
 FEATURES = (
     "face_px",  # sqrt(w*h) of the face box, pixels
@@ -136,7 +137,7 @@ class Schedule(_Strict):
 
 
 class Catalog(_Strict):
-    dataset: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    dataset: str = Field(pattern=f"^{DATASET_NAME.pattern}$")  # a folder under output_root
     output_root: str  # local path or fsspec URL; versions live in <output_root>/<dataset>/vNNNN
     sources: tuple[SourceSpec, ...] = Field(min_length=1)
     detectors: DetectorChain

@@ -77,3 +77,22 @@ def apply_affine(points: np.ndarray, affine6: np.ndarray) -> np.ndarray:
 def invert_affine(affine6: np.ndarray) -> np.ndarray:
     m = np.asarray(affine6, dtype=np.float64).reshape(2, 3)
     return cv2.invertAffineTransform(m).reshape(6).astype(np.float32)
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two (l, t, r, b) boxes."""
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return float(inter / union) if union > 0 else 0.0
+
+
+def match_reference(boxes: list[np.ndarray], ref_points: np.ndarray, min_iou: float = 0.3) -> int | None:
+    """Index of the detected box that is the reference's face (IoU > min_iou with the bounding box
+    of its points, the best such), or None when no box is."""
+    ref_box = np.concatenate([ref_points.min(axis=0), ref_points.max(axis=0)])
+    ious = [box_iou(b, ref_box) for b in boxes]
+    if not ious or max(ious) <= min_iou:
+        return None
+    return int(np.argmax(ious))

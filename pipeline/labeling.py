@@ -16,7 +16,7 @@ import numpy as np
 from pipeline.catalog import DetectorChain
 from pipeline.crops import box_from_full_crop, crop_affine, crop_roi, roi_from_landmarks
 from pipeline.detect.base import FaceBox, Landmarks
-from pipeline.landmarks import FLIP_68
+from pipeline.landmarks import mirror_points
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +84,6 @@ def _mirror_boxes(boxes: np.ndarray, width: int) -> np.ndarray:
     return out
 
 
-def _unmirror_points(points: np.ndarray, width: int) -> np.ndarray:
-    out = points[FLIP_68].copy()
-    out[:, 0] = width - 1 - out[:, 0]
-    return out
-
-
 def label_images(chain: Chain, images: list[np.ndarray], pre_cropped: list[bool]) -> list[list[LabelledFace]]:
     """Faces with labels for each image; batched across all images of the call."""
     # 1. Boxes: one detector call over every image that needs detection.
@@ -129,7 +123,7 @@ def label_images(chain: Chain, images: list[np.ndarray], pre_cropped: list[bool]
                     box=box,
                     primary=first,
                     alts=[(m.name, results[k + 1][i][j]) for k, m in enumerate(alts)],
-                    flip_points=_unmirror_points(flipped[i][j].points, img.shape[1]),
+                    flip_points=mirror_points(flipped[i][j].points, img.shape[1]),
                     crop_rgb=crop,
                     crop_jpeg=jpeg.tobytes(),
                     affine=crop_affine(roi),

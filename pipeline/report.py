@@ -205,9 +205,10 @@ def _state_changes(store: Store, parent: int, version: int) -> str:
     return f"<h3>Changes from v{parent} to v{version}</h3>" + _table(["change", "faces"], rows, id_="state-changes")
 
 
-def render_report(store: Store, version: int | None = None, *, seed: int = 0) -> str:
+def render_report(store: Store, version: int | None = None, *, seed: int = 0,
+                  summary: dict | None = None) -> str:
     version = shards.resolve_version(store, version)
-    summary = version_summary(store, version)
+    summary = summary or version_summary(store, version)
     manifest, counts = summary["manifest"], summary["manifest"]["counts"]
     cols = ["face_id", "uri", "source", "keep", "weight", "reject_reason", "crop", "crop_affine", "landmarks",
             "ref_landmarks", "alt_landmarks", "landmarker", "det_score", *FEATURE_COLUMNS]
@@ -301,13 +302,14 @@ def render_report(store: Store, version: int | None = None, *, seed: int = 0) ->
             f"{_script_json(counts)}</script></body></html>")
 
 
-def write_report(store: Store, version: int | None = None, out_dir: str | Path | None = None) -> Path:
+def write_report(store: Store, version: int | None = None, out_dir: str | Path | None = None,
+                 summary: dict | None = None) -> Path:
     """Write the report next to the version (or into `out_dir`); returns the HTML file's path."""
     version = shards.resolve_version(store, version)
     out = Path(out_dir) if out_dir else Path(store.dir) / "reports"
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{store.dataset}-v{version:04d}.html"
     tmp = path.with_suffix(".html.tmp")
-    tmp.write_text(render_report(store, version), encoding="utf-8")
+    tmp.write_text(render_report(store, version, summary=summary), encoding="utf-8")
     tmp.replace(path)
     return path

@@ -265,9 +265,8 @@ def iter_face_batches(store: Store, version: int, columns: list[str] | None = No
 
 
 def read_side_table(store: Store, version: int, name: str) -> pa.Table:
-    """images | quarantine | scores-rNN of a version."""
-    with store.fs.open(f"{store.version_dir(version)}/{name}.parquet", "rb") as f:
-        return pq.read_table(f)
+    """images | quarantine | scores of a version."""
+    return read_table_file(store.fs, f"{store.version_dir(version)}/{name}.parquet")
 
 
 # ------------------------------------------------------------------------------------------- lock
@@ -363,8 +362,9 @@ def _now() -> str:
 
 
 def read_table_file(fs: fsspec.AbstractFileSystem, path: str) -> pa.Table:
-    """One Parquet file (a side table such as a trainer round's scores) as an Arrow table."""
-    if not fs.exists(path):
-        raise FileNotFoundError(f"no such table: {path}")
-    with fs.open(path, "rb") as f:
-        return pq.read_table(f)
+    """One Parquet file (a shard, a side table, a trainer round's scores) as an Arrow table."""
+    try:
+        with fs.open(path, "rb") as f:
+            return pq.read_table(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such table: {path}") from None

@@ -73,7 +73,7 @@ def test_a_few_steps_lower_the_loss_and_log_every_term(tiny, tmp_path):
     import json
 
     from trainer.bfm import load_bfm
-    from trainer.train import seed_everything, set_train_mode, train_step
+    from trainer.train import build_optimizers, seed_everything, set_train_mode, train_step
 
     cfg = _cfg(tiny, tmp_path, max_steps=6)
     result = train(cfg)
@@ -93,8 +93,7 @@ def test_a_few_steps_lower_the_loss_and_log_every_term(tiny, tmp_path):
     bfm = load_bfm(cfg.bfm_path)
     net = build_model(cfg)
     encoder, critic = build_critic(cfg)
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    opt_critic = torch.optim.Adam(list(encoder.parameters()) + list(critic.parameters()), lr=cfg.critic_lr)
+    opt, opt_critic = build_optimizers(cfg, net, encoder, critic)
     batch = next(iter(build_loader(dataclasses.replace(cfg, batch_size=64), store_of(tiny), 1, shuffle=False)))
     totals = []
     for _ in range(8):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.crops import crop_roi, roi_from_landmarks
+from pipeline.crops import crop_roi, match_reference, roi_from_landmarks
 from pipeline.decode import decode_image
 from pipeline.landmarks import ced_curve, nme_pct, nme_table
 from pipeline.references import load_mat_reference
@@ -78,25 +78,15 @@ def _crops_for(protocol: str, data: EvalSet, teacher, detector) -> tuple[list[in
     """(indices of evaluated images, their rois) under a crop protocol."""
     if protocol == "gt":
         return list(range(len(data.images))), [roi_from_landmarks(p) for p in data.ref_points]
-    found, rois = [], []
-    boxes = detector(data.images)
-    for i, faces in enumerate(boxes):
-        ref = data.ref_points[i]
-        ref_box = np.r_[ref.min(0), ref.max(0)]
-        best = max(faces, key=lambda f: _iou(f.bbox, ref_box), default=None)
-        if best is None or _iou(best.bbox, ref_box) < 0.3:
-            continue  # a miss: counted, not scored
-        labels = teacher([data.images[i]], [best.bbox[None]])[0][0]
-        found.append(i)
-        rois.append(labels.roi)
-    return found, rois
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    x0, y0, x1, y1 = max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])
-    inter = max(0.0, x1 - x0) * max(0.0, y1 - y0)
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return float(inter / union) if union > 0 else 0.0
+    found, boxes = [], []
+    for i, faces in enumerate(detector(data.images)):
+        match = match_reference([f.bbox for f in faces], data.ref_points[i])
+        if match is not None:  # a miss is counted, not scored
+            found.append(i)
+            boxes.append(faces[match].bbox[None])
+    # The crop the pipeline labels with: the teacher's refine-pass roi, all found faces in one call.
+    labels = teacher([data.images[i] for i in found], boxes)
+    return found, [faces[0].roi for faces in labels]
 
 
 def evaluate(model, data: EvalSet, teacher, detector=None, protocols: tuple[str, ...] = PROTOCOLS) -> dict:

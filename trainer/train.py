@@ -57,6 +57,16 @@ def build_critic(cfg: TrainConfig) -> tuple[Encoder, Critic]:
     return encoder, Critic(encoder.z_dim)
 
 
+def build_optimizers(cfg: TrainConfig, net: TwoDASLNet, encoder: Encoder,
+                     critic: Critic) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+    """AdamW for the regressor; Adam with beta1 0.5 for the critic side, the usual GAN setting (the
+    critic's target moves as F trains)."""
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt_critic = torch.optim.Adam(list(encoder.parameters()) + list(critic.parameters()), lr=cfg.critic_lr,
+                                  betas=(0.5, 0.999))
+    return opt, opt_critic
+
+
 def set_train_mode(net: TwoDASLNet, bn_frozen: bool) -> None:
     """Train mode, but BN layers in eval when frozen: small fine-tuning batches would otherwise
     replace the teacher's running statistics (and step 0 would no longer equal the teacher)."""
@@ -229,10 +239,7 @@ def _train(cfg: TrainConfig, world: World) -> TrainResult:
     bfm = load_bfm(cfg.bfm_path, device=device)
     net = build_model(cfg).to(device)
     encoder, critic = (m.to(device) for m in build_critic(cfg))
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    # Adam with beta1 0.5, the usual GAN setting: the critic's target moves as F trains.
-    opt_critic = torch.optim.Adam(list(encoder.parameters()) + list(critic.parameters()), lr=cfg.critic_lr,
-                                  betas=(0.5, 0.999))
+    opt, opt_critic = build_optimizers(cfg, net, encoder, critic)
     world.broadcast(net, encoder, critic)
 
     ckpt_dir = Path(cfg.checkpoint_dir)

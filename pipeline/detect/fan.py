@@ -8,7 +8,6 @@ an error naming the file and where to put it, so a run never tries the network.
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 
 import numpy as np
@@ -123,7 +122,3 @@ class FanLandmarker:
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.fa.face_alignment_net(x)
         return (out[-1] if isinstance(out, list) else out).detach()
-
-
-def fan_available(weights: str | os.PathLike | None = None) -> bool:
-    return (Path(weights) if weights else default_checkpoint()).is_file()

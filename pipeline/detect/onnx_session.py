@@ -5,6 +5,13 @@ from __future__ import annotations
 import torch
 
 
+def resolve_backend(option: str, device: torch.device) -> str:
+    """'auto' -> 'torch' on CUDA (onnxruntime's GPU build is not available), 'onnxruntime' on CPU."""
+    if option != "auto":
+        return option
+    return "torch" if device.type == "cuda" else "onnxruntime"
+
+
 def providers_for(device: torch.device) -> list[str]:
     import onnxruntime as ort  # here, not at import: the torch backends run without it
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -162,8 +161,3 @@ def head_tensors(module: OnnxModule) -> list[tuple[str, bool]]:
             name = producer[name][1][0]
         heads.append((name, sigmoid))
     return heads
-
-
-def numpy_outputs(module: OnnxModule, x: np.ndarray, device: torch.device | str = "cpu") -> list[np.ndarray]:
-    with torch.inference_mode():
-        return [t.cpu().numpy() for t in module.to(device)(torch.from_numpy(x).to(device))]

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.crops import crop_roi
 from pipeline.detect.base import Landmarks
-from pipeline.detect.onnx_session import session
+from pipeline.detect.onnx_session import resolve_backend, session
 from pipeline.device import pick_device
 from pipeline.weights import sha256_file, verified_path
 
@@ -58,8 +58,7 @@ class PeppaLandmarker:
         self.weights_sha256 = sha256_file(path)
         self.batch_size = batch_size
         self.device = pick_device(device)
-        backend = self.options.backend
-        self.backend = ("torch" if self.device.type == "cuda" else "onnxruntime") if backend == "auto" else backend
+        self.backend = resolve_backend(self.options.backend, self.device)
         if self.backend == "torch":
             from pipeline.detect.onnx_torch import OnnxModule
 

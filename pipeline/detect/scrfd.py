@@ -16,7 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.detect.base import FaceBox
-from pipeline.detect.onnx_session import providers_for
+from pipeline.detect.onnx_session import providers_for, resolve_backend
 from pipeline.device import pick_device
 from pipeline.weights import sha256_file, verified_path
 
@@ -41,8 +41,7 @@ class ScrfdDetector:
         self.weights_sha256 = sha256_file(path)
         self.device = pick_device(device)
         self.batch_size = batch_size
-        backend = self.options.backend
-        self.backend = ("torch" if self.device.type == "cuda" else "onnxruntime") if backend == "auto" else backend
+        self.backend = resolve_backend(self.options.backend, self.device)
         if self.backend == "torch":
             from pipeline.detect.onnx_torch import OnnxModule, head_tensors
 
