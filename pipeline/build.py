@@ -22,7 +22,9 @@ import pyarrow as pa
 from pipeline import shards
 from pipeline.catalog import Catalog, UrlListSource
 from pipeline.crops import match_reference
-from pipeline.decode import DecodeError, decode_image
+from pipeline.decode import DecodeError
+from pipeline.device_images import image_hw
+from pipeline.gpu_decode import decode_batch, decode_device
 from pipeline.labeling import LabelledFace, get_chain, label_images
 from pipeline.quality import apply_rules, face_features
 from pipeline.shards import (FACES_SCHEMA, FEATURE_COLUMNS, IMAGES_SCHEMA, QUARANTINE_SCHEMA, Store,
@@ -228,7 +230,7 @@ def process_batch(catalog: Catalog, plan_staging_key: str, batch: Batch) -> Batc
         counts[f"quarantined:{stage}"] += 1
 
     try:
-        decoded: list[tuple[SourceItem, str, np.ndarray]] = []
+        read: list[tuple[SourceItem, str, bytes]] = []
         seen_ids: set[str] = set()
         for item in batch.items:
             counts["read"] += 1
@@ -245,20 +247,25 @@ def process_batch(catalog: Catalog, plan_staging_key: str, batch: Batch) -> Batc
                 counts["duplicate"] += 1
                 continue
             seen_ids.add(image_id)
-            try:
-                rgb = decode_image(data, max_pixels=catalog.limits.max_pixels, min_side_px=catalog.limits.min_side_px)
-            except DecodeError as err:
-                quarantine(item, "decode", err.reason, err.detail, image_id)
+            read.append((item, image_id, data))
+
+        # One decode call for the batch: nvJPEG on the GPU path, the CPU decoder otherwise.
+        decoded: list[tuple[SourceItem, str, object]] = []
+        images = decode_batch([data for _, _, data in read], device=decode_device(catalog),
+                              max_pixels=catalog.limits.max_pixels, min_side_px=catalog.limits.min_side_px)
+        for (item, image_id, _), image in zip(read, images):
+            if isinstance(image, DecodeError):
+                quarantine(item, "decode", image.reason, image.detail, image_id)
                 continue
             counts["decoded"] += 1
-            decoded.append((item, image_id, rgb))
+            decoded.append((item, image_id, image))
 
         labelled = _label_isolating_failures(chain, catalog, decoded, quarantine)
         face_name = catalog.detectors.face.name
         primary_name = catalog.detectors.landmarkers[0].name
         for (item, image_id, rgb), faces in labelled:
             source = catalog.source(item.source)
-            height, width = rgb.shape[:2]
+            height, width = image_hw(rgb)
             ref, ref_match = None, -1
             if source.labels == "mat":
                 ref, problem = _reference(item, catalog, tars, height)

@@ -122,6 +122,7 @@ class Execution(_Strict):
     dask_workers: int = Field(default=1, ge=1)
     dask_processes: bool | None = None  # None: threads in ephemeral Prefect mode, processes with a server
     dask_cuda: bool = False  # a dask_cuda.LocalCUDACluster: one worker process per GPU (needs dask-cuda)
+    decode: Literal["auto", "cpu", "gpu"] = "auto"  # auto: nvJPEG when the face detector runs on CUDA
 
 
 class Schedule(_Strict):

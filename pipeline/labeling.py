@@ -14,8 +14,9 @@ import cv2
 import numpy as np
 
 from pipeline.catalog import DetectorChain
-from pipeline.crops import box_from_full_crop, crop_affine, crop_roi, roi_from_landmarks
+from pipeline.crops import CROP_SIZE, box_from_full_crop, crop_affine, roi_from_landmarks
 from pipeline.detect.base import FaceBox, Landmarks
+from pipeline.device_images import crop_rois, crops_to_numpy, image_hw, mirror
 from pipeline.landmarks import mirror_points
 
 log = logging.getLogger(__name__)
@@ -84,8 +85,13 @@ def _mirror_boxes(boxes: np.ndarray, width: int) -> np.ndarray:
     return out
 
 
-def label_images(chain: Chain, images: list[np.ndarray], pre_cropped: list[bool]) -> list[list[LabelledFace]]:
-    """Faces with labels for each image; batched across all images of the call."""
+def label_images(chain: Chain, images: list, pre_cropped: list[bool]) -> list[list[LabelledFace]]:
+    """Faces with labels for each image; batched across all images of the call.
+
+    `images` are host arrays (the CPU path) or device tensors (the GPU path, `device_images`); the
+    same steps run on either, and only the finished crops and points come back to the host.
+    """
+    sizes = [image_hw(img) for img in images]
     # 1. Boxes: one detector call over every image that needs detection.
     boxes: list[list[FaceBox]] = [[] for _ in images]
     need = [i for i, pc in enumerate(pre_cropped) if not pc]
@@ -94,7 +100,7 @@ def label_images(chain: Chain, images: list[np.ndarray], pre_cropped: list[bool]
             boxes[i] = list(found)
     for i, pc in enumerate(pre_cropped):
         if pc:
-            h, w = images[i].shape[:2]
+            h, w = sizes[i]
             boxes[i] = [FaceBox(bbox=box_from_full_crop(w, h), score=1.0)]
     box_arrays = [np.array([b.bbox for b in bs], dtype=np.float32).reshape(-1, 4) for bs in boxes]
 
@@ -102,18 +108,26 @@ def label_images(chain: Chain, images: list[np.ndarray], pre_cropped: list[bool]
     landmarkers = chain.landmarkers
     primary, alts = landmarkers[0], landmarkers[1:]
     results = [m(images, box_arrays) for m in landmarkers]
-    mirrored = [np.ascontiguousarray(img[:, ::-1]) for img in images]
-    flipped = primary(mirrored, [_mirror_boxes(b, img.shape[1]) for b, img in zip(box_arrays, images)])
+    mirrored = [mirror(img) for img in images]
+    flipped = primary(mirrored, [_mirror_boxes(b, w) for b, (_, w) in zip(box_arrays, sizes)])
+
+    # 3. The trainer's crop: where the primary has 3DMM params, the roi it predicted them in (so
+    # params_62 is in the crop's frame); otherwise the 3DDFA roi of its 68 points. All in one call.
+    rois = []
+    for i in range(len(images)):
+        for j in range(len(boxes[i])):
+            first = results[0][i][j]
+            rois.append((i, first.roi if first.params_62 is not None else roi_from_landmarks(first.points)))
+    crops = iter(crops_to_numpy(crop_rois(images, rois, CROP_SIZE)))
+    rois_left = iter(rois)
 
     out: list[list[LabelledFace]] = []
-    for i, img in enumerate(images):
+    for i, (_, width) in enumerate(sizes):
         faces = []
         for j, box in enumerate(boxes[i]):
             first = results[0][i][j]
-            # The trainer's crop: where the primary has 3DMM params, the roi it predicted them in
-            # (so params_62 is in the crop's frame); otherwise the 3DDFA roi of its 68 points.
-            roi = first.roi if first.params_62 is not None else roi_from_landmarks(first.points)
-            crop = crop_roi(img, roi)
+            _, roi = next(rois_left)
+            crop = next(crops)
             ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(crop, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
             if not ok:
                 raise RuntimeError("JPEG encoding of a face crop failed")
@@ -123,7 +137,7 @@ def label_images(chain: Chain, images: list[np.ndarray], pre_cropped: list[bool]
                     box=box,
                     primary=first,
                     alts=[(m.name, results[k + 1][i][j]) for k, m in enumerate(alts)],
-                    flip_points=mirror_points(flipped[i][j].points, img.shape[1]),
+                    flip_points=mirror_points(flipped[i][j].points, width),
                     crop_rgb=crop,
                     crop_jpeg=jpeg.tobytes(),
                     affine=crop_affine(roi),

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.detect.base import FaceBox
-from pipeline.device import pick_device
+from pipeline.device import autocast, pick_device, resolve_precision
+from pipeline.device_images import as_numpy
 from pipeline.weights import sha256_file, verified_path
 
 # Fixed facts of the released FaceBoxesProd.pth model.
@@ -205,11 +206,13 @@ class FaceBoxesDetector:
         weights_sha256: str | None = None,
         device: str = "auto",
         batch_size: int = 16,
+        precision: str = "auto",
         options: FaceBoxesOptions | None = None,
     ):
         path = verified_path(weights, weights_sha256, what="FaceBoxes weights")
         self.weights_sha256 = sha256_file(path)
         self.device = pick_device(device)
+        self.precision = resolve_precision(precision, self.device)
         self.batch_size = max(1, int(batch_size))
         self.options = options or FaceBoxesOptions()
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -259,12 +262,13 @@ class FaceBoxesDetector:
         return faces
 
     def __call__(self, images: list[np.ndarray]) -> list[list[FaceBox]]:
+        images = [as_numpy(im) for im in images]  # its resize and mean run on the host
         prepared = [self._prepare(np.asarray(im)) for im in images]
         groups: dict[tuple[int, int], list[int]] = defaultdict(list)
         for idx, p in enumerate(prepared):
             groups[p.shape[:2]].append(idx)
         results: list[list[FaceBox]] = [[] for _ in images]
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(self.device, self.precision):
             for (h, w), idxs in groups.items():
                 for start in range(0, len(idxs), self.batch_size):
                     chunk = idxs[start : start + self.batch_size]

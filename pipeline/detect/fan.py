@@ -15,7 +15,8 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from pipeline.detect.base import Landmarks
-from pipeline.device import pick_device
+from pipeline.device import PRECISIONS, pick_device, resolve_precision
+from pipeline.device_images import as_numpy
 from pipeline.weights import WeightsError, sha256_file
 
 FAN_FILE = "2DFAN4-11f355bf06.pth.tar"  # face-alignment's name; "11f355bf06" is its sha256 prefix
@@ -69,7 +70,7 @@ class FanLandmarker:
     name = "fan"
 
     def __init__(self, weights=None, *, weights_sha256: str | None = None, device: str = "auto", batch_size: int = 32,
-                 options: FanOptions | None = None):
+                 precision: str = "auto", options: FanOptions | None = None):
         import face_alignment
 
         from pipeline.settings import shared_root
@@ -78,6 +79,7 @@ class FanLandmarker:
         path = resolve_fan_weights(weights, weights_sha256)
         self.weights_sha256 = sha256_file(path)
         self.device = pick_device(device)
+        self.precision = resolve_precision(precision, self.device)
         self.batch_size = batch_size
         blaze = Path(shared_root()) / "models" / "blazeface"
         detector_kwargs = {"path_to_detector": str(options.blazeface_weights or blaze / "blazeface.pth"),
@@ -85,9 +87,10 @@ class FanLandmarker:
         with _hub_dir(path):
             self.fa = face_alignment.FaceAlignment(
                 face_alignment.LandmarksType.TWO_D, device=str(self.device), flip_input=options.flip_input,
-                face_detector="blazeface", face_detector_kwargs=detector_kwargs, compile=False)
+                face_detector="blazeface", face_detector_kwargs=detector_kwargs, compile=False,
+                dtype=PRECISIONS[self.precision] or torch.float32)  # its own half-precision switch
 
-    def __call__(self, images: list[np.ndarray], boxes: list[np.ndarray]) -> list[list[Landmarks]]:
+    def __call__(self, images: list, boxes: list[np.ndarray]) -> list[list[Landmarks]]:
         """Batched across images: face-alignment's own crop, network and heatmap decoding, but one
         forward per `batch_size` faces of the whole call instead of one call per image."""
         from face_alignment.utils import CENTER_Y_OFFSET, crop, flip, get_preds_fromhm
@@ -100,7 +103,7 @@ class FanLandmarker:
                 centre = np.array([b[2] - (b[2] - b[0]) / 2.0, b[3] - (b[3] - b[1]) / 2.0])
                 centre[1] -= (b[3] - b[1]) * CENTER_Y_OFFSET
                 scale = (b[2] - b[0] + b[3] - b[1]) / self.fa.face_detector.reference_scale
-                faces.append((i, b, centre, scale, crop(img, centre, scale).transpose(2, 0, 1)))
+                faces.append((i, b, centre, scale, crop(as_numpy(img), centre, scale).transpose(2, 0, 1)))
         heatmaps = []
         with torch.inference_mode():
             for start in range(0, len(faces), self.batch_size):

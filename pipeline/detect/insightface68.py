@@ -16,6 +16,7 @@ from pipeline.detect.base import Landmarks
 from pipeline.detect.fan import MissingWeights
 from pipeline.detect.onnx_session import providers_for
 from pipeline.device import pick_device
+from pipeline.device_images import as_numpy
 from pipeline.weights import sha256_file, verified_path
 
 MODEL_FILE = "1k3d68.onnx"
@@ -41,7 +42,7 @@ class Insightface68Landmarker:
     name = "insightface68"
 
     def __init__(self, weights=None, *, weights_sha256: str | None = None, device: str = "auto", batch_size: int = 1,
-                 options: Insightface68Options | None = None):
+                 precision: str = "auto", options: Insightface68Options | None = None):
         from insightface.model_zoo import get_model
 
         options = options or Insightface68Options()
@@ -49,6 +50,8 @@ class Insightface68Landmarker:
         path = verified_path(path, weights_sha256, what="insightface landmark_3d_68 weights")
         self.weights_sha256 = sha256_file(path)
         self.device = pick_device(device)
+        if precision not in ("auto", "fp32"):  # onnxruntime runs the pack at fp32
+            raise ValueError(f"insightface68 runs in onnxruntime at fp32; precision {precision!r} is not available")
         self.model = get_model(str(path), providers=providers_for(self.device))
         if getattr(self.model, "taskname", None) != "landmark_3d_68":
             raise ValueError(f"{path} is not an insightface landmark_3d_68 model")
@@ -61,7 +64,7 @@ class Insightface68Landmarker:
 
         out: list[list[Landmarks]] = []
         for img, bs in zip(images, boxes):
-            bgr = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
+            bgr = cv2.cvtColor(as_numpy(img), cv2.COLOR_RGB2BGR)
             faces = []
             for b in bs:
                 face = Face(bbox=np.asarray(b, np.float32))

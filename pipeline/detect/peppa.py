@@ -13,10 +13,10 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.crops import crop_roi
 from pipeline.detect.base import Landmarks
 from pipeline.detect.onnx_session import resolve_backend, session
-from pipeline.device import pick_device
+from pipeline.device import autocast, pick_device, resolve_precision
+from pipeline.device_images import as_numpy, crop_rois, is_tensor_batch
 from pipeline.weights import sha256_file, verified_path
 
 INPUT_SIZE = 160
@@ -52,13 +52,16 @@ class PeppaLandmarker:
     name = "peppa68"
 
     def __init__(self, weights, *, weights_sha256: str | None = None, device: str = "auto", batch_size: int = 64,
-                 options: PeppaOptions | None = None):
+                 precision: str = "auto", options: PeppaOptions | None = None):
         self.options = options or PeppaOptions()
         path = verified_path(weights, weights_sha256, what="Peppa weights")
         self.weights_sha256 = sha256_file(path)
         self.batch_size = batch_size
         self.device = pick_device(device)
+        self.precision = resolve_precision(precision, self.device)
         self.backend = resolve_backend(self.options.backend, self.device)
+        if self.backend != "torch" and self.precision != "fp32":
+            raise ValueError(f"peppa68: precision {self.precision!r} needs backend: torch (onnxruntime runs fp32)")
         if self.backend == "torch":
             from pipeline.detect.onnx_torch import OnnxModule
 
@@ -67,20 +70,26 @@ class PeppaLandmarker:
             self.session = session(_dynamic_batch(path), self.device)
             self.input_name = self.session.get_inputs()[0].name
 
-    def _run(self, x: np.ndarray) -> np.ndarray:
+    def _run(self, x) -> np.ndarray:
         if self.backend == "torch":
-            with torch.inference_mode():
-                return self.net(torch.from_numpy(x).to(self.device))[0].float().cpu().numpy()
+            x = x if isinstance(x, torch.Tensor) else torch.from_numpy(x)
+            with torch.inference_mode(), autocast(self.device, self.precision):
+                return self.net(x.to(self.device))[0].float().cpu().numpy()
         return self.session.run(None, {self.input_name: x})[0]
 
-    def __call__(self, images: list[np.ndarray], boxes: list[np.ndarray]) -> list[list[Landmarks]]:
+    def __call__(self, images: list, boxes: list[np.ndarray]) -> list[list[Landmarks]]:
         rois = [(i, peppa_roi(b, self.options.box_scale)) for i, bs in enumerate(boxes) for b in bs]
+        if self.backend == "onnxruntime" and is_tensor_batch(images):
+            images = [as_numpy(img) for img in images]
         out: list[list[Landmarks]] = [[] for _ in images]
         for start in range(0, len(rois), self.batch_size):
             chunk = rois[start:start + self.batch_size]
-            crops = np.stack([crop_roi(images[i], roi, INPUT_SIZE) for i, roi in chunk])
-            x = (crops[..., ::-1].astype(np.float32) - 127.0) / 127.0  # RGB -> BGR
-            y = self._run(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+            crops = crop_rois(images, chunk, INPUT_SIZE)
+            if isinstance(crops, torch.Tensor):  # [N, 3, 160, 160] RGB grey levels, on the device
+                x = (crops.flip(1) - 127.0) / 127.0
+            else:
+                x = np.ascontiguousarray(((crops[..., ::-1].astype(np.float32) - 127.0) / 127.0).transpose(0, 3, 1, 2))
+            y = self._run(x)
             for (i, roi), row in zip(chunk, y):
                 sx, sy, ex, ey = (int(round(v)) for v in roi)  # crop_roi's rounding
                 pts = row[:136].reshape(68, 2) * np.array([ex - sx, ey - sy]) + np.array([sx, sy])

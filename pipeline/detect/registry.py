@@ -40,7 +40,7 @@ def _build(spec: DetectorSpec):
     module, cls, _ = _entry(spec.name)
     factory = getattr(importlib.import_module(module), cls)
     return factory(spec.weights, weights_sha256=spec.sha256, device=spec.device, batch_size=spec.batch_size,
-                   options=validate_options(spec))
+                   precision=spec.precision, options=validate_options(spec))
 
 
 def build_face_detector(spec: DetectorSpec):

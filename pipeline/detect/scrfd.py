@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.detect.base import FaceBox
 from pipeline.detect.onnx_session import providers_for, resolve_backend
-from pipeline.device import pick_device
+from pipeline.device import autocast, pick_device, resolve_precision
+from pipeline.device_images import as_numpy, image_hw, is_tensor_batch, resize
 from pipeline.weights import sha256_file, verified_path
 
 
@@ -35,13 +36,16 @@ class ScrfdDetector:
     name = "scrfd"
 
     def __init__(self, weights, *, weights_sha256: str | None = None, device: str = "auto", batch_size: int = 16,
-                 options: ScrfdOptions | None = None):
+                 precision: str = "auto", options: ScrfdOptions | None = None):
         self.options = options or ScrfdOptions()
         path = verified_path(weights, weights_sha256, what="SCRFD weights")
         self.weights_sha256 = sha256_file(path)
         self.device = pick_device(device)
+        self.precision = resolve_precision(precision, self.device)
         self.batch_size = batch_size
         self.backend = resolve_backend(self.options.backend, self.device)
+        if self.backend != "torch" and self.precision != "fp32":
+            raise ValueError(f"scrfd: precision {self.precision!r} needs backend: torch (onnxruntime runs fp32)")
         if self.backend == "torch":
             from pipeline.detect.onnx_torch import OnnxModule, head_tensors
 
@@ -67,7 +71,7 @@ class ScrfdDetector:
             return out
         out = []
         for img in images:
-            det, kps = self.model.detect(cv2.cvtColor(img, cv2.COLOR_RGB2BGR),
+            det, kps = self.model.detect(cv2.cvtColor(as_numpy(img), cv2.COLOR_RGB2BGR),
                                          input_size=(self.options.input_size,) * 2, max_num=self.options.max_faces)
             out.append(self._faces(det, kps))
         return out
@@ -80,47 +84,55 @@ class ScrfdDetector:
 
     # ------------------------------------------------------------------ the batched torch path
 
-    def _letterbox(self, img: np.ndarray) -> tuple[np.ndarray, float]:
-        """insightface's: keep aspect, fit into size x size at the top-left, zero padding."""
+    def _letterbox_shape(self, h: int, w: int) -> tuple[int, int]:
+        """insightface's: keep aspect, fit into size x size (placed top-left, zero padding)."""
         size = self.options.input_size
-        h, w = img.shape[:2]
         if h / w > 1.0:
-            new_h, new_w = size, int(size / (h / w))
-        else:
-            new_w, new_h = size, int(size * (h / w))
-        canvas = np.zeros((size, size, 3), np.uint8)
-        canvas[:new_h, :new_w] = cv2.resize(img, (new_w, new_h))
-        return canvas, new_h / h
+            return size, int(size / (h / w))
+        return int(size * (h / w)), size
 
-    def _detect_torch(self, images: list[np.ndarray]) -> list[list[FaceBox]]:
-        boxes, scales = zip(*(self._letterbox(img) for img in images))
-        x = torch.from_numpy(np.stack(boxes)).to(self.device).permute(0, 3, 1, 2).float()
+    def _letterbox(self, images: list) -> tuple[torch.Tensor, list[float]]:
+        """The batch as the network's float input [N, 3, size, size] on the device, and each scale."""
+        size = self.options.input_size
+        shapes = [self._letterbox_shape(*image_hw(img)) for img in images]
+        scales = [new_h / image_hw(img)[0] for img, (new_h, _) in zip(images, shapes)]
+        if is_tensor_batch(images):  # GPU path: resize where the pixels already are
+            x = torch.zeros((len(images), 3, size, size), device=self.device)
+            for k, (img, (new_h, new_w)) in enumerate(zip(images, shapes)):
+                x[k, :, :new_h, :new_w] = resize(img.to(self.device), new_h, new_w)
+            return x, scales
+        canvas = np.zeros((len(images), size, size, 3), np.uint8)
+        for k, (img, (new_h, new_w)) in enumerate(zip(images, shapes)):
+            canvas[k, :new_h, :new_w] = cv2.resize(img, (new_w, new_h))
+        return torch.from_numpy(canvas).to(self.device).permute(0, 3, 1, 2).float(), scales
+
+    def _detect_torch(self, images: list) -> list[list[FaceBox]]:
+        x, scales = self._letterbox(images)
         x = (x - 127.5) / 128.0  # RGB, as insightface's blob (it swaps its BGR input)
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(self.device, self.precision):
             values = self.net.run(x, [name for name, _ in self.heads])
-        heads = [torch.sigmoid(values[name]) if sigmoid else values[name] for name, sigmoid in self.heads]
-        per_image: list[list[np.ndarray]] = [[] for _ in images]
+        heads = [values[name].float() for name, _ in self.heads]
+        heads = [torch.sigmoid(h) if sigmoid else h for h, (_, sigmoid) in zip(heads, self.heads)]
+        levels = []
         for level, stride in enumerate((8, 16, 32)):
             score, dist, kps = (heads[level + 3 * k] for k in range(3))
-            n, _, fh, fw = score.shape
-            anchors = score.shape[1]
+            n, anchors, fh, fw = score.shape
             # [N, A*k, H, W] -> [N, H*W*A, k]: insightface's (row, column, anchor) order.
-            score = score.permute(0, 2, 3, 1).reshape(n, -1)
+            score = score.permute(0, 2, 3, 1).reshape(n, -1, 1)
             dist = dist.permute(0, 2, 3, 1).reshape(n, -1, 4) * stride
-            kps = kps.permute(0, 2, 3, 1).reshape(n, -1, 10) * stride
+            kps = kps.permute(0, 2, 3, 1).reshape(n, -1, 5, 2) * stride
             ys, xs = torch.meshgrid(torch.arange(fh, device=x.device), torch.arange(fw, device=x.device),
                                     indexing="ij")
             centres = (torch.stack([xs, ys], -1).reshape(-1, 1, 2) * stride).expand(-1, anchors, 2).reshape(-1, 2)
-            keep = score >= self.options.score_threshold
-            for i in range(n):
-                sel = keep[i].nonzero().squeeze(1)
-                if sel.numel() == 0:
-                    continue
-                c, d, k = centres[sel].float(), dist[i, sel], kps[i, sel]
-                box = torch.cat([c - d[:, :2], c + d[:, 2:]], 1)
-                pts = (c[:, None, :] + k.reshape(-1, 5, 2))
-                rows = torch.cat([box, score[i, sel, None], pts.reshape(-1, 10)], 1)
-                per_image[i].append(rows.float().cpu().numpy())
+            centres = centres.to(dist.dtype)
+            box = torch.cat([centres - dist[..., :2], centres + dist[..., 2:]], -1)
+            pts = centres[:, None, :] + kps
+            levels.append(torch.cat([box, score, pts.reshape(n, -1, 10)], -1))
+        rows = torch.cat(levels, 1)  # [N, all anchors, 15]: box, score, 5 points
+        image_index, anchor = (rows[..., 4] >= self.options.score_threshold).nonzero(as_tuple=True)
+        kept = rows[image_index, anchor].float().cpu().numpy()  # one copy to the host for the batch
+        image_index = image_index.cpu().numpy()
+        per_image = [[kept[image_index == i]] if (image_index == i).any() else [] for i in range(len(images))]
         out = []
         for i, parts in enumerate(per_image):
             if not parts:

@@ -22,4 +22,5 @@ class DetectorSpec(BaseModel):
     sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$")  # defaults to KNOWN_SHA256
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     batch_size: int = Field(default=64, ge=1, le=4096)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: fp16 on CUDA, fp32 on CPU
     options: dict = Field(default_factory=dict)  # validated by the detector's own options model

@@ -14,9 +14,10 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from pipeline.crops import crop_roi, roi_from_box, roi_from_landmarks
+from pipeline.crops import CROP_SIZE, roi_from_box, roi_from_landmarks
 from pipeline.detect.base import Landmarks
-from pipeline.device import pick_device
+from pipeline.device import autocast, pick_device, resolve_precision
+from pipeline.device_images import crop_rois
 from pipeline.weights import sha256_file, verified_path
 
 
@@ -32,11 +33,12 @@ class TDDFALandmarker:
     name = "tddfa_mb05"
 
     def __init__(self, weights, *, weights_sha256: str | None = None, device: str = "auto", batch_size: int = 128,
-                 options: TDDFAOptions):
+                 precision: str = "auto", options: TDDFAOptions):
         from trainer.bfm import landmarks_3d, load_bfm, load_param_stats
         from trainer.mobilenet import fused_for_inference, load_teacher_mobilenet
 
         self.device = pick_device(device)
+        self.precision = resolve_precision(precision, self.device)
         self.batch_size = batch_size
         self.refine = options.refine
         path = verified_path(weights, weights_sha256, what="3DDFA_V2 mb05 weights")
@@ -50,23 +52,31 @@ class TDDFALandmarker:
         self._to_points = landmarks_3d
 
     @torch.inference_mode()
-    def predict_crops(self, crops_rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """[N, 120, 120, 3] RGB crops -> (params [N, 62], crop-pixel points [N, 68, 3]), batched."""
+    def predict_crops(self, crops) -> tuple[np.ndarray, np.ndarray]:
+        """RGB crops -> (params [N, 62], crop-pixel points [N, 68, 3]), batched.
+
+        `crops`: [N, 120, 120, 3] uint8 host array, or [N, 3, 120, 120] float tensor of grey levels
+        (`device_images.crop_rois` on the GPU path: no host round trip)."""
         params, points = [np.zeros((0, 62), np.float32)], [np.zeros((0, 68, 3), np.float32)]
-        for i in range(0, len(crops_rgb), self.batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(crops_rgb[i:i + self.batch_size])).to(self.device)
-            x = (x.permute(0, 3, 1, 2).flip(1).float() - 127.5) / 128.0  # RGB -> BGR, as trained
-            p = self.net(x) * self.std + self.mean
+        for i in range(0, len(crops), self.batch_size):
+            chunk = crops[i:i + self.batch_size]
+            if isinstance(chunk, torch.Tensor):
+                x = chunk.to(self.device).float()
+            else:
+                x = torch.from_numpy(np.ascontiguousarray(chunk)).to(self.device).permute(0, 3, 1, 2).float()
+            x = (x.flip(1) - 127.5) / 128.0  # RGB -> BGR, as trained
+            with autocast(self.device, self.precision):
+                p = self.net(x)
+            p = p.float() * self.std + self.mean
             params.append(p.cpu().numpy())
             points.append(self._to_points(p, self.bfm).cpu().numpy())
         return np.concatenate(params), np.concatenate(points)
 
-    def predict_rois(self, images: list[np.ndarray], rois: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    def predict_rois(self, images: list, rois: list[tuple[int, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
         """One roi per (image index, roi) pair flattened -> (params [N, 62], image-pixel points [N, 68, 3])."""
         from trainer.bfm import project_to_image
 
-        crops = np.stack([crop_roi(images[i], roi) for i, roi in rois]) if rois else np.zeros((0, 120, 120, 3), np.uint8)
-        params, pts = self.predict_crops(crops)
+        params, pts = self.predict_crops(crop_rois(images, rois, CROP_SIZE))
         image_pts = np.stack([project_to_image(p, roi) for p, (_, roi) in zip(pts, rois)]) if rois else pts
         return params, image_pts
 
