@@ -77,5 +77,5 @@ def run_build(catalog_path: str, *, dask_address: str | None = None, workers: in
     catalog = load_catalog(catalog_path)  # fail fast, before any Prefect or dask start-up
     ex = catalog.execution
     runner = dask_task_runner(dask_address or ex.dask_address, workers or ex.dask_workers, ex.dask_processes,
-                              cuda=ex.dask_cuda)
+                              cuda=ex.dask_cuda, threads=ex.threads_per_worker)
     return build_dataset.with_options(task_runner=runner)(catalog_path=str(catalog.path), scores_path=scores_path)

@@ -25,16 +25,40 @@ def _prefect_defaults(verbose: bool) -> None:
         os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
 
 
+def _build_in_process(catalog_path: str, scores_path: str | None, threads: int) -> dict:
+    """The build without Prefect or dask: the library's `build`, its batches on a thread pool.
+    No flow run, no `dataset.landed` event, no report: for machines without Prefect and for debugging."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline import shards
+    from pipeline.build import build, scores_version, store_of
+    from pipeline.catalog import load_catalog
+
+    catalog = load_catalog(catalog_path)
+    scores = shards.read_table_file(store_of(catalog).fs, scores_path) if scores_path else None
+    with ThreadPoolExecutor(threads) as pool:
+        version, plan = build(catalog, map_batches=pool.map, scores=scores,
+                              scores_for_version=scores_version(scores_path) if scores_path else None)
+    created = version is not None and version != plan.parent
+    return {"dataset": catalog.dataset, "version": version, "created": created,
+            "processed": plan.new_items if created else 0}
+
+
 def cmd_build(args) -> int:
-    from flows.build import run_build
     from pipeline.build import store_of
     from pipeline.catalog import load_catalog
     from pipeline.summary import format_summary, version_summary
 
     catalog = load_catalog(args.catalog)
     started = time.perf_counter()
-    result = run_build(args.catalog, dask_address=args.dask_address, workers=args.workers,
-                       scores_path=getattr(args, "scores", None))
+    if args.in_process:
+        result = _build_in_process(args.catalog, getattr(args, "scores", None),
+                                   catalog.execution.threads_per_worker or 1)
+    else:
+        from flows.build import run_build
+
+        result = run_build(args.catalog, dask_address=args.dask_address, workers=args.workers,
+                           scores_path=getattr(args, "scores", None))
     seconds = time.perf_counter() - started
     summary = version_summary(store_of(catalog), result["version"])
     print(format_summary(summary))
@@ -198,6 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    def in_process(p):
+        p.add_argument("--in-process", action="store_true",
+                       help="build in this process without Prefect or dask (no flow run, event or report)")
+        return p
+
     def with_catalog(p):
         p.add_argument("--catalog", default=DEFAULT_CATALOG, help="catalog file (default: ./catalog.yaml)")
         return p
@@ -206,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dask-address", default=None, help="an existing dask scheduler (default: a LocalCluster)")
     p.add_argument("--workers", type=int, default=None, help="LocalCluster workers (default: catalog)")
     p.add_argument("--scores", default=None, help="a trainer round's scores file to fold into the new version")
+    in_process(p)
     p.set_defaults(fn=cmd_build)
     with_catalog(sub.add_parser("datasets", help="list versions with counts")).set_defaults(fn=cmd_datasets)
     p = with_catalog(sub.add_parser("show", help="summarise NAME@vN (funnel, reasons, pose, reference NME)"))
@@ -240,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = scoring(with_catalog(sub.add_parser("round", help="rescore the latest version, build the next with it")))
     p.add_argument("--dask-address", default=None)
     p.add_argument("--workers", type=int, default=None)
+    in_process(p)
     p.set_defaults(fn=cmd_round)
 
     p = with_catalog(sub.add_parser("evaluate", help="AFLW2000-3D protocol on a folder of jpg + mat"))

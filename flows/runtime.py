@@ -17,7 +17,7 @@ def prefect_server_configured() -> bool:
 
 
 def dask_task_runner(address: str | None, workers: int = 1, processes: bool | None = None,
-                     cuda: bool = False) -> DaskTaskRunner:
+                     cuda: bool = False, threads: int | None = None) -> DaskTaskRunner:
     """An existing scheduler when `address` is given, else a LocalCluster.
 
     In Prefect's ephemeral mode every dask worker *process* would start its own temporary Prefect
@@ -27,23 +27,25 @@ def dask_task_runner(address: str | None, workers: int = 1, processes: bool | No
     if address:
         return DaskTaskRunner(address=address)
     if cuda:
-        return cuda_task_runner()
+        return cuda_task_runner(threads)
     if processes is None:
         processes = prefect_server_configured()
-    kwargs = {"n_workers": workers, "threads_per_worker": 1, "processes": processes, "dashboard_address": None}
+    kwargs = {"n_workers": workers, "threads_per_worker": threads or 1, "processes": processes,
+              "dashboard_address": None}
     return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=kwargs)
 
 
-def cuda_task_runner() -> DaskTaskRunner:
-    """One dask worker process per visible GPU (dask-cuda pins each to its device), one task at a
-    time each: every worker loads the detector chain once and keeps it for all its batches."""
+def cuda_task_runner(threads: int | None = None) -> DaskTaskRunner:
+    """One dask worker process per visible GPU (dask-cuda pins each to its device): every worker
+    loads the detector chain once and keeps it for all its batches. Two batches at a time per worker
+    by default, so one's host work overlaps the other's GPU work (the chain is shared, not copied)."""
     import importlib.util
 
     if importlib.util.find_spec("dask_cuda") is None:
         raise ValueError("execution.dask_cuda needs the dask-cuda package (pip install dask-cuda) on a machine "
                          "with NVIDIA GPUs")
     return DaskTaskRunner(cluster_class="dask_cuda.LocalCUDACluster",
-                          cluster_kwargs={"threads_per_worker": 1, "dashboard_address": None})
+                          cluster_kwargs={"threads_per_worker": threads or 2, "dashboard_address": None})
 
 
 def default_task_runner() -> DaskTaskRunner:
@@ -55,7 +57,8 @@ def default_task_runner() -> DaskTaskRunner:
     # Threads by default: the models release the GIL, and a worker process per served run would
     # only add start-up time. FACECURATE_DASK_PROCESSES=1 asks for processes.
     processes = os.environ.get("FACECURATE_DASK_PROCESSES", "0") == "1"
+    threads = int(os.environ["FACECURATE_DASK_THREADS"]) if os.environ.get("FACECURATE_DASK_THREADS") else None
     if os.environ.get("FACECURATE_DASK_CUDA") == "1":
-        return cuda_task_runner()
+        return cuda_task_runner(threads)
     return dask_task_runner(os.environ.get("FACECURATE_DASK_ADDRESS") or None,
-                            int(os.environ.get("FACECURATE_DASK_WORKERS", "1")), processes)
+                            int(os.environ.get("FACECURATE_DASK_WORKERS", "1")), processes, threads=threads)

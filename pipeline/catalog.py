@@ -122,6 +122,9 @@ class Execution(_Strict):
     dask_workers: int = Field(default=1, ge=1)
     dask_processes: bool | None = None  # None: threads in ephemeral Prefect mode, processes with a server
     dask_cuda: bool = False  # a dask_cuda.LocalCUDACluster: one worker process per GPU (needs dask-cuda)
+    # Batches each local worker runs at once. None: 1 on CPU workers (torch already uses every core),
+    # 2 on GPU workers, so one batch's host work (read, hash, JPEG encode, Parquet) overlaps another's GPU work.
+    threads_per_worker: int | None = Field(default=None, ge=1, le=64)
     decode: Literal["auto", "cpu", "gpu"] = "auto"  # auto: nvJPEG when the face detector runs on CUDA
 
 

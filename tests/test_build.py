@@ -122,3 +122,21 @@ def test_rules_keep_the_better_labels_on_references(small_catalog):
     faces = _faces(catalog)
     assert np.isfinite(faces.agreement_nme_pct).all() and np.isfinite(faces.flip_nme_pct).all()
     assert (faces.weight[faces.keep] > 0).all() and (faces.weight[~faces.keep] == 0).all()
+
+
+def test_in_process_build_needs_neither_prefect_nor_dask(small_catalog):
+    """`facecurate build --in-process` (machines without Prefect, e.g. the lent GPU machine): the same
+    library build on a thread pool; run in a fresh interpreter to see what it imports."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from flows.cli import main\n"
+            f"first = main(['build', '--catalog', {str(small_catalog)!r}, '--in-process'])\n"
+            f"again = main(['build', '--catalog', {str(small_catalog)!r}, '--in-process'])\n"
+            "print('RESULT', first, again, 'prefect' in sys.modules, 'dask' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "RESULT 0 0 False False" in out.stdout
+    assert "built faces@v1: processed 11 images" in out.stdout and "unchanged: faces@v1" in out.stdout
+    assert version_summary(store_of(load_catalog(small_catalog)), 1)["manifest"]["counts"]["images_seen"] == 11
