@@ -122,6 +122,7 @@ class TwoDASLNet(nn.Module):
 
     def forward(self, img_norm: Tensor, landmark_map: Tensor) -> Tensor:
         x = torch.cat([img_norm, landmark_map.to(img_norm.dtype)], dim=1)
+        x = x.contiguous(memory_format=torch.channels_last)
         return self.dewhiten(self.backbone(x).float())
 
     def whiten(self, params: Tensor) -> Tensor:

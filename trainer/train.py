@@ -49,7 +49,8 @@ class TrainResult:
 
 def build_model(cfg: TrainConfig) -> TwoDASLNet:
     mean, std = load_param_stats(cfg.param_stats_path)
-    return TwoDASLNet(build_backbone(cfg.backbone, cfg.teacher_weights), mean, std, cfg.map_points)
+    net = TwoDASLNet(build_backbone(cfg.backbone, cfg.teacher_weights), mean, std, cfg.map_points)
+    return net.to(memory_format=torch.channels_last)
 
 
 def build_critic(cfg: TrainConfig) -> tuple[Encoder, Critic]:

@@ -97,7 +97,8 @@ class ScrfdDetector:
         shapes = [self._letterbox_shape(*image_hw(img)) for img in images]
         scales = [new_h / image_hw(img)[0] for img, (new_h, _) in zip(images, shapes)]
         if is_tensor_batch(images):  # GPU path: resize where the pixels already are
-            x = torch.zeros((len(images), 3, size, size), device=self.device)
+            x = torch.zeros((len(images), 3, size, size), device=self.device).contiguous(
+                memory_format=torch.channels_last)  # as the host path's NHWC canvas
             for k, (img, (new_h, new_w)) in enumerate(zip(images, shapes)):
                 x[k, :, :new_h, :new_w] = resize(img.to(self.device), new_h, new_w)
             return x, scales
