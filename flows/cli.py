@@ -142,9 +142,26 @@ def _rescore(catalog, ref: str, checkpoint: str, round_index: int, device: str) 
 
 
 def cmd_rescore(args) -> int:
+    from pipeline.build import store_for_ref
     from pipeline.catalog import load_catalog
+    from pipeline.shards import read_faces, read_table_file
+    from trainer.rescore import score_auc
 
-    _rescore(load_catalog(args.catalog), args.dataset, args.checkpoint, args.round, args.device)
+    catalog = load_catalog(args.catalog)
+    path, version = _rescore(catalog, args.dataset, args.checkpoint, args.round, args.device)
+    store, _ = store_for_ref(catalog, args.dataset)
+    faces = read_faces(store, version, columns=["face_id", "landmarks", "ref_landmarks"])
+    if faces.column("ref_landmarks").null_count < faces.num_rows:  # reference labels ride along: judge the score
+        report = score_auc(read_table_file(store.fs, path), faces, threshold_pct=args.bad_above)
+        aucs = ", ".join(f"{k} {v:.3f}" for k, v in report["auc"].items())
+        kept, dropped = (f"{v:.2f}%" if v is not None else "n/a"
+                         for v in (report["label_nme_kept_pct"], report["label_nme_dropped_pct"]))
+        print(f"against the references ({report['n']} faces, {report['n_bad']} with label NME > "
+              f"{args.bad_above}%): ROC-AUC {aucs}; label NME of kept faces {kept}, of dropped ones {dropped} "
+              f"(dropped: weight < {report['weight_threshold']}, {report['n_dropped']} faces)")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(report, f, indent=2)
     return 0
 
 
@@ -266,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = scoring(with_catalog(sub.add_parser("rescore", help="score every pseudo-label of a version")))
     p.add_argument("--dataset", required=True, help="NAME@vN (or NAME for the latest)")
+    p.add_argument("--bad-above", type=float, default=8.0,
+                   help="with reference labels: a label is bad above this NME %% (default 8)")
+    p.add_argument("--json", default=None, help="with reference labels: write the score-vs-references report here")
     p.set_defaults(fn=cmd_rescore)
     p = scoring(with_catalog(sub.add_parser("round", help="rescore the latest version, build the next with it")))
     p.add_argument("--dask-address", default=None)

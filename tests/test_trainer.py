@@ -228,3 +228,18 @@ def test_data_parallel_training_on_two_processes(tmp_path):
     log = [json.loads(line) for line in (tmp_path / "ckpt" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]  # rank 0 logs; nothing twice after the resume
     assert all(math.isfinite(r["total"]) for r in log)
+
+
+def test_rescore_command_judges_the_score_against_reference_labels(tiny, tmp_path, capsys):
+    import json
+
+    from flows.cli import main
+
+    out = tmp_path / "auc.json"
+    assert main(["rescore", "--catalog", str(tiny.path), "--dataset", "faces@v1", "--checkpoint", "teacher",
+                 "--round", "5", "--device", "cpu", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "against the references (4 faces" in printed
+    report = json.loads(out.read_text())
+    assert report["n"] == 4 and set(report["auc"]) >= {"landmark_residual", "cycle_error", "one_minus_weight"}
+    assert 0 < report["label_nme_all_pct"] < 10
