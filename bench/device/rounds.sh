@@ -16,8 +16,8 @@ W=docs/catalogs/wild-only.yaml
   $FC round --catalog $W --checkpoint $R1 --round 1 --in-process
   $FC train --catalog $W --dataset wild@v2 --max-steps $STEPS --batch-size $BATCH --num-workers 8 --checkpoint-dir out/checkpoints/r2
   R2=$(ls out/checkpoints/r2/step-*.pt | tail -1)
-  for C in teacher $R1 $R2; do
-    $FC evaluate --checkpoint $C --data $FACECURATE_SHARED/data/aflw2000-dev --json "$OUT/eval-$(basename $C .pt | tr -c 'a-zA-Z0-9_\n-' _).json"
+  for NAME_CKPT in teacher=teacher r1=$R1 r2=$R2; do
+    $FC evaluate --checkpoint ${NAME_CKPT#*=} --data $FACECURATE_SHARED/data/aflw2000-dev --json "$OUT/eval-${NAME_CKPT%%=*}.json"
   done
   $FC build --catalog docs/catalogs/dev-only.yaml --in-process
   $FC rescore --catalog docs/catalogs/dev-only.yaml --dataset devscore@v1 --checkpoint $R2 --round 2 --json "$OUT/score_auc.json"
