@@ -183,9 +183,11 @@ def cmd_evaluate(args) -> int:
     primary = catalog.detectors.landmarkers[0]
     if primary.name != "tddfa_mb05":
         raise ValueError(f"evaluate needs tddfa_mb05 as the catalog's primary landmarker, got {primary.name!r}")
-    teacher = build_landmarker(primary)
+    # Evaluation is a measurement: full precision, whatever the catalog's chain runs at on a GPU.
+    teacher = build_landmarker(primary.model_copy(update={"precision": "fp32"}))
     protocols = ("gt", "detector") if args.crops == "both" else (args.crops,)
-    detector = build_face_detector(catalog.detectors.face) if "detector" in protocols else None
+    detector = (build_face_detector(catalog.detectors.face.model_copy(update={"precision": "fp32"}))
+                if "detector" in protocols else None)
     if args.checkpoint == "teacher":
         model = TeacherModel(teacher)
     else:

@@ -22,13 +22,16 @@ def pick_device(preference: str = "auto") -> torch.device:
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def resolve_precision(option: str, device: torch.device) -> str:
-    """'auto' -> 'fp16' on CUDA (half the memory traffic; fp16's 10-bit mantissa keeps regressed
-    landmarks closer than bf16's 7 bits, see tests), 'fp32' on CPU; the others are taken as given."""
+def resolve_precision(option: str, device: torch.device, *, backend: str = "torch") -> str:
+    """'auto' -> 'fp16' for PyTorch models on CUDA (half the memory traffic; fp16's 10-bit mantissa
+    keeps regressed landmarks closer than bf16's 7 bits, see tests), else 'fp32'; the others are
+    taken as given. onnxruntime backends run fp32 only."""
     if option == "auto":
-        return "fp16" if device.type == "cuda" else "fp32"
+        return "fp16" if device.type == "cuda" and backend == "torch" else "fp32"
     if option not in PRECISIONS:
         raise ValueError(f"precision {option!r} is not one of auto, {', '.join(PRECISIONS)}")
+    if backend != "torch" and option != "fp32":
+        raise ValueError(f"precision {option!r} needs backend: torch (onnxruntime runs fp32)")
     return option
 
 

@@ -210,3 +210,15 @@ def test_fan_on_device_tensors_gives_the_host_points(tmp_path):
     host, device = fan(images, boxes), fan(to_device(images, CPU), boxes)
     same = np.concatenate([(a[0].points == b[0].points).all(1) for a, b in zip(host, device)])
     assert same.mean() > 0.97, same.mean()  # measured: 99.3% of points identical
+
+
+def test_precision_auto_is_fp16_only_for_torch_models_on_cuda():
+    from pipeline.device import resolve_precision
+
+    cuda = torch.device("cuda")  # a device object needs no GPU
+    assert resolve_precision("auto", cuda) == "fp16"
+    assert resolve_precision("auto", cuda, backend="onnxruntime") == "fp32"
+    assert resolve_precision("auto", CPU) == "fp32"
+    assert resolve_precision("bf16", CPU) == "bf16"
+    with pytest.raises(ValueError, match="needs backend: torch"):
+        resolve_precision("fp16", cuda, backend="onnxruntime")

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict
 from pipeline.detect.base import Landmarks
 from pipeline.detect.fan import MissingWeights
 from pipeline.detect.onnx_session import providers_for
-from pipeline.device import pick_device
+from pipeline.device import pick_device, resolve_precision
 from pipeline.device_images import as_numpy
 from pipeline.weights import sha256_file, verified_path
 
@@ -50,8 +50,7 @@ class Insightface68Landmarker:
         path = verified_path(path, weights_sha256, what="insightface landmark_3d_68 weights")
         self.weights_sha256 = sha256_file(path)
         self.device = pick_device(device)
-        if precision not in ("auto", "fp32"):  # onnxruntime runs the pack at fp32
-            raise ValueError(f"insightface68 runs in onnxruntime at fp32; precision {precision!r} is not available")
+        resolve_precision(precision, self.device, backend="onnxruntime")  # refuses half precision by name
         self.model = get_model(str(path), providers=providers_for(self.device))
         if getattr(self.model, "taskname", None) != "landmark_3d_68":
             raise ValueError(f"{path} is not an insightface landmark_3d_68 model")

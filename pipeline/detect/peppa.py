@@ -58,10 +58,8 @@ class PeppaLandmarker:
         self.weights_sha256 = sha256_file(path)
         self.batch_size = batch_size
         self.device = pick_device(device)
-        self.precision = resolve_precision(precision, self.device)
         self.backend = resolve_backend(self.options.backend, self.device)
-        if self.backend != "torch" and self.precision != "fp32":
-            raise ValueError(f"peppa68: precision {self.precision!r} needs backend: torch (onnxruntime runs fp32)")
+        self.precision = resolve_precision(precision, self.device, backend=self.backend)
         if self.backend == "torch":
             from pipeline.detect.onnx_torch import OnnxModule
 
