@@ -24,7 +24,7 @@ mkdir -p $M/3ddfa_v2 $M/bfm $M/insightface-det $M/peppa
 cp "$SHARED"/models/SHA256SUMS $M/
 cp "$SHARED"/models/3ddfa_v2/mb05_120x120.pth "$SHARED"/models/3ddfa_v2/param_mean_std_62d_120x120.pkl $M/3ddfa_v2/
 cp "$SHARED"/models/bfm/* $M/bfm/
-cp "$SHARED"/models/insightface-det/det_500m.onnx $M/insightface-det/
+cp "$SHARED"/models/insightface-det/*.onnx $M/insightface-det/
 cp "$SHARED"/models/peppa/slim_160_latest.onnx $M/peppa/
 cp -r "$SHARED"/models/blazeface $M/  # face-alignment builds its detector even when given boxes
 cp -r "$SHARED"/data/aflw2000-dev "$SHARED"/data/scenes "$SHARED"/data/aflw-wild-crops .device/shared/data/
