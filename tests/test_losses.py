@@ -142,3 +142,19 @@ def test_critic_losses():
     assert float(undecided_d) == pytest.approx(2 * math.log(2), rel=1e-6)
     assert float(undecided_g) == pytest.approx(math.log(2), rel=1e-6)
     _check_positive_with_grad(losses.critic_losses(d_real, d_fake)[0], d_real)
+
+
+def test_rescore_weight_combines_residual_and_cycle_and_only_optionally_the_critic():
+    import numpy as np
+
+    from trainer.rescore import combine
+
+    residual = np.array([2.0, 4.0, 8.0, 12.0, np.nan, 3.0])
+    cycle = np.array([3.0, 1.0, 2.0, 2.0, np.nan, 9.0])  # the worse of the two counts
+    critic = np.array([0.9, 0.0, 0.9, 0.9, 0.9, 0.9])
+    weight = combine(residual, cycle, critic)
+    np.testing.assert_allclose(weight, [1.0, 1.0, np.exp(-1), np.exp(-2), 0.0, np.exp(-5 / 4)], rtol=1e-6)
+    # With a floor below 1 the critic may halve a weight (score 0), and leaves a confident one alone.
+    halved = combine(residual, cycle, critic, critic_floor=0.5)
+    assert halved[1] == pytest.approx(0.5) and halved[0] == pytest.approx(1.0)
+    assert combine(residual, cycle, np.full(6, np.nan), critic_floor=0.5)[1] == pytest.approx(1.0)

@@ -27,11 +27,16 @@ _COLUMNS = ["face_id", "crop", "landmarks", "crop_affine"]
 # weight decays by e every RESIDUAL_SCALE_PCT. At the defaults 8% -> 0.37, 12% -> 0.14, 13.2% -> 0.1.
 RESIDUAL_OK_PCT = 4.0
 RESIDUAL_SCALE_PCT = 4.0
-# The critic is a GAN discriminator, only a prior (2DASL.md §3.5): it can at most scale a weight by
-# CRITIC_FLOOR, and does so linearly as its score falls from CRITIC_OK to 0. A collapsed critic
-# (every wild face scored ~0) therefore halves weights uniformly instead of dropping the dataset.
+# The critic is a GAN discriminator, only a prior (2DASL.md §3.5): it may scale a weight down to
+# CRITIC_FLOOR, linearly as its score falls from CRITIC_OK to 0. The default floor is 1, i.e. the
+# critic is recorded but does not move the weight: measured, it finds no bad labels - ROC-AUC 0.46-0.59
+# on synthetically corrupted labels of the *training* split for every kind of corruption
+# (bench/score_corruption.py) and worse than chance at 5-6% on the eval split (docs/rounds.md). It
+# scores the params the model predicts from the label's map, and a model that leans on the image more
+# than on the map predicts much the same params for a good and a bad label. Lower the floor (0.5 was
+# the first default) for a critic that has shown it can tell.
 CRITIC_OK = 0.5
-CRITIC_FLOOR = 0.5
+CRITIC_FLOOR = 1.0
 
 
 def combine(residual_pct: np.ndarray, cycle_pct: np.ndarray, critic: np.ndarray, *,
@@ -41,7 +46,8 @@ def combine(residual_pct: np.ndarray, cycle_pct: np.ndarray, critic: np.ndarray,
 
     error = max(residual, cycle): a label is only as good as the worse of the two checks (the cycle
     catches labels the model "agrees with" only because the map told it so, then drifts from on
-    re-feeding). weight = exp(-max(error - ok, 0) / scale) x critic factor (1 when the critic is NaN).
+    re-feeding). weight = exp(-max(error - ok, 0) / scale) x critic factor (1 when the critic is NaN,
+    and at the default floor of 1).
     A face whose errors are not finite (undecodable crop, degenerate label) gets weight 0.
     """
     residual = np.asarray(residual_pct, dtype=np.float64)
@@ -193,7 +199,7 @@ def score_auc(scores: pa.Table, faces: pa.Table, threshold_pct: float = 8.0, *,
 
     A label is bad when its NME against the reference (AFLW2000-3D protocol: sqrt(w*h) of the
     reference box) exceeds `threshold_pct`. Returns the ROC-AUC of landmark_residual, cycle_error,
-    1 - new_weight (and 1 - critic_score when finite), plus the label NME of faces kept vs dropped
+    their max (combined_error), 1 - new_weight (and 1 - critic_score when finite), plus the label NME of faces kept vs dropped
     at `weight_threshold` (what fold_scores' drop_below would do).
     """
     ref = faces.select(["face_id", "landmarks", "ref_landmarks"]).filter(pc.is_valid(faces.column("ref_landmarks")))
@@ -215,6 +221,9 @@ def score_auc(scores: pa.Table, faces: pa.Table, threshold_pct: float = 8.0, *,
            for name in ("landmark_residual", "cycle_error", "critic_score", "new_weight")}
     auc = {"landmark_residual": roc_auc(col["landmark_residual"], bad),
            "cycle_error": roc_auc(col["cycle_error"], bad),
+           # the error the weight is computed from (combine); the weight itself saturates at 1 below
+           # RESIDUAL_OK_PCT, so its AUC counts most good and mildly bad labels as ties
+           "combined_error": roc_auc(np.fmax(col["landmark_residual"], col["cycle_error"]), bad),
            "one_minus_weight": roc_auc(1.0 - col["new_weight"], bad)}
     if np.isfinite(col["critic_score"]).any():
         auc["one_minus_critic"] = roc_auc(1.0 - col["critic_score"], bad)
