@@ -17,6 +17,7 @@ import argparse
 import numpy as np
 
 from common import emit, header
+from pipeline.crops import apply_affine
 from pipeline.landmarks import nme_pct
 from pipeline.shards import Store, iter_face_batches, parse_ref, resolve_version
 from trainer.checkpoint import load_predictor
@@ -81,9 +82,8 @@ def main() -> None:
             if not ok[0]:
                 continue
             pts = np.asarray(rows["landmarks"][i], np.float32).reshape(68, 2)
-            affine = np.asarray(rows["crop_affine"][i], np.float64).reshape(2, 3)
             crops.append(crop[0])
-            labels.append((pts @ affine[:, :2].T + affine[:, 2]).astype(np.float32))
+            labels.append(apply_affine(pts, rows["crop_affine"][i]))
     rng = np.random.default_rng(args.seed)
     take = rng.permutation(len(crops))[: args.faces]
     crops = np.stack([crops[i] for i in take])

@@ -125,7 +125,8 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _rescore(catalog, ref: str, checkpoint: str, round_index: int, device: str) -> tuple[str, int]:
+def _rescore(catalog, ref: str, checkpoint: str, round_index: int, device: str):
+    """Score every face of `ref` with `checkpoint`; returns (scores path, version, scores table)."""
     from pipeline.build import store_for_ref
     from pipeline.shards import resolve_version
     from trainer.checkpoint import load_predictor
@@ -138,21 +139,21 @@ def _rescore(catalog, ref: str, checkpoint: str, round_index: int, device: str) 
     weights = table.column("new_weight").to_numpy()
     print(f"rescored {store.dataset}@v{version} round {round_index}: {table.num_rows} faces, "
           f"mean new weight {weights.mean():.3f}, {(weights < 0.1).sum()} under 0.1 -> {path}")
-    return path, version
+    return path, version, table
 
 
 def cmd_rescore(args) -> int:
     from pipeline.build import store_for_ref
     from pipeline.catalog import load_catalog
-    from pipeline.shards import read_faces, read_table_file
+    from pipeline.shards import read_faces
     from trainer.rescore import score_auc
 
     catalog = load_catalog(args.catalog)
-    path, version = _rescore(catalog, args.dataset, args.checkpoint, args.round, args.device)
+    _, version, scores = _rescore(catalog, args.dataset, args.checkpoint, args.round, args.device)
     store, _ = store_for_ref(catalog, args.dataset)
     faces = read_faces(store, version, columns=["face_id", "landmarks", "ref_landmarks"])
     if faces.column("ref_landmarks").null_count < faces.num_rows:  # reference labels ride along: judge the score
-        report = score_auc(read_table_file(store.fs, path), faces, threshold_pct=args.bad_above)
+        report = score_auc(scores, faces, threshold_pct=args.bad_above)
         aucs = ", ".join(f"{k} {v:.3f}" for k, v in report["auc"].items())
         kept, dropped = (f"{v:.2f}%" if v is not None else "n/a"
                          for v in (report["label_nme_kept_pct"], report["label_nme_dropped_pct"]))
@@ -170,7 +171,7 @@ def cmd_round(args) -> int:
     from pipeline.catalog import load_catalog
 
     catalog = load_catalog(args.catalog)
-    args.scores, _ = _rescore(catalog, catalog.dataset, args.checkpoint, args.round, args.device)
+    args.scores, _, _ = _rescore(catalog, catalog.dataset, args.checkpoint, args.round, args.device)
     return cmd_build(args)
 
 

@@ -48,10 +48,16 @@ def roi_from_landmarks(points_68: np.ndarray) -> np.ndarray:
     return np.array([cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2], dtype=np.float32)
 
 
+def roi_window(roi: np.ndarray) -> tuple[int, int, int, int]:
+    """The whole-pixel window [sx, ex) x [sy, ey) a crop of `roi` is cut from: every crop, its affine
+    and every mapping of crop points back to the image round the same way."""
+    return tuple(int(round(float(v))) for v in roi[:4])
+
+
 def crop_roi(image: np.ndarray, roi: np.ndarray, size: int = CROP_SIZE) -> np.ndarray:
     """Cut `roi` out of `image` (zero-padded where it leaves the image), resize to size x size."""
     h, w = image.shape[:2]
-    sx, sy, ex, ey = (int(round(v)) for v in roi[:4])
+    sx, sy, ex, ey = roi_window(roi)
     dh, dw = max(ey - sy, 1), max(ex - sx, 1)
     out = np.zeros((dh, dw) + image.shape[2:], dtype=image.dtype)
     src_x0, src_y0, src_x1, src_y1 = max(sx, 0), max(sy, 0), min(ex, w), min(ey, h)
@@ -62,7 +68,7 @@ def crop_roi(image: np.ndarray, roi: np.ndarray, size: int = CROP_SIZE) -> np.nd
 
 def crop_affine(roi: np.ndarray, size: int = CROP_SIZE) -> np.ndarray:
     """The 2x3 matrix (flattened to 6) taking image pixels to crop pixels for `crop_roi(img, roi)`."""
-    sx, sy, ex, ey = (int(round(v)) for v in roi[:4])
+    sx, sy, ex, ey = roi_window(roi)
     scale_x = size / max(ex - sx, 1)
     scale_y = size / max(ey - sy, 1)
     return np.array([scale_x, 0.0, -sx * scale_x, 0.0, scale_y, -sy * scale_y], dtype=np.float32)

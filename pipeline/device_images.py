@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pipeline.crops import crop_roi, roi_window
+
 Image = np.ndarray | Tensor  # (H, W, 3) uint8 RGB array, or (3, H, W) uint8 RGB tensor
 
 
@@ -48,20 +50,17 @@ def to_device(images: list[np.ndarray], device: torch.device) -> list[Tensor]:
     for img in images:
         t = torch.from_numpy(np.require(img, requirements=["C", "W"])).permute(2, 0, 1)  # PIL's are read-only
         if device.type == "cuda":
-            t = t.contiguous().pin_memory().to(device, non_blocking=True)
-        out.append(t.to(device))
+            out.append(t.contiguous().pin_memory().to(device, non_blocking=True))
+        else:
+            out.append(t.to(device))
     return out
-
-
-def _rounded(roi: np.ndarray) -> tuple[int, int, int, int]:
-    return tuple(int(round(float(v))) for v in roi[:4])  # crop_roi's rounding
 
 
 def _crop_grid(roi: np.ndarray, size: int, height: int, width: int, device) -> Tensor:
     """The sampling grid (size, size, 2), in grid_sample's normalised coordinates, that reproduces
     `crops.crop_roi`: the window [sx, ex) x [sy, ey) zero-padded outside the image, resized by
     OpenCV's INTER_LINEAR (source = (dst + 0.5) * scale - 0.5, clamped to the window's edge)."""
-    sx, sy, ex, ey = _rounded(roi)
+    sx, sy, ex, ey = roi_window(roi)  # crop_roi's window
     dw, dh = max(ex - sx, 1), max(ey - sy, 1)
     steps = torch.arange(size, device=device, dtype=torch.float32) + 0.5
     xs = (steps * (dw / size) - 0.5).clamp(0, dw - 1) + sx
@@ -78,8 +77,6 @@ def crop_rois(images: list[Image], rois: list[tuple[int, np.ndarray]], size: int
     tensor images -> (N, 3, size, size) float32 tensor of whole grey levels on their device.
     """
     if not is_tensor_batch(images):
-        from pipeline.crops import crop_roi
-
         if not rois:
             return np.zeros((0, size, size, 3), np.uint8)
         return np.stack([crop_roi(images[i], roi, size) for i, roi in rois])

@@ -12,7 +12,6 @@ torchvision is imported only here and only on the GPU path (the CPU torch build 
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -25,15 +24,9 @@ JPEG_EOI = b"\xff\xd9"
 EXIF_ORIENTATION = 0x0112
 
 
-@dataclass(frozen=True)
-class JpegHeader:
-    width: int
-    height: int
-    orientation: int  # EXIF 1..8; 1 = stored upright
-
-
-def probe_jpeg(data: bytes, *, max_pixels: int, min_side_px: int) -> JpegHeader | None:
-    """The header of a JPEG nvJPEG can take as it is, or None (the CPU decoder will judge it)."""
+def probe_jpeg(data: bytes, *, max_pixels: int, min_side_px: int) -> int | None:
+    """The EXIF orientation (1..8, 1 = stored upright) of a JPEG nvJPEG can take as it is, or None
+    (the CPU decoder will judge it)."""
     if len(data) < 4 or not data.startswith(b"\xff\xd8") or not data.rstrip(b"\x00\r\n ").endswith(JPEG_EOI):
         return None
     try:
@@ -46,7 +39,7 @@ def probe_jpeg(data: bytes, *, max_pixels: int, min_side_px: int) -> JpegHeader 
         return None
     if width * height > max_pixels or min(width, height) < min_side_px or not 1 <= orientation <= 8:
         return None
-    return JpegHeader(width, height, orientation)
+    return orientation
 
 
 def apply_orientation(image: torch.Tensor, orientation: int) -> torch.Tensor:
@@ -116,12 +109,12 @@ def decode_batch(datas: list[bytes], *, device: torch.device, max_pixels: int, m
         if not nvjpeg_available(device):
             return [on_cpu(d) for d in datas]
         gpu_decoder = lambda batch: _nvjpeg(batch, device)  # noqa: E731
-    headers = [probe_jpeg(d, max_pixels=max_pixels, min_side_px=min_side_px) for d in datas]
-    to_gpu = [k for k, h in enumerate(headers) if h is not None]
+    orientations = [probe_jpeg(d, max_pixels=max_pixels, min_side_px=min_side_px) for d in datas]
+    to_gpu = [k for k, o in enumerate(orientations) if o is not None]
     out: list = [None] * len(datas)
     for k, image in zip(to_gpu, gpu_decoder([datas[k] for k in to_gpu])):
         if image is not None:
-            out[k] = apply_orientation(image, headers[k].orientation).contiguous()
+            out[k] = apply_orientation(image, orientations[k]).contiguous()
     for k, data in enumerate(datas):
         if out[k] is None:  # not for nvJPEG, or refused by it: the CPU decoder decodes or names the fault
             result = on_cpu(data)

@@ -113,36 +113,29 @@ def label_images(chain: Chain, images: list, pre_cropped: list[bool]) -> list[li
 
     # 3. The trainer's crop: where the primary has 3DMM params, the roi it predicted them in (so
     # params_62 is in the crop's frame); otherwise the 3DDFA roi of its 68 points. All in one call.
+    faces_at = [(i, j) for i in range(len(images)) for j in range(len(boxes[i]))]
     rois = []
-    for i in range(len(images)):
-        for j in range(len(boxes[i])):
-            first = results[0][i][j]
-            rois.append((i, first.roi if first.params_62 is not None else roi_from_landmarks(first.points)))
-    crops = iter(crops_to_numpy(crop_rois(images, rois, CROP_SIZE)))
-    rois_left = iter(rois)
+    for i, j in faces_at:
+        first = results[0][i][j]
+        rois.append((i, first.roi if first.params_62 is not None else roi_from_landmarks(first.points)))
+    crops = crops_to_numpy(crop_rois(images, rois, CROP_SIZE))
 
-    out: list[list[LabelledFace]] = []
-    for i, (_, width) in enumerate(sizes):
-        faces = []
-        for j, box in enumerate(boxes[i]):
-            first = results[0][i][j]
-            _, roi = next(rois_left)
-            crop = next(crops)
-            ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(crop, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
-            if not ok:
-                raise RuntimeError("JPEG encoding of a face crop failed")
-            faces.append(
-                LabelledFace(
-                    face_index=j,
-                    box=box,
-                    primary=first,
-                    alts=[(m.name, results[k + 1][i][j]) for k, m in enumerate(alts)],
-                    flip_points=mirror_points(flipped[i][j].points, width),
-                    crop_rgb=crop,
-                    crop_jpeg=jpeg.tobytes(),
-                    affine=crop_affine(roi),
-                    roi=roi,
-                )
+    out: list[list[LabelledFace]] = [[] for _ in images]
+    for (i, j), (_, roi), crop in zip(faces_at, rois, crops):
+        ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(crop, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
+        if not ok:
+            raise RuntimeError("JPEG encoding of a face crop failed")
+        out[i].append(
+            LabelledFace(
+                face_index=j,
+                box=boxes[i][j],
+                primary=results[0][i][j],
+                alts=[(m.name, results[k + 1][i][j]) for k, m in enumerate(alts)],
+                flip_points=mirror_points(flipped[i][j].points, sizes[i][1]),
+                crop_rgb=crop,
+                crop_jpeg=jpeg.tobytes(),
+                affine=crop_affine(roi),
+                roi=roi,
             )
-        out.append(faces)
+        )
     return out

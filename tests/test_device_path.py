@@ -76,7 +76,7 @@ def test_exif_orientation_is_applied_on_the_device_as_pil_does(orientation):
     buf = io.BytesIO()
     upright.save(buf, format="JPEG", exif=exif.tobytes(), quality=95)
     data = buf.getvalue()
-    assert probe_jpeg(data, **LIMITS).orientation == orientation
+    assert probe_jpeg(data, **LIMITS) == orientation
     [device] = decode_batch([data], device=CPU, gpu_decoder=_pil_without_exif, **LIMITS)
     expected = decode_image(data)  # PIL + ImageOps.exif_transpose
     np.testing.assert_array_equal(device.permute(1, 2, 0).numpy(), expected)

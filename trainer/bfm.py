@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.crops import CROP_SIZE
+from pipeline.crops import CROP_SIZE, roi_window
 from pipeline.weights import verified_path
 
 N_SHAPE, N_EXP = 40, 10
@@ -103,7 +103,7 @@ def landmarks_3d_np(params: np.ndarray, bfm: BFM, size: int = CROP_SIZE) -> np.n
 
 def project_to_image(points_crop: np.ndarray, roi: np.ndarray, size: int = CROP_SIZE) -> np.ndarray:
     """Crop-pixel points [..., 68, 2|3] -> original-image pixels for the square `roi` the crop came from."""
-    sx, sy, ex, ey = (int(round(v)) for v in roi[:4])
+    sx, sy, ex, ey = roi_window(roi)
     out = np.array(points_crop, dtype=np.float64, copy=True)
     out[..., 0] = out[..., 0] * (ex - sx) / size + sx
     out[..., 1] = out[..., 1] * (ey - sy) / size + sy

@@ -13,6 +13,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from pipeline.crops import roi_window
 from pipeline.detect.base import Landmarks
 from pipeline.detect.onnx_session import resolve_backend, session
 from pipeline.device import autocast, pick_device, resolve_precision
@@ -89,7 +90,7 @@ class PeppaLandmarker:
                 x = np.ascontiguousarray(((crops[..., ::-1].astype(np.float32) - 127.0) / 127.0).transpose(0, 3, 1, 2))
             y = self._run(x)
             for (i, roi), row in zip(chunk, y):
-                sx, sy, ex, ey = (int(round(v)) for v in roi)  # crop_roi's rounding
+                sx, sy, ex, ey = roi_window(roi)
                 pts = row[:136].reshape(68, 2) * np.array([ex - sx, ey - sy]) + np.array([sx, sy])
                 out[i].append(Landmarks(points=pts.astype(np.float32), scores=np.ones(68, np.float32),
                                         roi=roi))

@@ -131,13 +131,12 @@ class ScrfdDetector:
         image_index, anchor = (rows[..., 4] >= self.options.score_threshold).nonzero(as_tuple=True)
         kept = rows[image_index, anchor].float().cpu().numpy()  # one copy to the host for the batch
         image_index = image_index.cpu().numpy()
-        per_image = [[kept[image_index == i]] if (image_index == i).any() else [] for i in range(len(images))]
         out = []
-        for i, parts in enumerate(per_image):
-            if not parts:
+        for i in range(len(images)):
+            rows = kept[image_index == i]  # a copy: scaled in place below
+            if not len(rows):
                 out.append([])
                 continue
-            rows = np.concatenate(parts)
             rows[:, :4] /= scales[i]
             rows[:, 5:] /= scales[i]
             rows = rows[np.argsort(-rows[:, 4], kind="stable")]
