@@ -27,6 +27,7 @@ KNOWN_SHA256: dict[str, str] = {
     "det_500m.onnx": "5e4447f50245bbd7966bd6c0fa52938c61474a04ec7def48753668a9d8b4ea3a",
     "slim_160_latest.onnx": "2121aacea9169ac27227508238237376fe64b96e2f2cc57082f26e88d650fbd2",
     "slim_160_latest.pth": "5a4471de06bfd952c4cba93805fae9aee0c7447040ca0af32a5a44e8275fe903",
+    "lm_model0_opt.onnx": "43c9c58f03701cc15b8423c49b78af348a6397334d348887e0fda59013275c29",
     "face_detection_yunet_2026may.onnx": "ebafce4e3c118d6554634be5c27ab333b4c047a9a8c3faf1d7cf93101c22f0f0",
 }
 

@@ -15,10 +15,11 @@ FACE_DETECTORS: dict[str, tuple[str, str, str]] = {
 LANDMARKERS: dict[str, tuple[str, str, str]] = {
     "tddfa_mb05": ("pipeline.detect.tddfa", "TDDFALandmarker", "TDDFAOptions"),
     "peppa68": ("pipeline.detect.peppa", "PeppaLandmarker", "PeppaOptions"),
+    "openseeface": ("pipeline.detect.openseeface", "OpenSeeFaceLandmarker", "OpenSeeFaceOptions"),
     "fan": ("pipeline.detect.fan", "FanLandmarker", "FanOptions"),
     "insightface68": ("pipeline.detect.insightface68", "Insightface68Landmarker", "Insightface68Options"),
 }
-NEEDS_WEIGHTS = {"scrfd", "faceboxes", "tddfa_mb05", "peppa68"}  # fan / insightface68 find theirs
+NEEDS_WEIGHTS = {"scrfd", "faceboxes", "tddfa_mb05", "peppa68", "openseeface"}  # fan / insightface68 find theirs
 
 
 def _entry(name: str) -> tuple[str, str, str]:

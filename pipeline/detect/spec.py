@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-DetectorName = Literal["scrfd", "faceboxes", "tddfa_mb05", "peppa68", "fan", "insightface68"]
+DetectorName = Literal["scrfd", "faceboxes", "tddfa_mb05", "peppa68", "openseeface", "fan", "insightface68"]
 
 
 class DetectorSpec(BaseModel):
