@@ -215,6 +215,32 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_browse(args) -> int:
+    """A local read-only web app over one version; blocks until stopped."""
+    from pipeline.browse.app import serve
+    from pipeline.build import store_for_ref
+    from pipeline.catalog import load_catalog
+
+    store, version = store_for_ref(load_catalog(args.catalog), args.ref)
+    serve(store, version, host=args.host, port=args.port, on_ready=lambda url, faces: print(
+        f"browsing {faces.ref} ({faces.facets()['faces']} faces"
+        f"{f', {len(faces.unavailable)} shards unreadable' if faces.unavailable else ''}) on {url}; Ctrl-C stops",
+        flush=True))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from pipeline.build import store_for_ref
+    from pipeline.catalog import load_catalog
+    from pipeline.export import export_coco
+
+    store, version = store_for_ref(load_catalog(args.catalog), args.ref)
+    path, counts = export_coco(store, version, args.out)
+    print(f"wrote {path}: COCO keypoints, {counts['annotations']} faces ({counts['kept']} kept) "
+          f"in {counts['images']} images")
+    return 0
+
+
 def cmd_serve(args) -> int:
     from flows.runtime import prefect_server_configured
     from flows.serve import serve_catalog
@@ -310,6 +336,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ref", nargs="?", default=None, help="NAME@vN (default: the catalog's latest version)")
     p.add_argument("--out", default=None, help="folder for the HTML file (default: <dataset>/reports/)")
     p.set_defaults(fn=cmd_report)
+    p = with_catalog(sub.add_parser("browse", help="browse a version's faces in a local read-only web app"))
+    p.add_argument("ref", nargs="?", default=None, help="NAME@vN (default: the catalog's latest version)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8765)
+    p.set_defaults(fn=cmd_browse)
+    p = with_catalog(sub.add_parser("export", help="export a version as COCO keypoints JSON"))
+    p.add_argument("ref", help="NAME@vN, or NAME for the latest")
+    p.add_argument("--format", choices=["coco"], default="coco",
+                   help="coco: COCO keypoints (68 points; fiftyone needs a database server, see the README)")
+    p.add_argument("--out", default=None, help="output file (default: <dataset>/exports/NAME-vNNNN.coco.json)")
+    p.set_defaults(fn=cmd_export)
     with_catalog(sub.add_parser("serve", help="serve the build (cron), retrain (on landed) and report deployments")
                  ).set_defaults(fn=cmd_serve)
     p = sub.add_parser("server", help="start a local Prefect server")
