@@ -18,10 +18,11 @@ import torch
 from common import emit, header
 from pipeline.device import pick_device
 from pipeline.shards import Store, parse_ref, resolve_version
-from trainer.bfm import load_bfm
+from pipeline.bfm import load_bfm
 from trainer.config import TrainConfig
 from trainer.data import build_loader
-from trainer.train import build_critic, build_model, build_optimizers, set_train_mode, train_step
+from trainer.model import build_critic, build_model
+from trainer.train import build_optimizers, set_train_mode, train_step
 
 
 def loader_rate(cfg: TrainConfig, store: Store, version: int, batches: int) -> float:

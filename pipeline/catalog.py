@@ -149,8 +149,8 @@ class Catalog(_Strict):
     limits: Limits = Limits()
     execution: Execution = Execution()
     schedule: Schedule | None = None
-    # Overrides of trainer.config.TrainConfig for the `retrain` flow (validated by the trainer's own
-    # config at load time, so a bad key fails here naming it).
+    # Defaults of the trainer's config for `train` and `retrain`, kept as a dict: the pipeline knows
+    # nothing of the trainer; the commands check it against TrainConfig when they read the catalog.
     training: dict = Field(default_factory=dict)
     path: str | None = None  # where this catalog was read from (set by load_catalog)
 
@@ -227,17 +227,6 @@ def _validate_detector_options(catalog: Catalog) -> None:
             raise CatalogError(f"{where}.options.{_loc(tuple(first['loc']))}: {first['msg']}") from None
 
 
-def _validate_training(catalog: Catalog) -> None:
-    if not catalog.training:
-        return
-    from trainer.config import TrainConfig
-
-    try:
-        TrainConfig.from_dict(dict(catalog.training))
-    except (TypeError, ValueError) as err:
-        raise CatalogError(f"training: {err}") from None
-
-
 def parse_catalog(data: dict, *, name: str = "catalog", base_dir: Path | None = None) -> Catalog:
     """Validate a catalog given as a dict; `name` prefixes every error message."""
     if not isinstance(data, dict):
@@ -258,7 +247,6 @@ def parse_catalog(data: dict, *, name: str = "catalog", base_dir: Path | None = 
         raise CatalogError("\n".join(lines)) from None
     try:
         _validate_detector_options(catalog)
-        _validate_training(catalog)
     except CatalogError as err:
         raise CatalogError(f"{name}: {err}") from None
     return catalog

@@ -76,3 +76,25 @@ def test_content_hash_ignores_location_but_not_meaning(tmp_path):
     copy.write_text(text.replace("min: 40", "min: 41"))
     changed = load_catalog(copy)
     assert changed.content_hash() != a.content_hash() and changed.rules_hash() != a.rules_hash()
+
+
+@pytest.mark.parametrize(
+    "training, expected",
+    [
+        ({"max_step": 2}, "bad.yaml: training.max_step: unknown key"),
+        ({"backbone": "vgg"}, "bad.yaml: training.backbone: 'vgg' is not"),
+        ({"batch_size": 0}, "bad.yaml: training.batch_size: 0 must be >= 1"),
+    ],
+)
+def test_commands_check_the_training_section_naming_the_field(tmp_path, training, expected):
+    """The pipeline keeps `training:` as a dict; the commands' loader checks it against TrainConfig."""
+    from flows.catalog import load_catalog as load_for_commands
+
+    data = yaml.safe_load((ROOT / "catalog.yaml").read_text())
+    data["training"] = training
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert load_catalog(path).training == training  # the pipeline alone does not judge it
+    with pytest.raises(CatalogError) as err:
+        load_for_commands(path)
+    assert expected in str(err.value)

@@ -10,9 +10,9 @@ import math
 import pytest
 import torch
 
+from pipeline.bfm import landmarks_3d, load_bfm, load_param_stats
 from pipeline.settings import shared_root
 from trainer import losses
-from trainer.bfm import landmarks_3d, load_bfm, load_param_stats
 
 MODELS = shared_root() / "models"
 

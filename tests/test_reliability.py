@@ -194,7 +194,7 @@ class _Boom:
 def test_pickled_code_is_never_loaded(tmp_path):
     """Param stats are the one pickle we read: only numpy arrays may come out of it. Checkpoints and
     weights go through torch.load(weights_only=True), which refuses code as well."""
-    from trainer.bfm import _ArraysOnly
+    from pipeline.bfm import _ArraysOnly
     from trainer.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
     evil = pickle.dumps({"mean": _Boom(), "std": np.ones(62)})

@@ -15,7 +15,8 @@ from pipeline.catalog import load_catalog
 from tests.conftest import AFLW_DEV, DATA, MODELS, WILD, copy_images, write_catalog
 from trainer.config import TrainConfig
 from trainer.data import build_loader
-from trainer.train import build_critic, build_model, train
+from trainer.model import build_critic, build_model
+from trainer.train import train
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,7 @@ def test_untrained_four_channel_model_is_the_teacher():
     from pipeline.crops import crop_roi, roi_from_landmarks
     from pipeline.decode import decode_image
     from pipeline.references import load_mat_reference
-    from trainer.mobilenet import load_teacher_mobilenet
+    from pipeline.mobilenet import load_teacher_mobilenet
 
     crops = []
     for stem in AFLW_DEV[:6]:
@@ -62,7 +63,7 @@ def test_untrained_four_channel_model_is_the_teacher():
         theirs = teacher(x)
     torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=1e-5)
     # The labelling path folds BN into the convs: the same outputs, up to float rounding.
-    from trainer.mobilenet import fused_for_inference
+    from pipeline.mobilenet import fused_for_inference
 
     with torch.no_grad():
         torch.testing.assert_close(fused_for_inference(teacher)(x), theirs, atol=1e-4, rtol=1e-4)
@@ -72,7 +73,7 @@ def test_a_few_steps_lower_the_loss_and_log_every_term(tiny, tmp_path):
     """The loop logs every term, finite, at every step; and a few steps lower the total loss."""
     import json
 
-    from trainer.bfm import load_bfm
+    from pipeline.bfm import load_bfm
     from trainer.train import build_optimizers, seed_everything, set_train_mode, train_step
 
     cfg = _cfg(tiny, tmp_path, max_steps=6)

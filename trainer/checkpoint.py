@@ -134,7 +134,7 @@ class Predictor:
     @torch.inference_mode()
     def points(self, params: np.ndarray) -> np.ndarray:
         """[B,62] params -> [B,68,2] 2D landmarks in crop pixels (x, y of the BFM's 68 points)."""
-        from trainer.bfm import landmarks_3d
+        from pipeline.bfm import landmarks_3d
 
         p = torch.as_tensor(np.asarray(params, dtype=np.float32), device=self.device)
         return landmarks_3d(p, self.bfm)[..., :2].float().cpu().numpy()
@@ -156,9 +156,9 @@ class Predictor:
 
 def load_predictor(spec: str, device: str = "auto") -> Predictor:
     """'teacher' (the untrained 4-channel MobileNet = 3DDFA_V2 mb05) or a checkpoint path -> Predictor."""
-    from trainer.bfm import load_bfm
+    from pipeline.bfm import load_bfm
     from trainer.config import TrainConfig
-    from trainer.train import build_critic, build_model
+    from trainer.model import build_critic, build_model
 
     dev = pick_device(device)
     if spec == "teacher":

@@ -78,12 +78,12 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.backbone not in ("mobilenet", "resnet50"):
-            raise ValueError(f"TrainConfig.backbone: {self.backbone!r} is not 'mobilenet' or 'resnet50'")
+            raise ConfigError("backbone", f"{self.backbone!r} is not 'mobilenet' or 'resnet50'")
         self.map_points = str(self.map_points)  # JSON/YAML may give 18 as an int
         if self.map_points not in ("18", "68"):
-            raise ValueError(f"TrainConfig.map_points: {self.map_points!r} is not '18' or '68'")
+            raise ConfigError("map_points", f"{self.map_points!r} is not '18' or '68'")
         if self.batch_size < 1:
-            raise ValueError(f"TrainConfig.batch_size: {self.batch_size} must be >= 1")
+            raise ConfigError("batch_size", f"{self.batch_size} must be >= 1")
 
     @property
     def bn_frozen(self) -> bool:
@@ -96,9 +96,29 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, data: dict[str, Any], where: str = "TrainConfig") -> "TrainConfig":
+        """`data` -> a config; errors name the field as `<where>.<field>` (the catalog says `training`)."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"TrainConfig: unknown keys {unknown}; known keys: {sorted(known)}")
-        return cls(**data)
+            raise ConfigError(unknown[0], f"unknown key (unknown: {unknown}; known keys: {sorted(known)})", where)
+        try:
+            return cls(**data)
+        except ConfigError as err:
+            raise ConfigError(err.field, err.problem, where) from None
+
+
+class ConfigError(ValueError):
+    """A TrainConfig field that cannot be used: `<where>.<field>: <problem>`."""
+
+    def __init__(self, field: str, problem: str, where: str = "TrainConfig"):
+        super().__init__(f"{where}.{field}: {problem}")
+        self.field, self.problem = field, problem
+
+
+def train_config(defaults: dict[str, Any], overrides: dict[str, Any]) -> TrainConfig:
+    """The catalog's `training:` section as defaults, `overrides` (command flags, a round's paths) on top.
+
+    The section is checked alone first, so a bad entry there is named `training.<field>`."""
+    TrainConfig.from_dict(dict(defaults), where="training")
+    return TrainConfig.from_dict({**defaults, **overrides})

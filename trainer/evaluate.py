@@ -91,7 +91,7 @@ def _crops_for(protocol: str, data: EvalSet, teacher, detector) -> tuple[list[in
 
 def evaluate(model, data: EvalSet, teacher, detector=None, protocols: tuple[str, ...] = PROTOCOLS) -> dict:
     """NME tables per protocol for `model` (TeacherModel or StudentModel)."""
-    from trainer.bfm import project_to_image
+    from pipeline.bfm import project_to_image
 
     out = {"model_sha256": model.sha256, "images": len(data.images), "protocols": {}}
     for protocol in protocols:

@@ -9,7 +9,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from pipeline.bfm import load_param_stats
 from pipeline.crops import CROP_SIZE
+from trainer.config import TrainConfig
 
 N_PARAMS = 62
 
@@ -155,7 +157,7 @@ class TwoDASLNet(nn.Module):
 def build_backbone(name: str, teacher_weights: str | None = None) -> nn.Module:
     """'mobilenet': the teacher's MobileNetV1-0.5 with a zero-filter 4th input channel; 'resnet50': random."""
     if name == "mobilenet":
-        from trainer.mobilenet import load_teacher_mobilenet
+        from pipeline.mobilenet import load_teacher_mobilenet
 
         if teacher_weights is None:
             raise ValueError("backbone 'mobilenet' needs teacher_weights (mb05_120x120.pth)")
@@ -197,3 +199,17 @@ class Critic(nn.Module):
 
     def forward(self, z: Tensor, params_whitened: Tensor) -> Tensor:
         return self.net(torch.cat([z, params_whitened.to(z.dtype)], dim=1)).squeeze(1)
+
+
+# ------------------------------------------------------------------------------------ building
+
+
+def build_model(cfg: TrainConfig) -> TwoDASLNet:
+    mean, std = load_param_stats(cfg.param_stats_path)
+    net = TwoDASLNet(build_backbone(cfg.backbone, cfg.teacher_weights), mean, std, cfg.map_points)
+    return net.to(memory_format=torch.channels_last)
+
+
+def build_critic(cfg: TrainConfig) -> tuple[Encoder, Critic]:
+    encoder = Encoder(width=cfg.encoder_width)
+    return encoder, Critic(encoder.z_dim)

@@ -22,14 +22,14 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from pipeline.bfm import landmarks_3d, load_bfm
 from pipeline.shards import Store, parse_ref, resolve_version
 from trainer import losses
-from trainer.bfm import landmarks_3d, load_bfm, load_param_stats
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from trainer.config import TrainConfig
 from trainer.data import batches_per_epoch, build_loader, count_train_rows
 from trainer.distributed import World
-from trainer.model import Critic, Encoder, TwoDASLNet, build_backbone, landmark_map, map_points
+from trainer.model import Critic, Encoder, TwoDASLNet, build_critic, build_model, landmark_map, map_points
 
 log = logging.getLogger(__name__)
 LOG_FILE = "train_log.jsonl"
@@ -45,17 +45,6 @@ class TrainResult:
 
 
 # ------------------------------------------------------------------------------------ building
-
-
-def build_model(cfg: TrainConfig) -> TwoDASLNet:
-    mean, std = load_param_stats(cfg.param_stats_path)
-    net = TwoDASLNet(build_backbone(cfg.backbone, cfg.teacher_weights), mean, std, cfg.map_points)
-    return net.to(memory_format=torch.channels_last)
-
-
-def build_critic(cfg: TrainConfig) -> tuple[Encoder, Critic]:
-    encoder = Encoder(width=cfg.encoder_width)
-    return encoder, Critic(encoder.z_dim)
 
 
 def build_optimizers(cfg: TrainConfig, net: TwoDASLNet, encoder: Encoder,

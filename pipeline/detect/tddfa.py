@@ -34,8 +34,8 @@ class TDDFALandmarker:
 
     def __init__(self, weights, *, weights_sha256: str | None = None, device: str = "auto", batch_size: int = 128,
                  precision: str = "auto", options: TDDFAOptions):
-        from trainer.bfm import landmarks_3d, load_bfm, load_param_stats
-        from trainer.mobilenet import fused_for_inference, load_teacher_mobilenet
+        from pipeline.bfm import landmarks_3d, load_bfm, load_param_stats
+        from pipeline.mobilenet import fused_for_inference, load_teacher_mobilenet
 
         self.device = pick_device(device)
         self.precision = resolve_precision(precision, self.device)
@@ -75,14 +75,14 @@ class TDDFALandmarker:
 
     def predict_rois(self, images: list, rois: list[tuple[int, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
         """One roi per (image index, roi) pair flattened -> (params [N, 62], image-pixel points [N, 68, 3])."""
-        from trainer.bfm import project_to_image
+        from pipeline.bfm import project_to_image
 
         params, pts = self.predict_crops(crop_rois(images, rois, CROP_SIZE))
         image_pts = np.stack([project_to_image(p, roi) for p, (_, roi) in zip(pts, rois)]) if rois else pts
         return params, image_pts
 
     def __call__(self, images: list[np.ndarray], boxes: list[np.ndarray]) -> list[list[Landmarks]]:
-        from trainer.bfm import pose_from_params
+        from pipeline.bfm import pose_from_params
 
         rois = [(i, roi_from_box(b)) for i, bs in enumerate(boxes) for b in bs]
         params, pts = self.predict_rois(images, rois)

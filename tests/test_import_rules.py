@@ -1,0 +1,84 @@
+"""Data flows one way: pipeline <- trainer <- flows, and bench only uses them. Checked on every
+module's imports (top level and inside functions), read with `ast`, so no import runs."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+LIBRARIES = ("pipeline", "trainer", "flows")
+
+# package -> top-level packages it must never import
+FORBIDDEN = {
+    "pipeline": {"trainer", "flows", "bench", "prefect", "prefect_dask"},
+    "trainer": {"flows", "bench", "prefect", "prefect_dask"},
+    "flows": {"bench"},
+}
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every absolute module name `path` imports (relative imports resolve within its package)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    package = path.relative_to(ROOT).with_suffix("").parts[:-1] if path.is_relative_to(ROOT) else ()
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = ".".join(package[: len(package) - node.level + 1])
+                names.add(f"{base}.{node.module}" if node.module else base)
+            elif node.module:
+                names.add(node.module)
+    return names
+
+
+def _modules(package: str) -> list[Path]:
+    return sorted((ROOT / package).rglob("*.py"))
+
+
+@pytest.mark.parametrize("package", LIBRARIES)
+def test_libraries_import_only_downstream(package):
+    bad = []
+    for path in _modules(package):
+        for name in sorted(imported_modules(path)):
+            if name.split(".")[0] in FORBIDDEN[package]:
+                bad.append(f"{path.relative_to(ROOT)} imports {name}")
+    assert not bad, "imports against the direction of flow:\n" + "\n".join(bad)
+
+
+def test_the_checker_sees_imports_inside_functions(tmp_path):
+    module = tmp_path / "probe.py"
+    module.write_text("import os\n\ndef f():\n    from trainer.config import TrainConfig\n    return TrainConfig\n")
+    assert imported_modules(module) == {"os", "trainer.config"}
+
+
+def test_every_library_module_is_checked():
+    for package in LIBRARIES:
+        assert len(_modules(package)) > 3, f"{package}: no modules found under {ROOT / package}"
+
+
+@pytest.mark.parametrize("package", ("pipeline", "trainer"))
+def test_library_modules_import_each_other_without_cycles(package):
+    graph = {}
+    for path in _modules(package):
+        name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        graph[name] = {m for m in imported_modules(path) if m.startswith(f"{package}.") and m != name}
+    state: dict[str, int] = {}  # 1: on the current path, 2: finished
+
+    def cycle_from(node: str, path: list[str]) -> list[str] | None:
+        state[node] = 1
+        for dep in sorted(graph.get(node, ())):
+            if state.get(dep) == 1:
+                return path + [node, dep]
+            if dep in graph and dep not in state and (found := cycle_from(dep, path + [node])):
+                return found
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (found := cycle_from(start, [])):
+            pytest.fail(f"import cycle in {package}/: {' -> '.join(found)}")
