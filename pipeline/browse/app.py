@@ -106,6 +106,8 @@ def create_app(store: Store, version: int | None = None) -> FastAPI:
             note = f" ({sum(s['rows'] for s in faces.unavailable)} faces are in unreadable shards)" \
                 if faces.unavailable else ""
             return page(404, "no such face", f"{faces.ref} has no readable face {face_id!r}{note}")
+        if face["_error"]:  # its shard went unreadable after opening
+            return page(503, "face unavailable", f"{face_id}: its shard cannot be read now ({face['_error']})")
         image, image_error = "", ""
         try:
             image = data_uri(*read_image(face["uri"]))

@@ -13,6 +13,7 @@ unavailable, the rest are served.
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Mapping
 
@@ -33,6 +34,7 @@ PAGE_SIZE = 48
 MAX_PAGE_SIZE = 200
 # Read for a page's cards beside the scalar columns: the stored crop and what draws the label on it.
 CARD_COLUMNS = ("crop", "crop_affine", "landmarks")
+_THREADS = 4  # shard reads in flight (I/O and decompression, outside the GIL)
 # Scalar columns no view filters or sorts on: left out of the in-memory index (read per face).
 _NOT_INDEXED = ("image_id", "uri", "detector", "landmarker")
 
@@ -179,21 +181,16 @@ class VersionFaces:
         self.unavailable: list[dict] = []  # {"file", "rows", "error"} of shards that cannot be read
         parts: list[pa.Table] = []
         schemas: list[pa.Schema] = []
-        for i, entry in enumerate(self.manifest["shards"]):
-            shard = Shard(i, entry["file"], f"{vdir}/{entry['file']}", int(entry.get("rows", 0)))
-            try:
-                with self._fs.open(shard.path, "rb") as f:
-                    pf = pq.ParquetFile(f)
-                    narrow = [fl.name for fl in pf.schema_arrow if _is_scalar(fl.type) and fl.name not in _NOT_INDEXED]
-                    part = pf.read(columns=narrow)
-                schemas.append(pf.schema_arrow)
-            except Exception as err:  # noqa: BLE001 - whatever the failure (missing, truncated, garbled): not served
-                self._unavailable(shard, err)
-                continue
-            n = part.num_rows
-            part = part.append_column("_shard", pa.array(np.full(n, i, dtype=np.int32)))
-            parts.append(part.append_column("_row", pa.array(np.arange(n, dtype=np.int32))))
-            self.shards.append(shard)
+        listed = [Shard(i, e["file"], f"{vdir}/{e['file']}", int(e.get("rows", 0)))
+                  for i, e in enumerate(self.manifest["shards"])]
+        with ThreadPoolExecutor(_THREADS) as pool:  # pyarrow reads without the GIL: opening in parallel
+            for shard, (part, schema) in zip(listed, pool.map(self._read_narrow, listed)):
+                if isinstance(part, Exception):
+                    self._unavailable(shard, part)
+                    continue
+                parts.append(part)
+                schemas.append(schema)
+                self.shards.append(shard)
         # Shards linked from a parent may predate a column: the union, missing values read as null.
         self.schema = pa.unify_schemas(schemas) if schemas else shards.FACES_SCHEMA
         self.scalar_columns = [f.name for f in self.schema if _is_scalar(f.type) and f.name not in _NOT_INDEXED]
@@ -210,6 +207,19 @@ class VersionFaces:
             self._con.unregister("_index")
             del index, parts
         self._facets: dict | None = None
+
+    def _read_narrow(self, shard: Shard) -> tuple[pa.Table | Exception, pa.Schema | None]:
+        """A shard's indexed columns plus its (_shard, _row) address, or the error that stops it."""
+        try:
+            with self._fs.open(shard.path, "rb") as f:
+                pf = pq.ParquetFile(f)
+                narrow = [fl.name for fl in pf.schema_arrow if _is_scalar(fl.type) and fl.name not in _NOT_INDEXED]
+                part = pf.read(columns=narrow)
+        except Exception as err:  # noqa: BLE001 - whatever the failure (missing, truncated, garbled): not served
+            return err, None
+        n = part.num_rows
+        part = part.append_column("_shard", pa.array(np.full(n, shard.index, dtype=np.int32)))
+        return part.append_column("_row", pa.array(np.arange(n, dtype=np.int32))), pf.schema_arrow
 
     def _unavailable(self, shard: Shard, err: Exception) -> None:
         self.unavailable.append({"file": shard.file, "rows": shard.rows, "error": f"{type(err).__name__}: {err}"})
@@ -323,23 +333,25 @@ class VersionFaces:
         for row in rows:
             row.update({c: row.get(c) for c in columns}, _error=None)
             by_shard.setdefault(row["_shard"], []).append(row)
-        for index, shard_rows in by_shard.items():
-            shard = self._by_index[index]
-            try:
-                with self._fs.open(shard.path, "rb") as f:
-                    pf = pq.ParquetFile(f)
-                    present = [c for c in columns if c in pf.schema_arrow.names]
-                    starts = np.cumsum([0] + [pf.metadata.row_group(g).num_rows
-                                              for g in range(pf.metadata.num_row_groups)])
-                    groups: dict[int, pa.Table] = {}
-                    for row in shard_rows:
-                        g = int(np.searchsorted(starts, row["_row"], side="right")) - 1
-                        if g not in groups:
-                            groups[g] = pf.read_row_group(g, columns=present)
-                        row.update(groups[g].slice(row["_row"] - int(starts[g]), 1).to_pylist()[0])
-            except Exception as err:  # noqa: BLE001 - served as "unavailable", never a crash
+        with ThreadPoolExecutor(_THREADS) as pool:
+            list(pool.map(lambda item: self._read_rows(item[0], item[1], columns), by_shard.items()))
+
+    def _read_rows(self, index: int, shard_rows: list[dict], columns: tuple[str, ...]) -> None:
+        shard = self._by_index[index]
+        try:
+            with self._fs.open(shard.path, "rb") as f:
+                pf = pq.ParquetFile(f)
+                present = [c for c in columns if c in pf.schema_arrow.names]
+                starts = np.cumsum([0] + [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)])
+                groups: dict[int, pa.Table] = {}
                 for row in shard_rows:
-                    row["_error"] = f"{shard.file}: {type(err).__name__}: {err}"
+                    g = int(np.searchsorted(starts, row["_row"], side="right")) - 1
+                    if g not in groups:
+                        groups[g] = pf.read_row_group(g, columns=present)
+                    row.update(groups[g].slice(row["_row"] - int(starts[g]), 1).to_pylist()[0])
+        except Exception as err:  # noqa: BLE001 - served as "unavailable", never a crash
+            for row in shard_rows:
+                row["_error"] = f"{shard.file}: {type(err).__name__}: {err}"
 
 
 class _NoShards(Exception):

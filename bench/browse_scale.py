@@ -1,0 +1,192 @@
+"""Does `facecurate browse` open as fast on 100,000 faces as on 1,000? And does paging keep memory flat?
+
+Builds a small real version (bundled images, the bundled chain), repeats its rows into temporary
+stores of 1,000 and 100,000 faces (distinct face_ids, features jittered so sorts are not all ties,
+shards of a build's batch size), then times the app's pages in this process (FastAPI's TestClient:
+the whole request, query + page render, without the network): the first page (the default view,
+worst first) and a filtered page (two filters, a range and a sort, page 3), each cold (the first
+request after start) and warm (best of 3). Then it pages through N pages of the big store and
+prints the process's RSS as it goes.
+
+Usage: .venv/bin/python bench/browse_scale.py [--faces 100000] [--small 1000] [--pages 60] [--from-root DIR]
+(--from-root: an output root with a built `faces` version to take the rows from instead of building)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipeline import shards  # noqa: E402
+from pipeline.settings import shared_root  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+FILTERED = ("/?source=wild&status=kept&min_flip_nme_pct=1&sort=det_score&order=asc&page=3")
+
+
+def rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def build_base(tmp: Path) -> tuple[shards.Store, int]:
+    """A real version of ~40 faces from the bundled images (wild crops, dev faces, a scene)."""
+    from pipeline.build import build, store_of
+    from pipeline.catalog import load_catalog
+
+    data = shared_root() / "data"
+    folders = {"wild": ("aflw-wild-crops", 24, True), "dev": ("aflw2000-dev", 12, False)}
+    sources = []
+    for name, (folder, n, pre_cropped) in folders.items():
+        dst = tmp / "src" / name
+        dst.mkdir(parents=True)
+        for p in sorted((data / folder).glob("*.jpg"))[:n]:
+            shutil.copy(p, dst / p.name)
+        sources.append({"name": name, "kind": "folder", "path": str(dst), "pre_cropped": pre_cropped})
+    scenes = tmp / "src" / "scenes"
+    scenes.mkdir(parents=True)
+    shutil.copy(data / "scenes" / "3ddfa_v2_trump_hillary.jpg", scenes)
+    sources.append({"name": "scenes", "kind": "folder", "path": str(scenes)})
+    bundled = yaml.safe_load((ROOT / "catalog.yaml").read_text())
+    catalog_path = tmp / "catalog.yaml"
+    catalog_path.write_text(yaml.safe_dump({
+        "dataset": "faces", "output_root": str(tmp / "base"), "sources": sources,
+        "detectors": bundled["detectors"], "rules": bundled["rules"], "execution": {"batch_images": 64}}))
+    catalog = load_catalog(str(catalog_path))
+    version, _ = build(catalog)
+    return store_of(catalog), version
+
+
+def crop_variants(base: pa.Table, n: int, seed: int = 0) -> list[bytes]:
+    """`n` distinct crop JPEGs (the base crops re-encoded with a little noise). Repeated bytes
+    inside one shard would let zstd shrink the crop column far below real data's size."""
+    rng = np.random.default_rng(seed)
+    crops = base.column("crop").to_pylist()
+    out = []
+    for i in range(n):
+        image = cv2.imdecode(np.frombuffer(crops[i % len(crops)], np.uint8), cv2.IMREAD_COLOR).astype(np.int16)
+        noisy = np.clip(image + rng.integers(-3, 4, image.shape), 0, 255).astype(np.uint8)
+        out.append(cv2.imencode(".jpg", noisy, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes())
+    return out
+
+
+def synthesise(base: pa.Table, root: Path, n_faces: int, shard_rows: int, seed: int = 0) -> shards.Store:
+    """A committed version of `n_faces` rows repeated from `base`, in shards of `shard_rows`."""
+    store = shards.Store(str(root), "faces")
+    vdir = store.version_dir(1)
+    rng = np.random.default_rng(seed)
+    # A multiple of the base rows: row k's crop variant is still a copy of base row k % rows's crop.
+    variants = crop_variants(base, base.num_rows * -(-2 * shard_rows // base.num_rows), seed)
+    floats = [f.name for f in base.schema if pa.types.is_floating(f.type)]
+    entries, keep_all = [], 0
+    for start in range(0, n_faces, shard_rows):
+        n = min(shard_rows, n_faces - start)
+        take = pa.array(np.arange(start, start + n) % base.num_rows)
+        table = base.take(take)
+        ids = [f"{start + i:08x}{image_id[8:]}" for i, image_id in enumerate(table.column("image_id").to_pylist())]
+        table = table.set_column(table.schema.get_field_index("image_id"), "image_id", pa.array(ids, pa.string()))
+        face_ids = [f"{i}:{k}" for i, k in zip(ids, table.column("face_index").to_pylist())]
+        table = table.set_column(table.schema.get_field_index("face_id"), "face_id", pa.array(face_ids, pa.string()))
+        crops = [variants[(start + i) % len(variants)] for i in range(n)]
+        table = table.set_column(table.schema.get_field_index("crop"), "crop", pa.array(crops, pa.binary()))
+        for name in floats:  # jitter: a sort over 100,000 faces has real work to do
+            values = table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
+            values = values * (1 + 0.05 * rng.standard_normal(n))
+            idx = table.schema.get_field_index(name)
+            table = table.set_column(idx, table.schema.field(name), pa.array(values, table.schema.field(name).type))
+        keep_all += sum(table.column("keep").to_pylist())
+        entries.append(shards.write_table(store.fs, f"{vdir}/faces-{start // shard_rows:05d}.parquet", table))
+    manifest = {"schema_version": shards.SCHEMA_VERSION, "dataset": "faces", "version": 1, "parent": None,
+                "note": f"synthetic: {n_faces} faces repeated from {base.num_rows}",
+                "counts": {"faces": n_faces, "faces_kept": keep_all}, "shards": entries, "tables": {}}
+    shards.write_atomic(store.fs, f"{vdir}/{shards.MANIFEST}", json.dumps(manifest).encode())
+    return store
+
+
+def time_store(store: shards.Store, label: str, pages: int) -> dict:
+    from fastapi.testclient import TestClient
+
+    from pipeline.browse.app import create_app
+
+    started = time.perf_counter()
+    client = TestClient(create_app(store, 1))
+    out = {f"{label}_open_s": time.perf_counter() - started}
+    for name, url in (("first_page", "/"), ("filtered_page", FILTERED)):
+        times = []
+        for _ in range(4):
+            t = time.perf_counter()
+            response = client.get(url)
+            times.append(time.perf_counter() - t)
+            assert response.status_code == 200, response.text[:500]
+        out[f"{label}_{name}_cold_ms"] = times[0] * 1000
+        out[f"{label}_{name}_ms"] = min(times[1:]) * 1000
+    face_id = response.text.split('data-face-id="', 1)[1].split('"', 1)[0]
+    t = time.perf_counter()
+    assert client.get(f"/face/{face_id}").status_code == 200
+    out[f"{label}_face_page_ms"] = (time.perf_counter() - t) * 1000
+    if pages:
+        rss = []
+        for page in range(1, pages + 1):
+            assert client.get(f"/?page={page}").status_code == 200
+            rss.append(rss_mib())
+        out[f"{label}_rss_mib_after_page_1"] = rss[0]
+        out[f"{label}_rss_mib_after_page_{pages // 2}"] = rss[pages // 2 - 1]
+        out[f"{label}_rss_mib_after_page_{pages}"] = rss[-1]
+        out[f"{label}_rss_mib_max"] = max(rss)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--faces", type=int, default=100_000)
+    parser.add_argument("--small", type=int, default=1_000)
+    parser.add_argument("--shard-rows", type=int, default=128, help="rows per shard (a build's batch: 128 images)")
+    parser.add_argument("--pages", type=int, default=60, help="pages to walk for the RSS figures")
+    parser.add_argument("--from-root", default=None, help="output root holding a built `faces` version")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+
+    from common import emit, header
+
+    with tempfile.TemporaryDirectory(prefix="browse-scale-") as tmp:
+        tmp = Path(tmp)
+        t = time.perf_counter()
+        if args.from_root:
+            base_store = shards.Store(args.from_root, "faces")
+            base_version = shards.latest_version(base_store)
+        else:
+            base_store, base_version = build_base(tmp)
+        base = shards.read_faces(base_store, base_version)
+        print(f"base rows: {base.num_rows} faces from {base_store.dataset}@v{base_version} "
+              f"({time.perf_counter() - t:.1f} s)", flush=True)
+        t = time.perf_counter()
+        small = synthesise(base, tmp / "small", args.small, args.shard_rows)
+        big = synthesise(base, tmp / "big", args.faces, args.shard_rows)
+        size = sum(p.stat().st_size for p in (tmp / "big").rglob("*.parquet")) / 2**20
+        print(f"synthesised {args.small} and {args.faces} faces ({size:.0f} MiB of shards) in "
+              f"{time.perf_counter() - t:.1f} s", flush=True)
+        result = {**header(), "faces_small": args.small, "faces_big": args.faces, "shard_rows": args.shard_rows,
+                  "rss_mib_before": rss_mib()}
+        result.update(time_store(small, "small", 0))
+        result.update(time_store(big, "big", args.pages))
+        for name in ("first_page", "filtered_page"):
+            result[f"ratio_{name}_big_vs_small"] = result[f"big_{name}_ms"] / result[f"small_{name}_ms"]
+        emit(result, args.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,246 @@
+"""`facecurate browse`: the view query against pandas on the same Parquet files, paging, the app's
+pages (escaping, path safety, missing images, unreadable shards) and the served port."""
+
+from __future__ import annotations
+
+import html
+import re
+import shutil
+import socket
+from urllib.parse import parse_qsl, urlencode
+
+import numpy as np
+import pandas as pd
+import pytest
+from fastapi.testclient import TestClient
+
+from pipeline import shards
+from pipeline.browse.app import PortTaken, bind, create_app
+from pipeline.browse.queries import BadView, VersionFaces, View
+from tests.browse_fixture import GONE, IMG_NAME, SCRIPT_NAME, build_browse_version, faces_frame
+
+
+@pytest.fixture(scope="module")
+def version(tmp_path_factory):
+    return build_browse_version(tmp_path_factory.mktemp("browse"))
+
+
+@pytest.fixture(scope="module")
+def frame(version):
+    return faces_frame(*version)
+
+
+@pytest.fixture(scope="module")
+def client(version):
+    return TestClient(create_app(*version))
+
+
+def expected(df: pd.DataFrame, view: View, default_sort: str = "flip_nme_pct") -> pd.DataFrame:
+    """The view, computed with pandas: NaN fails every range and sorts last; face_id breaks ties."""
+    keep = pd.Series(True, index=df.index)
+    if view.source:
+        keep &= df.source.isin(view.source)
+    if view.split:
+        keep &= df.split.isin(view.split)
+    if view.status:
+        keep &= df.keep == (view.status == "kept")
+    if view.reason:
+        keep &= df.reject_reason.fillna("").str.split(" ").str[0].isin(view.reason)
+    if view.yaw:
+        a = df.yaw_deg.abs()
+        bins = {"0-30": a <= 30, "30-60": (a > 30) & (a <= 60), "60-90": a > 60}
+        keep &= np.logical_or.reduce([bins[b] for b in view.yaw])
+    for column, lo, hi in view.ranges:
+        keep &= df[column].notna() & (df[column] >= (lo if lo is not None else -np.inf)) \
+            & (df[column] <= (hi if hi is not None else np.inf))
+    sort = view.sort or default_sort
+    descending = view.order == "desc" or (not view.order and not view.sort)
+    out = df[keep].copy()
+    out["_missing"] = out[sort].isna()
+    return out.sort_values(["_missing", sort, "face_id"], ascending=[True, not descending, True], kind="stable")
+
+
+VIEWS = [
+    View(),
+    View(source=("wild",), status="kept", sort="det_score", order="asc"),
+    View(status="dropped", reason=("flip_nme_pct",), sort="weight"),
+    View(yaw=("0-30",), ranges=(("flip_nme_pct", 1.0, 1.5),), sort="abs_yaw_deg", order="desc"),
+    View(split=("eval", "train"), source=("dev", "scenes"), ranges=(("face_px", 50.0, None),), sort="face_px"),
+    View(source=("nowhere",)),
+]
+
+
+@pytest.mark.parametrize("view", VIEWS, ids=range(len(VIEWS)))
+def test_views_match_pandas(version, frame, view):
+    faces = VersionFaces(*version)
+    page = faces.page(view)
+    want = expected(frame, view, faces.default_sort)
+    assert page.total == len(want) and (len(want) > 0 or view.source == ("nowhere",))
+    assert [r["face_id"] for r in page.rows] == want.face_id.head(view.per_page).tolist()
+    for row in page.rows:  # the card columns come from the row's own shard
+        stored = frame.set_index("face_id").loc[row["face_id"]]
+        assert row["crop"] == stored.crop and np.allclose(row["landmarks"], stored.landmarks)
+
+
+def test_fixture_has_both_decisions(frame):
+    assert frame.keep.any() and (~frame.keep).any()  # the status / reason views above are not vacuous
+    assert "flip_nme_pct" in set(frame.reject_reason.dropna().str.split(" ").str[0])
+    assert frame.ref_landmarks.notna().any() and frame.source.nunique() == 4
+
+
+def test_paging_covers_every_face_once(version, frame):
+    faces = VersionFaces(*version)
+    view = View(sort="weight", order="asc", per_page=5)
+    first = faces.page(view)
+    seen = []
+    for n in range(1, first.pages + 1):
+        seen += [r["face_id"] for r in faces.page(View(sort="weight", order="asc", per_page=5, page=n)).rows]
+    assert seen == expected(frame, view).face_id.tolist() and len(set(seen)) == len(frame)
+    assert faces.page(View(per_page=5, page=first.pages + 3)).rows == []
+
+
+def test_view_round_trips_through_the_url():
+    view = View(source=("a", "b&c"), status="kept", reason=("flip_nme_pct",), yaw=("30-60",),
+                ranges=(("blur", 0.5, None), ("flip_nme_pct", None, 3.0)), sort="blur", order="asc", page=4)
+    assert View.from_params(parse_qsl(urlencode(view.to_params()))) == view
+    for bad in ({"status": ["maybe"]}, {"min_blur": ["x"]}, {"yaw": ["0-45"]}, {"page": ["nan"]}):
+        with pytest.raises(BadView):
+            View.from_params(bad)
+
+
+def test_new_float_columns_are_features(tmp_path, version):
+    """A column another change adds (here `verifier_nme_pct`) is filterable, sortable and the default."""
+    store, v = version
+    root = tmp_path / "out"
+    shutil.copytree(store.dir, root / store.dataset)
+    copy = shards.Store(str(root), store.dataset)
+    manifest = shards.read_manifest(copy, v)
+    path = f"{copy.version_dir(v)}/{manifest['shards'][0]['file']}"
+    table = shards.read_table_file(copy.fs, path)
+    scores = np.linspace(1, 9, table.num_rows).astype(np.float32)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(table.append_column("verifier_nme_pct", pa.array(scores)), path)  # one shard has it
+    faces = VersionFaces(copy, v)
+    assert faces.default_sort == "verifier_nme_pct" and "verifier_nme_pct" in faces.float_columns
+    page = faces.page(View(ranges=(("verifier_nme_pct", 2.0, None),)))
+    assert [r["verifier_nme_pct"] for r in page.rows] == sorted(float(s) for s in scores if s >= 2)[::-1]
+
+
+# ----------------------------------------------------------------------------------------- the app
+
+
+def face_ids(html: str) -> list[str]:
+    return re.findall(r'data-face-id="([^"]+)"', html)
+
+
+def test_grid_shows_the_view_from_the_url(client, version, frame):
+    view = View(source=("wild",), status="kept", sort="det_score", order="asc", per_page=4, page=2)
+    r = client.get("/?" + urlencode(view.to_params()))
+    assert r.status_code == 200
+    want = expected(frame, view)
+    assert face_ids(r.text) == want.face_id.iloc[4:8].tolist()
+    assert f'<span id="total">{len(want)}</span>' in r.text
+    # The pager keeps the filters and moves the page.
+    prev = re.search(r'id="prev" href="([^"]+)"', r.text).group(1).replace("&amp;", "&")
+    assert View.from_params(parse_qsl(prev.split("?", 1)[1])) == View(**{**view.__dict__, "page": 1})
+
+
+def test_face_page_shows_every_candidate_and_the_rule(client, frame):
+    row = frame[frame.ref_landmarks.notna() & ~frame.keep].iloc[0] if (frame.ref_landmarks.notna() & ~frame.keep).any() \
+        else frame[frame.ref_landmarks.notna()].iloc[0]
+    r = client.get(f"/face/{row.face_id}?status=kept")
+    assert r.status_code == 200
+    names = re.findall(r'class="pts cand" id="cand-\d+" data-name="([^"]+)"', r.text)
+    assert names == [f"{row.landmarker} (label)", *[a["name"] for a in row.alt_landmarks], "reference"]
+    assert 'id="image-unavailable"' not in r.text and "data:image/jpeg;base64," in r.text
+    assert f'<b id="weight">{row.weight:.4g}</b>' in r.text
+    if isinstance(row.reject_reason, str):
+        assert f'id="reject-reason">{html.escape(row.reject_reason)}<' in r.text
+    for feature in ("flip_nme_pct", "agreement_nme_pct", "face_px", "landmark_score"):
+        assert f"<td>{feature}</td>" in r.text
+    assert 'id="back" href="/?status=kept"' in r.text
+
+
+def test_missing_image_is_shown_not_fatal(client, frame):
+    row = frame[frame.uri.str.endswith(GONE)].iloc[0]
+    r = client.get(f"/face/{row.face_id}")
+    assert r.status_code == 200 and 'id="image-unavailable"' in r.text and "missing" in r.text
+
+
+def test_names_from_data_are_escaped(client, frame):
+    tar_face = frame[frame.uri.str.contains("alert(1)", regex=False)].iloc[0]
+    r = client.get(f"/face/{tar_face.face_id}")
+    assert r.status_code == 200
+    assert SCRIPT_NAME not in r.text and "&lt;script&gt;alert(1)&lt;/script&gt;.jpg" in r.text
+    assert 'id="image-unavailable"' not in r.text  # the tar member is read through the tar
+    img_face = frame[frame.uri.str.contains("onerror", regex=False)].iloc[0]
+    r = client.get(f"/face/{img_face.face_id}")
+    assert IMG_NAME not in r.text and "&lt;img src=x onerror=alert(2)&gt;.jpg" in r.text
+    r = client.get("/?sort=<script>alert(3)</script>")  # a bad parameter is echoed escaped
+    assert r.status_code == 400 and "<script>alert(3)" not in r.text and "&lt;script&gt;alert(3)" in r.text
+    r = client.get("/?source=<script>alert(4)</script>")
+    assert r.status_code == 200 and "<script>alert(4)" not in r.text
+
+
+def test_no_request_reaches_the_filesystem(client, version):
+    store, _ = version
+    paths = ["/face/..%2F..%2F..%2Fetc%2Fpasswd", "/face/../../etc/passwd", "/../../etc/passwd",
+             "/face/%2Fetc%2Fpasswd", "/static/../../etc/passwd", "/docs", "/openapi.json",
+             f"/face/{store.dir}/v0001/manifest.json", "/face/file:%2F%2F%2Fetc%2Fpasswd"]
+    for path in paths:
+        r = client.get(path)
+        assert r.status_code in (400, 404), path
+        assert "root:x:0:0" not in r.text and '"shards"' not in r.text, path
+    assert client.get("/?sort=../../etc/passwd").status_code == 400
+    assert client.get("/?min_..%2Fetc=1").status_code == 400
+    assert client.post("/").status_code == 405
+    routes = {(tuple(sorted(r.methods)), r.path) for r in client.app.routes if hasattr(r, "methods")}
+    assert routes == {(("GET",), "/"), (("GET",), "/face/{face_id}")}
+
+
+def test_unreadable_shard_is_reported_and_the_rest_served(tmp_path, version, frame):
+    store, v = version
+    root = tmp_path / "out"
+    shutil.copytree(store.dir, root / store.dataset)
+    copy = shards.Store(str(root), store.dataset)
+    entries = shards.read_manifest(copy, v)["shards"]
+    bad, later = entries[0], entries[1]
+    bad_ids = pd.read_parquet(f"{copy.version_dir(v)}/{bad['file']}").face_id.tolist()
+    with open(f"{copy.version_dir(v)}/{bad['file']}", "r+b") as f:  # garble its footer
+        f.seek(-64, 2)
+        f.write(b"\0" * 64)
+    client = TestClient(create_app(copy, v))
+    r = client.get("/?per_page=200")
+    assert r.status_code == 200
+    assert re.search(rf'class="warn unavailable">unavailable: {bad["rows"]} faces in {bad["file"]}', r.text)
+    shown = face_ids(r.text)
+    assert sorted(shown) == sorted(set(frame.face_id) - set(bad_ids))
+    assert client.get(f"/face/{bad_ids[0]}").status_code == 404
+    # A shard that disappears while serving: its faces' crops are unavailable, the page still answers.
+    later_ids = pd.read_parquet(f"{copy.version_dir(v)}/{later['file']}").face_id.tolist()
+    (root / store.dataset / f"v{v:04d}" / later["file"]).unlink()
+    r = client.get("/?per_page=200")
+    assert r.status_code == 200 and r.text.count("crop unavailable") == len(later_ids)
+    r = client.get(f"/face/{later_ids[0]}")
+    assert r.status_code == 503 and later["file"] in r.text
+
+
+def test_taken_port_is_one_clear_error(version, tmp_path):
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen(1)
+    port = holder.getsockname()[1]
+    try:
+        with pytest.raises(PortTaken, match=f"127.0.0.1:{port}.*--port"):
+            bind("127.0.0.1", port)
+        from flows.cli import main
+        from tests.conftest import write_catalog
+
+        store, v = version
+        catalog = write_catalog(tmp_path / "catalog.yaml", [{"name": "x", "kind": "folder", "path": str(tmp_path)}],
+                                output_root=store.root)
+        assert main(["browse", "--catalog", str(catalog), f"faces@v{v}", "--port", str(port)]) == 2
+    finally:
+        holder.close()
