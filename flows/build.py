@@ -15,8 +15,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from flows.events import emit_landed
 from flows.runtime import dask_task_runner, default_task_runner
 from pipeline import shards
-from pipeline.build import (Batch, BatchResult, check_scores_parent, clean_abandoned, commit_version, plan_build,
-                            process_batch, scores_version, store_of)
+from pipeline.build import (Batch, BatchResult, check_models, check_scores_parent, clean_abandoned, commit_version,
+                            plan_build, process_batch, scores_version, store_of)
 from pipeline.catalog import Catalog, load_catalog
 from pipeline.summary import format_summary, version_summary
 
@@ -46,6 +46,8 @@ def build_dataset(catalog_path: str = "catalog.yaml", lock_wait_s: float = 0.0, 
         if plan.nothing_to_do and scores is None:
             logger.info("nothing new: %s@v%d stays the latest", catalog.dataset, plan.parent)
             return {"dataset": catalog.dataset, "version": plan.parent, "created": False, "processed": 0}
+        if plan.batches:
+            check_models(catalog)  # a model that cannot load stops the flow before any batch or staging
         futures = process_batch_task.map(unmapped(catalog), unmapped(plan.staging_key), plan.batches)
         sizes = {f.task_run_id: len(b.items) for f, b in zip(futures, plan.batches)}
         results, done = [], 0

@@ -30,6 +30,7 @@ from pipeline.quality import apply_rules, face_features
 from pipeline.shards import (FACES_SCHEMA, FEATURE_COLUMNS, IMAGES_SCHEMA, QUARANTINE_SCHEMA, Store,
                              link_or_copy, read_table_file, write_atomic, write_table)
 from pipeline.sources import FetchError, SourceItem, TarReader, fetch_url, list_items, read_file
+from pipeline.weights import ModelError
 
 log = logging.getLogger(__name__)
 
@@ -303,7 +304,9 @@ def process_batch(catalog: Catalog, plan_staging_key: str, batch: Batch) -> Batc
 
 def _label_isolating_failures(chain, catalog, decoded, quarantine):
     """Label all images in one batched call; if a model fails on the batch, retry image by image so
-    one bad image is quarantined (stage 'detect') instead of failing the whole batch."""
+    one bad image is quarantined (stage 'detect', retried by the next build) instead of failing the
+    whole batch. A model that fails on every image of a batch (two or more) is the model's fault, not
+    the images': ModelError, and nothing of the batch is quarantined."""
     if not decoded:
         return []
     pre = [catalog.source(item.source).pre_cropped for item, _, _ in decoded]
@@ -314,13 +317,43 @@ def _label_isolating_failures(chain, catalog, decoded, quarantine):
         raise
     except Exception as err:  # noqa: BLE001 - isolate, then report per image below
         log.warning("batch labelling failed (%s); retrying image by image", err)
-    out = []
+    out, failed = [], []
     for entry, is_pre in zip(decoded, pre):
         try:
             out.append((entry, label_images(chain, [entry[2]], [is_pre])[0]))
+        except (MemoryError, KeyboardInterrupt):
+            raise
         except Exception as err:  # noqa: BLE001
-            quarantine(entry[0], "detect", "model error", f"{type(err).__name__}: {err}", entry[1])
+            failed.append((entry, err))
+    if len(failed) >= 2 and not out:
+        entry, err = failed[0]
+        raise ModelError(
+            f"the detector chain failed on every one of {len(failed)} decoded images of a batch "
+            f"(first: {entry[0].uri}: {type(err).__name__}: {err}); this is a model or configuration fault, "
+            f"not the images': check `detectors` in {catalog.path}") from err
+    for entry, err in failed:
+        quarantine(entry[0], "detect", "model error", f"{type(err).__name__}: {err}", entry[1])
     return out
+
+
+def check_models(catalog: Catalog) -> None:
+    """Load every model of the chain the sources need (weights found, sha256 checked, loaded) before
+    the first batch, so a misconfigured model stops the build instead of quarantining its images.
+    Raises ModelError naming the detector and its file."""
+    chain = get_chain(catalog.detectors)
+    specs = [("landmarker", s) for s in catalog.detectors.landmarkers]
+    if any(not getattr(s, "pre_cropped", False) for s in catalog.sources):
+        specs.insert(0, ("face detector", catalog.detectors.face))
+    try:
+        chain.landmarkers
+        if specs[0][0] == "face detector":
+            chain.face_detector
+    except ModelError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any load failure is reported with the model it came from
+        named = ", ".join(f"{role} {s.name!r} ({s.weights})" for role, s in specs)
+        raise ModelError(f"{catalog.path}: detectors: a model could not be loaded: {type(err).__name__}: {err} "
+                         f"[the chain: {named}]; fix the path or sha256 in the catalog (nothing was built)") from err
 
 
 # ------------------------------------------------------------------------------------------ commit
@@ -535,6 +568,8 @@ def build(catalog: Catalog, *, map_batches: Callable | None = None, progress: Ca
         check_scores_parent(plan, scores, scores_for_version)
         if plan.nothing_to_do and scores is None:
             return plan.parent, plan
+        if plan.batches:
+            check_models(catalog)  # a model that cannot load stops here, before anything is written
         fn = lambda batch: process_batch(catalog, plan.staging_key, batch)  # noqa: E731
         if map_batches is None:
             results = []

@@ -36,6 +36,11 @@ class WeightsError(RuntimeError):
     """A weight file is missing or does not match its expected sha256."""
 
 
+class ModelError(WeightsError):
+    """A model of the detector chain cannot be used (its weights are missing or wrong, it fails to
+    load, or it fails on every image): the configuration's fault, never the images'."""
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

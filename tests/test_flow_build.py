@@ -46,3 +46,26 @@ def test_dask_cuda_without_the_package_is_a_clear_error(tmp_path, capsys):
                          extra={"execution": {"dask_cuda": True}})
     assert main(["build", "--catalog", str(path)]) == 2
     assert "execution.dask_cuda needs the dask-cuda package" in capsys.readouterr().err
+
+
+def test_the_flow_stops_on_a_missing_model_file(tmp_path, prefect_harness, capsys):
+    """A misspelled weight path fails the flow before any batch (exit 2, the file named, nothing built)."""
+    import shutil
+
+    import yaml
+
+    from flows.cli import main
+    from tests.conftest import AFLW_DEV, DATA
+
+    scenes = tmp_path / "scenes"
+    scenes.mkdir()
+    shutil.copy(DATA / "aflw2000-dev" / f"{AFLW_DEV[0]}.jpg", scenes)
+    path = write_catalog(tmp_path / "c.yaml", [{"name": "s", "kind": "folder", "path": str(scenes)}],
+                         output_root=str(tmp_path / "out"))
+    data = yaml.safe_load(path.read_text())
+    data["detectors"]["face"]["weights"] = data["detectors"]["face"]["weights"].replace("det_500m", "det_500mm")
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    assert main(["build", "--catalog", str(path)]) == 2
+    assert "det_500mm.onnx" in capsys.readouterr().err
+    store = store_of(load_catalog(path))
+    assert shards.list_versions(store) == [] and not (tmp_path / "out" / "faces" / "_staging").exists()
