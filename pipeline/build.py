@@ -53,6 +53,9 @@ class BuildPlan:
     batches: list[Batch]
     rules_changed: bool
     staging_key: str
+    # uris the parent quarantined for a transient fault (timeout, 5xx, model error) and listed again:
+    # planned as new, and their old ledger and quarantine rows are replaced at commit
+    retry_uris: frozenset[str] = frozenset()
 
     @property
     def new_items(self) -> int:
@@ -79,21 +82,38 @@ def _chain_hash(catalog: Catalog) -> str:
 
 
 def plan_build(catalog: Catalog) -> BuildPlan:
-    """List every source; what the parent's ledger already holds is skipped without reading it."""
+    """List every source; what the parent's ledger already holds is skipped without reading it.
+
+    Items the parent quarantined for a transient fault are planned again.
+    """
     store = store_of(catalog)
     parent = shards.latest_version(store)
     known: set[str] = set()
+    retry: set[str] = set()
     rules_changed = False
     if parent is not None:
-        known = set(shards.read_side_table(store, parent, "images").column("stat_key").to_pylist())
-        rules_changed = shards.read_manifest(store, parent).get("rules_hash") != catalog.rules_hash()
+        manifest = shards.read_manifest(store, parent)
+        rules_changed = manifest.get("rules_hash") != catalog.rules_hash()
+        quarantine = shards.conform_quarantine(shards.read_side_table(store, parent, "quarantine"))
+        retry = {u for u, r in zip(quarantine.column("uri").to_pylist(),
+                                   quarantine.column("retryable").to_pylist()) if r}
+        images = shards.read_side_table(store, parent, "images")
+        known = {k for k, u, st in zip(images.column("stat_key").to_pylist(), images.column("uri").to_pylist(),
+                                       images.column("status").to_pylist())
+                 if not (st == "quarantined" and u in retry)}
     fresh: list[SourceItem] = []
+    retried: set[str] = set()
     listed = 0
     for source in catalog.sources:
         for item in list_items(source):
             listed += 1
             if item.stat_key not in known:
                 fresh.append(item)
+                if item.uri in retry:
+                    retried.add(item.uri)
+    if retried:
+        log.info("%s: trying %d images again that v%d quarantined for a transient fault",
+                 catalog.dataset, len(retried), parent)
     size = catalog.execution.batch_images
     chain = _chain_hash(catalog)
     batches = []
@@ -104,7 +124,7 @@ def plan_build(catalog: Catalog) -> BuildPlan:
             digest.update(item.stat_key.encode() + b"\n")
         batches.append(Batch(digest.hexdigest()[:20], items))
     return BuildPlan(catalog.dataset, parent, listed, listed - len(fresh), batches, rules_changed,
-                     staging_key=f"p{parent or 0:04d}-{chain[:12]}")
+                     staging_key=f"p{parent or 0:04d}-{chain[:12]}", retry_uris=frozenset(retried))
 
 
 # ------------------------------------------------------------------------------------------- batch
@@ -225,7 +245,8 @@ def process_batch(catalog: Catalog, plan_staging_key: str, batch: Batch) -> Batc
 
     def quarantine(item: SourceItem, stage: str, reason: str, detail: str, image_id: str | None = None):
         quarantine_rows.append({"uri": item.uri, "source": item.source, "image_id": image_id, "stage": stage,
-                                "reason": reason, "detail": detail[:500], "version": 0})
+                                "reason": reason, "detail": detail[:500], "version": 0,
+                                "retryable": shards.quarantine_retryable(stage, reason)})
         images_rows.append({"image_id": image_id, "source": item.source, "uri": item.uri, "stat_key": item.stat_key,
                             "status": "quarantined", "n_faces": 0, "width": None, "height": None, "version": 0})
         counts[f"quarantined:{stage}"] += 1
@@ -425,9 +446,18 @@ def commit_version(catalog: Catalog, plan: BuildPlan, results: Iterable[BatchRes
     if plan.parent is not None:
         pdir = store.version_dir(plan.parent)
         parent_manifest = shards.read_manifest(store, plan.parent)
-        images_parts.append(read_table_file(fs, f"{pdir}/images.parquet"))
-        quarantine_parts.append(read_table_file(fs, f"{pdir}/quarantine.parquet"))
-        seen_ids.update(x for x in images_parts[0].column("image_id").to_pylist() if x)
+        images = read_table_file(fs, f"{pdir}/images.parquet")
+        quarantine = shards.conform_quarantine(read_table_file(fs, f"{pdir}/quarantine.parquet"))
+        if plan.retry_uris:  # tried again in this build: the batches' rows replace these
+            retried = pa.array(sorted(plan.retry_uris), pa.string())
+            images = images.filter(pa.compute.invert(pa.compute.and_(
+                pa.compute.equal(images.column("status"), "quarantined"),
+                pa.compute.is_in(images.column("uri"), value_set=retried))))
+            quarantine = quarantine.filter(pa.compute.invert(
+                pa.compute.is_in(quarantine.column("uri"), value_set=retried)))
+        images_parts.append(images)
+        quarantine_parts.append(quarantine)
+        seen_ids.update(x for x in images.column("image_id").to_pylist() if x)
         rewrite = plan.rules_changed or scores is not None
         for i, entry in enumerate(parent_manifest["shards"]):
             src = f"{pdir}/{entry['file']}"
@@ -458,7 +488,8 @@ def commit_version(catalog: Catalog, plan: BuildPlan, results: Iterable[BatchRes
                 fresh_ids.add(image_id)
         images = images.set_column(images.schema.get_field_index("status"), "status", pa.array(status, pa.string()))
         images_parts.append(_with_version(images, version))
-        quarantine_parts.append(_with_version(read_table_file(fs, f"{staging}/{result.quarantine_file}"), version))
+        quarantine_parts.append(shards.conform_quarantine(
+            _with_version(read_table_file(fs, f"{staging}/{result.quarantine_file}"), version)))
         if result.faces_file:
             faces = read_table_file(fs, f"{staging}/{result.faces_file}")
             dup = pa.array([i in seen_ids for i in faces.column("image_id").to_pylist()])

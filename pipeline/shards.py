@@ -91,8 +91,31 @@ QUARANTINE_SCHEMA = pa.schema(
         pa.field("reason", pa.string(), nullable=False),
         pa.field("detail", pa.string()),
         pa.field("version", pa.int32(), nullable=False),
+        # the fault may pass (timeout, 5xx, connection, model error): the next build tries the image
+        # again; null in versions written before this column existed (see `quarantine_retryable`)
+        pa.field("retryable", pa.bool_()),
     ]
 )
+
+# Quarantine reasons that say nothing about the image itself: a transient fetch fault (the fetcher's
+# retries ran out: timeouts, HTTP 429/5xx, connection errors, a truncated body; a local read error)
+# or a model that failed. The next build lists such items as new, so they are tried again.
+RETRYABLE_FETCH_REASONS = frozenset({"fetch failed", "timeout", "read error"})
+
+
+def quarantine_retryable(stage: str, reason: str) -> bool:
+    """Whether a quarantine row's fault is transient (try the image again) or the image's own."""
+    return (stage == "fetch" and reason in RETRYABLE_FETCH_REASONS) or (stage == "detect" and reason == "model error")
+
+
+def conform_quarantine(table: pa.Table) -> pa.Table:
+    """A quarantine table in today's schema: tables of older versions get `retryable` from their reasons."""
+    if "retryable" not in table.column_names:
+        flags = [quarantine_retryable(s, r) for s, r in zip(table.column("stage").to_pylist(),
+                                                            table.column("reason").to_pylist())]
+        table = table.append_column("retryable", pa.array(flags, pa.bool_()))
+    return table.select(QUARANTINE_SCHEMA.names).cast(QUARANTINE_SCHEMA)
+
 
 SCORES_SCHEMA = pa.schema(
     [

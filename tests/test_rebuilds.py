@@ -36,6 +36,35 @@ def _edit(path: Path, fn) -> None:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
+def test_transient_fetch_faults_are_tried_again_and_permanent_ones_not(tmp_path):
+    """/flaky answers 503 twice, then serves: the first build (2 attempts) quarantines it as
+    retryable, the next fetches it; /404 stays quarantined and is not fetched again."""
+    with LocalServer(face_jpeg()) as server:
+        urls = [f"{server.url}/flaky", f"{server.url}/404"]
+        (tmp_path / "urls.txt").write_text("\n".join(urls) + "\n")
+        catalog = load_catalog(write_catalog(tmp_path / "c.yaml", [
+            {"name": "web", "kind": "urls", "path": str(tmp_path / "urls.txt"), "timeout_s": 2.0, "retries": 1,
+             "backoff_s": 0.01, "pre_cropped": True}], output_root=str(tmp_path / "out")))
+        assert build(catalog)[0] == 1
+        store = store_of(catalog)
+        q1 = shards.read_side_table(store, 1, "quarantine").to_pandas().set_index("uri")
+        assert q1.loc[urls[0]].reason == "fetch failed" and q1.loc[urls[0]].retryable
+        assert q1.loc[urls[1]].reason == "HTTP 404" and not q1.loc[urls[1]].retryable
+        version, plan = build(catalog)
+        assert version == 2 and plan.new_items == 1 and plan.retry_uris == {urls[0]}
+        from tests.http_server import Routes
+
+        assert Routes.hits["/404"] == 1  # a permanent fault is not fetched again
+    q2 = shards.read_side_table(store, 2, "quarantine").to_pandas()
+    assert q2.uri.tolist() == [urls[1]]  # the retried image's old row is gone
+    images = shards.read_side_table(store, 2, "images").to_pandas().set_index("uri")
+    assert images.index.is_unique and images.loc[urls[0]].status == "ok"  # in the ledger once
+    faces = shards.read_faces(store, 2, columns=["uri"]).to_pandas()
+    assert faces.uri.tolist() == [urls[0]]
+    assert shards.read_manifest(store, 2)["counts"]["images_quarantined"] == 1
+    assert build(catalog)[1].nothing_to_do  # the 404 alone does not trigger builds
+
+
 def _scene_catalog(tmp_path: Path, n: int = 3) -> Path:
     scenes = tmp_path / "scenes"
     scenes.mkdir()
@@ -78,3 +107,32 @@ def test_a_model_failing_on_every_image_is_a_model_fault(tmp_path):
     with pytest.raises(ModelError, match="every one of 3"):
         build_module._label_isolating_failures(Broken(), catalog, decoded, lambda *a, **k: quarantined.append(a))
     assert quarantined == []
+
+
+def test_images_quarantined_for_a_model_error_are_tried_again(tmp_path, monkeypatch):
+    """v1: the chain fails on one image (a 'model error' quarantine row); v2 labels it."""
+    path = _scene_catalog(tmp_path)
+    catalog = load_catalog(path)
+    real = build_module.label_images
+    victim = np.asarray(build_module.decode_batch(
+        [sorted((DATA / "aflw2000-dev").glob("*.jpg"))[1].read_bytes()], device=torch.device("cpu"),
+        max_pixels=catalog.limits.max_pixels, min_side_px=catalog.limits.min_side_px)[0])
+
+    def flaky(chain, images, pre):
+        if any(np.asarray(im).shape == victim.shape and np.array_equal(np.asarray(im), victim) for im in images):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real(chain, images, pre)
+
+    monkeypatch.setattr(build_module, "label_images", flaky)
+    assert build(catalog)[0] == 1
+    store = store_of(catalog)
+    q1 = shards.read_side_table(store, 1, "quarantine").to_pandas()
+    assert q1.reason.tolist() == ["model error"] and q1.retryable.all()
+    monkeypatch.setattr(build_module, "label_images", real)
+    version, plan = build(catalog)
+    assert version == 2 and plan.new_items == 1
+    assert shards.read_side_table(store, 2, "quarantine").num_rows == 0
+    images = shards.read_side_table(store, 2, "images").to_pandas()
+    assert len(images) == 3 and (images.status == "ok").all()
+    faces = shards.read_faces(store, 2, columns=["uri"]).to_pandas()
+    assert faces.uri.nunique() == 3
