@@ -56,6 +56,10 @@ class BuildPlan:
     # uris the parent quarantined for a transient fault (timeout, 5xx, model error) and listed again:
     # planned as new, and their old ledger and quarantine rows are replaced at commit
     retry_uris: frozenset[str] = frozenset()
+    # the detector chain differs from the parent's: every listed item is labelled again and the new
+    # version holds only the new labels (`chain_change` says what changed)
+    relabel: bool = False
+    chain_change: str = ""
 
     @property
     def new_items(self) -> int:
@@ -63,7 +67,7 @@ class BuildPlan:
 
     @property
     def nothing_to_do(self) -> bool:
-        return not self.batches and not self.rules_changed and self.parent is not None
+        return not self.batches and not self.rules_changed and not self.relabel and self.parent is not None
 
 
 def store_of(catalog: Catalog) -> Store:
@@ -81,26 +85,65 @@ def _chain_hash(catalog: Catalog) -> str:
     return hashlib.sha256(json.dumps(catalog.detectors.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
 
 
+def chain_identity(catalog: Catalog) -> list[dict]:
+    """The manifest's `detectors`: role, name, weights path and the sha256 the weights are checked against."""
+    from pipeline.weights import KNOWN_SHA256
+
+    chain = get_chain(catalog.detectors)
+    return [dict(d, weights_sha256=(s.sha256 or KNOWN_SHA256.get(str(d["weights"]).rsplit("/", 1)[-1])))
+            for d, s in zip(chain.identity(), [catalog.detectors.face, *catalog.detectors.landmarkers])]
+
+
+def chain_change(old: list[dict] | None, new: list[dict]) -> str:
+    """'' when two manifests' detector chains label alike (same models, same weight digests; a moved
+    weights folder is no change), else what differs, e.g. 'tddfa_mb05 weights: f93ed7f1c4c0 -> 0a1b2c3d4e5f'."""
+    if old is None:
+        return ""
+
+    def key(d):  # the digest identifies the weights; the path only where no digest is known
+        return (d.get("role"), d.get("name"), d.get("weights_sha256") or d.get("weights"))
+
+    if [key(d) for d in old] == [key(d) for d in new]:
+        return ""
+    changes = []
+    for a, b in zip(old, new):
+        if (a.get("role"), a.get("name")) != (b.get("role"), b.get("name")):
+            changes.append(f"{a.get('role')} {a.get('name')} -> {b.get('name')}")
+        elif key(a) != key(b):
+            short = lambda d: str(d.get("weights_sha256") or d.get("weights"))[:12]  # noqa: E731
+            changes.append(f"{b.get('name')} weights: {short(a)} -> {short(b)}")
+    if len(old) != len(new):
+        changes.append(f"landmarkers: {[d.get('name') for d in old[1:]]} -> {[d.get('name') for d in new[1:]]}")
+    return "; ".join(changes)
+
+
 def plan_build(catalog: Catalog) -> BuildPlan:
     """List every source; what the parent's ledger already holds is skipped without reading it.
 
-    Items the parent quarantined for a transient fault are planned again.
+    Items the parent quarantined for a transient fault are planned again. When the detector chain
+    differs from the parent's (another model or other weights), every item is planned again.
     """
     store = store_of(catalog)
     parent = shards.latest_version(store)
     known: set[str] = set()
     retry: set[str] = set()
-    rules_changed = False
+    rules_changed, change = False, ""
     if parent is not None:
         manifest = shards.read_manifest(store, parent)
         rules_changed = manifest.get("rules_hash") != catalog.rules_hash()
-        quarantine = shards.conform_quarantine(shards.read_side_table(store, parent, "quarantine"))
-        retry = {u for u, r in zip(quarantine.column("uri").to_pylist(),
-                                   quarantine.column("retryable").to_pylist()) if r}
-        images = shards.read_side_table(store, parent, "images")
-        known = {k for k, u, st in zip(images.column("stat_key").to_pylist(), images.column("uri").to_pylist(),
-                                       images.column("status").to_pylist())
-                 if not (st == "quarantined" and u in retry)}
+        change = chain_change(manifest.get("detectors"), chain_identity(catalog))
+        if change:
+            log.warning("%s: detector chain changed since v%d (%s): re-labelling every listed image into the "
+                        "next version, which holds only the new labels (v%d stays as it was)",
+                        catalog.dataset, parent, change, parent)
+        else:
+            quarantine = shards.conform_quarantine(shards.read_side_table(store, parent, "quarantine"))
+            retry = {u for u, r in zip(quarantine.column("uri").to_pylist(),
+                                       quarantine.column("retryable").to_pylist()) if r}
+            images = shards.read_side_table(store, parent, "images")
+            known = {k for k, u, st in zip(images.column("stat_key").to_pylist(), images.column("uri").to_pylist(),
+                                           images.column("status").to_pylist())
+                     if not (st == "quarantined" and u in retry)}
     fresh: list[SourceItem] = []
     retried: set[str] = set()
     listed = 0
@@ -124,7 +167,8 @@ def plan_build(catalog: Catalog) -> BuildPlan:
             digest.update(item.stat_key.encode() + b"\n")
         batches.append(Batch(digest.hexdigest()[:20], items))
     return BuildPlan(catalog.dataset, parent, listed, listed - len(fresh), batches, rules_changed,
-                     staging_key=f"p{parent or 0:04d}-{chain[:12]}", retry_uris=frozenset(retried))
+                     staging_key=f"p{parent or 0:04d}-{chain[:12]}", retry_uris=frozenset(retried),
+                     relabel=bool(change), chain_change=change)
 
 
 # ------------------------------------------------------------------------------------------- batch
@@ -443,7 +487,7 @@ def commit_version(catalog: Catalog, plan: BuildPlan, results: Iterable[BatchRes
     reasons_all: list[str | None] = []
     seen_ids: set[str] = set()
 
-    if plan.parent is not None:
+    if plan.parent is not None and not plan.relabel:  # a re-labelled version starts afresh
         pdir = store.version_dir(plan.parent)
         parent_manifest = shards.read_manifest(store, plan.parent)
         images = read_table_file(fs, f"{pdir}/images.parquet")
@@ -512,9 +556,6 @@ def commit_version(catalog: Catalog, plan: BuildPlan, results: Iterable[BatchRes
             "quarantine": write_table(fs, f"{vdir}/quarantine.parquet", quarantine_all)}
     if scores is not None:
         side["scores"] = write_table(fs, f"{vdir}/scores.parquet", scores)
-    chain = get_chain(catalog.detectors)
-    from pipeline.weights import KNOWN_SHA256
-
     manifest = {
         "schema_version": shards.SCHEMA_VERSION,
         "dataset": catalog.dataset,
@@ -525,13 +566,14 @@ def commit_version(catalog: Catalog, plan: BuildPlan, results: Iterable[BatchRes
         "catalog_path": catalog.path,
         "catalog_hash": catalog.content_hash(),
         "rules_hash": catalog.rules_hash(),
-        "detectors": [dict(d, weights_sha256=(s.sha256 or KNOWN_SHA256.get(str(d["weights"]).rsplit("/", 1)[-1])))
-                      for d, s in zip(chain.identity(), [catalog.detectors.face, *catalog.detectors.landmarkers])],
+        "detectors": chain_identity(catalog),
         "counts": {**summarize_counts(images_all, quarantine_all, keep_all, reasons_all),
                    "images_new": plan.new_items, "images_unchanged": plan.unchanged},
         "shards": shard_entries,
         "tables": side,
     }
+    if plan.relabel:
+        manifest["relabelled"] = plan.chain_change  # the parent's faces are not carried over
     write_atomic(fs, f"{vdir}/{shards.MANIFEST}", json.dumps(manifest, indent=2).encode())  # the commit point
     if fs.exists(staging):
         fs.rm(staging, recursive=True)
@@ -579,6 +621,10 @@ def check_scores_parent(plan: BuildPlan, scores: pa.Table | None, version: int |
         return
     if plan.parent is None:
         raise ValueError("scores need a parent version to fold into; build the dataset first")
+    if plan.relabel:
+        raise ValueError(f"the detector chain changed since v{plan.parent} ({plan.chain_change}), so this build "
+                         "re-labels every image and the scores would not fit the new labels; build without "
+                         "--scores first, then train and rescore the new version")
     if version is not None and version != plan.parent:
         raise ValueError(f"the scores are for v{version}, but this build extends v{plan.parent}; "
                          f"rescore v{plan.parent} first")

@@ -136,3 +136,33 @@ def test_images_quarantined_for_a_model_error_are_tried_again(tmp_path, monkeypa
     assert len(images) == 3 and (images.status == "ok").all()
     faces = shards.read_faces(store, 2, columns=["uri"]).to_pandas()
     assert faces.uri.nunique() == 3
+
+
+def test_a_changed_detector_chain_relabels_and_says_so(tmp_path, caplog):
+    path = _scene_catalog(tmp_path, n=2)
+    catalog = load_catalog(path)
+    assert build(catalog)[0] == 1
+    # The same weights from another folder are no change.
+    moved = tmp_path / "models" / "det_500m.onnx"
+    moved.parent.mkdir()
+    shutil.copy(MODELS / "insightface-det" / "det_500m.onnx", moved)
+    _edit(path, lambda d: d["detectors"]["face"].update(weights=str(moved)))
+    version, plan = build(load_catalog(path))
+    assert version == 1 and plan.nothing_to_do and not plan.relabel
+    # Other weights: every image is labelled again, into a version of new labels only.
+    _edit(path, lambda d: d["detectors"]["face"].update(weights=str(MODELS / "insightface-det" / "det_2.5g.onnx")))
+    changed = load_catalog(path)
+    with caplog.at_level(logging.WARNING, logger="pipeline.build"):
+        version, plan = build(changed)
+    assert version == 2 and plan.relabel and plan.new_items == 2
+    assert "scrfd weights: 5e4447f50245 -> 041f73f47371" in plan.chain_change
+    assert "detector chain changed since v1" in caplog.text and plan.chain_change in caplog.text
+    store = store_of(changed)
+    manifest = shards.read_manifest(store, 2)
+    assert manifest["relabelled"] == plan.chain_change
+    assert manifest["detectors"][0]["weights_sha256"].startswith("041f73f47371")
+    images = shards.read_side_table(store, 2, "images").to_pandas()
+    assert len(images) == 2 and (images.version == 2).all()  # labelled by this version, none carried over
+    faces = shards.read_faces(store, 2, columns=["face_id"]).to_pandas()
+    assert faces.face_id.is_unique and len(faces) >= 2
+    assert build(changed)[1].nothing_to_do  # and then it is settled
