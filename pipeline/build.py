@@ -442,6 +442,20 @@ def _reapply_rules(faces: pa.Table, catalog: Catalog) -> pa.Table:
     return faces
 
 
+def _round_in_effect(store: Store, version: int) -> tuple[int | None, pa.Table | None]:
+    """The trainer round whose weights `version`'s faces carry: the scores table folded by it or by its
+    nearest ancestor (versions that only add images or change rules keep the folded weights), or
+    (None, None). A re-labelled version carries no round."""
+    while version is not None:
+        manifest = shards.read_manifest(store, version)
+        if "scores" in manifest.get("tables", {}):
+            return version, read_table_file(store.fs, f"{store.version_dir(version)}/scores.parquet")
+        if manifest.get("relabelled"):
+            return None, None
+        version = manifest.get("parent")
+    return None, None
+
+
 def summarize_counts(images: pa.Table, quarantine: pa.Table, faces_keep: list[bool],
                      reasons: list[str | None]) -> dict:
     status = Counter(images.column("status").to_pylist())
@@ -487,6 +501,7 @@ def commit_version(catalog: Catalog, plan: BuildPlan, results: Iterable[BatchRes
     reasons_all: list[str | None] = []
     seen_ids: set[str] = set()
 
+    round_from = None
     if plan.parent is not None and not plan.relabel:  # a re-labelled version starts afresh
         pdir = store.version_dir(plan.parent)
         parent_manifest = shards.read_manifest(store, plan.parent)
@@ -503,14 +518,17 @@ def commit_version(catalog: Catalog, plan: BuildPlan, results: Iterable[BatchRes
         quarantine_parts.append(quarantine)
         seen_ids.update(x for x in images.column("image_id").to_pylist() if x)
         rewrite = plan.rules_changed or scores is not None
+        fold = scores
+        if rewrite and scores is None:  # rules re-decided: the round folded earlier keeps its factor
+            round_from, fold = _round_in_effect(store, plan.parent)
         for i, entry in enumerate(parent_manifest["shards"]):
             src = f"{pdir}/{entry['file']}"
             if rewrite:
                 table = _reapply_rules(read_table_file(fs, src), catalog)
-                if scores is not None:
+                if fold is not None:
                     from pipeline.rounds import fold_scores
 
-                    table = fold_scores(table, scores)
+                    table = fold_scores(table, fold)
                 name = f"faces-v{version:04d}-{i:05d}.parquet"
                 shard_entries.append(write_table(fs, f"{vdir}/{name}", table))
             else:
@@ -574,6 +592,8 @@ def commit_version(catalog: Catalog, plan: BuildPlan, results: Iterable[BatchRes
     }
     if plan.relabel:
         manifest["relabelled"] = plan.chain_change  # the parent's faces are not carried over
+    if round_from is not None:
+        manifest["round_weights_from"] = round_from  # the version whose folded scores.parquet was re-applied
     write_atomic(fs, f"{vdir}/{shards.MANIFEST}", json.dumps(manifest, indent=2).encode())  # the commit point
     if fs.exists(staging):
         fs.rm(staging, recursive=True)

@@ -36,6 +36,36 @@ def _edit(path: Path, fn) -> None:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
+def test_a_rules_only_rebuild_keeps_the_folded_round_weights(tmp_path):
+    """v2 folds a round (weights x 0.5, one face x 0.05 -> dropped); v3 only changes a weight rule:
+    its weights are the new rules' weights x the round's, not the rules' alone."""
+    wild = copy_images(tmp_path / "wild", "aflw-wild-crops", WILD[:6])
+    path = write_catalog(tmp_path / "c.yaml", [{"name": "wild", "kind": "folder", "path": str(wild),
+                                               "pre_cropped": True}], output_root=str(tmp_path / "out"))
+    catalog = load_catalog(path)
+    assert build(catalog)[0] == 1
+    v1 = _faces(catalog, 1)
+    new_weight = np.full(len(v1), 0.5, np.float32)
+    new_weight[0] = 0.05
+    scores = pa.Table.from_pydict({
+        "face_id": v1.face_id.tolist(), "round": [1] * len(v1), "model_sha256": ["x" * 64] * len(v1),
+        "cycle_error": [1.0] * len(v1), "critic_score": [0.5] * len(v1), "landmark_residual": [1.0] * len(v1),
+        "new_weight": new_weight.tolist()}, schema=SCORES_SCHEMA)
+    assert build(catalog, scores=scores, scores_for_version=1)[0] == 2
+    _edit(path, lambda d: d["rules"].update(min_weight=0.5))  # a weight rule changes, no image does
+    changed = load_catalog(path)
+    version, plan = build(changed)
+    assert version == 3 and plan.rules_changed and plan.new_items == 0
+    v3 = _faces(changed, 3).set_index("face_id").loc[v1.face_id]
+    rules = apply_rules(v3[["det_score", *FEATURE_COLUMNS]].reset_index(drop=True), changed.rules)
+    kept = rules.keep.to_numpy()
+    assert kept[1:].any()
+    expected = rules.weight.to_numpy() * new_weight
+    np.testing.assert_allclose(v3.weight.to_numpy()[1:][kept[1:]], expected[1:][kept[1:]], rtol=1e-5)
+    assert not v3.keep.iloc[0] and v3.weight.iloc[0] == 0 and v3.reject_reason.iloc[0].startswith("rescore")
+    assert shards.read_manifest(store_of(changed), 3)["round_weights_from"] == 2
+
+
 def test_transient_fetch_faults_are_tried_again_and_permanent_ones_not(tmp_path):
     """/flaky answers 503 twice, then serves: the first build (2 attempts) quarantines it as
     retryable, the next fetches it; /404 stays quarantined and is not fetched again."""
