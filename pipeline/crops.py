@@ -75,9 +75,14 @@ def crop_affine(roi: np.ndarray, size: int = CROP_SIZE) -> np.ndarray:
 
 
 def apply_affine(points: np.ndarray, affine6: np.ndarray) -> np.ndarray:
-    """Map (N, 2) points through a flattened 2x3 affine."""
-    m = np.asarray(affine6, dtype=np.float64).reshape(2, 3)
-    return (points @ m[:, :2].T + m[:, 2]).astype(np.float32)
+    """Map points through flattened 2x3 affines: (N, 2) points through one (6,) affine, or a batch
+    [B, N, 2] through one affine per face [B, 6]. Float64 inside, float32 out."""
+    m = np.asarray(affine6, dtype=np.float64)
+    if m.ndim == 1:
+        m = m.reshape(2, 3)
+        return (points @ m[:, :2].T + m[:, 2]).astype(np.float32)
+    m = m.reshape(*m.shape[:-1], 2, 3)
+    return (np.einsum("...ij,...nj->...ni", m[..., :2], points) + m[..., None, :, 2]).astype(np.float32)
 
 
 def invert_affine(affine6: np.ndarray) -> np.ndarray:

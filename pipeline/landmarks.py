@@ -62,10 +62,14 @@ def nme_pct(pred, ref):
     return (pred - ref).norm(dim=-1).mean(-1) / norm * 100.0
 
 
-def yaw_bin(yaw_deg: float) -> int:
-    """0, 1 or 2 for |yaw| in [0, 30], (30, 60], > 60 degrees."""
-    a = abs(float(yaw_deg))
-    return 0 if a <= YAW_EDGES_DEG[0] else (1 if a <= YAW_EDGES_DEG[1] else 2)
+def yaw_bins(yaw_deg) -> np.ndarray:
+    """Per face: 0, 1 or 2 for |yaw| in [0, 30], (30, 60], > 60 degrees; -1 (no bin) where yaw is NaN.
+
+    The protocol's one binning: reference NME tables, the summary's pose bins and the report use it."""
+    a = np.abs(np.asarray(yaw_deg, dtype=np.float64))
+    bins = np.where(a <= YAW_EDGES_DEG[0], 0, np.where(a <= YAW_EDGES_DEG[1], 1, 2)).astype(np.int64)
+    bins[~np.isfinite(a)] = -1
+    return bins
 
 
 def ced_curve(nme: np.ndarray, max_pct: float = 10.0, steps: int = 101) -> tuple[np.ndarray, np.ndarray]:
@@ -97,7 +101,7 @@ def nme_table(nme: np.ndarray, yaw_deg: np.ndarray) -> dict:
     nme = np.asarray(nme, dtype=np.float64)
     yaw = np.asarray(yaw_deg, dtype=np.float64)
     ok = np.isfinite(nme) & np.isfinite(yaw)
-    bins = np.array([yaw_bin(v) for v in yaw[ok]], dtype=np.int64)
+    bins = yaw_bins(yaw[ok])
     vals = nme[ok]
     rows = []
     for b in range(3):

@@ -11,13 +11,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.catalog import Rules
-
-
-def box_nme_pct(pred: np.ndarray, ref: np.ndarray) -> float:
-    """NME (%) of (68, 2) `pred` against `ref`, normalised by sqrt(w*h) of ref's bounding box."""
-    span = ref.max(axis=0) - ref.min(axis=0)
-    norm = float(np.sqrt(max(span[0] * span[1], 1e-6)))
-    return float(np.linalg.norm(pred - ref, axis=1).mean() / norm * 100.0)
+from pipeline.landmarks import nme_pct
 
 
 def blur_score(crop_rgb: np.ndarray) -> float:
@@ -36,7 +30,7 @@ def face_features(*, bbox: np.ndarray, det_score: float, pose_deg: np.ndarray | 
                   crop_rgb: np.ndarray, width: int, height: int) -> dict[str, float]:
     """The stored quality features of one face (see pipeline.catalog.FEATURES for their meaning)."""
     yaw, pitch, roll = (float(v) for v in (pose_deg if pose_deg is not None else (np.nan,) * 3))
-    agreement = [box_nme_pct(alt, points) for alt in alt_points]
+    agreement = [float(nme_pct(alt, points)) for alt in alt_points]
     return {
         "face_px": float(np.sqrt(max((bbox[2] - bbox[0]) * (bbox[3] - bbox[1]), 0.0))),
         "det_score": float(det_score),
@@ -46,7 +40,7 @@ def face_features(*, bbox: np.ndarray, det_score: float, pose_deg: np.ndarray | 
         "abs_yaw_deg": abs(yaw),
         "blur": blur_score(crop_rgb),
         "agreement_nme_pct": float(np.mean(agreement)) if agreement else float("nan"),
-        "flip_nme_pct": box_nme_pct(flip_points, points) if flip_points is not None else float("nan"),
+        "flip_nme_pct": float(nme_pct(flip_points, points)) if flip_points is not None else float("nan"),
         "out_of_frame_frac": out_of_frame_frac(points, width, height),
         "landmark_score": float(np.mean(point_scores)),
     }

@@ -16,7 +16,7 @@ import pandas as pd
 
 from pipeline import shards
 from pipeline.crops import apply_affine
-from pipeline.landmarks import ced_curve, nme_pct
+from pipeline.landmarks import ced_curve, nme_pct, yaw_bins
 from pipeline.shards import FEATURE_COLUMNS, Store
 from pipeline.summary import YAW_BINS, version_summary
 
@@ -147,18 +147,17 @@ def _gallery(title: str, rows: pd.DataFrame, anchor: str) -> str:
 
 
 def _rounds_section(store: Store, version: int) -> str:
-    scores_dir = Path(store.dir) / "scores"
-    files = sorted(scores_dir.glob(f"v{version:04d}-r*.parquet")) if scores_dir.exists() else []
+    files = store.list_scores(version)
     manifest = shards.read_manifest(store, version)
     if "scores" in manifest.get("tables", {}):
-        files.insert(0, Path(store.version_dir(version)) / "scores.parquet")
+        files.insert(0, f"{store.version_dir(version)}/scores.parquet")
     evals = _round_evaluations(store)
     if not files:
         return evals or "<p class='muted'>No trainer round has scored this version yet.</p>"
     rows = []
     for f in files:
-        s = pd.read_parquet(f)
-        rows.append([f.name, int(s["round"].iloc[0]) if len(s) else "-", len(s), float(s.cycle_error.median()),
+        s = shards.read_table_file(store.fs, f).to_pandas()
+        rows.append([f.rsplit("/", 1)[-1], int(s["round"].iloc[0]) if len(s) else "-", len(s), float(s.cycle_error.median()),
                      float(s.landmark_residual.median()), float(s.critic_score.median()), float(s.new_weight.mean()),
                      int((s.new_weight < 0.1).sum())])
     parts = [_table(["scores file", "round", "faces", "median cycle %", "median residual %", "median critic",
@@ -170,20 +169,27 @@ def _rounds_section(store: Store, version: int) -> str:
 
 def _latest_scores(store: Store, version: int) -> tuple[str, pd.DataFrame] | None:
     """The newest trainer round's scores for this version: its own round, else the one it folded."""
-    files = sorted((Path(store.dir) / "scores").glob(f"v{version:04d}-r*.parquet"))
+    files = store.list_scores(version)
     if files:
-        return files[-1].stem, pd.read_parquet(files[-1])
-    folded = Path(store.version_dir(version)) / "scores.parquet"
-    return ("folded round", pd.read_parquet(folded)) if folded.exists() else None
+        name = files[-1].rsplit("/", 1)[-1].removesuffix(".parquet")
+        return name, shards.read_table_file(store.fs, files[-1]).to_pandas()
+    folded = f"{store.version_dir(version)}/scores.parquet"
+    if not store.fs.exists(folded):
+        return None
+    return "folded round", shards.read_table_file(store.fs, folded).to_pandas()
 
 
 def _round_evaluations(store: Store) -> str:
     """NME per round against the reference labels of each trained version (rounds/vNNNN/eval.json)."""
     rows = []
-    for path in sorted((Path(store.dir) / "rounds").glob("v*/eval.json")):
-        e = json.loads(path.read_text())
+    for round_version in store.round_versions():
+        path = f"{store.round_dir(round_version)}/eval.json"
+        if not store.fs.exists(path):
+            continue
+        with store.fs.open(path, "rb") as f:
+            e = json.loads(f.read())
         m, p = e["model"], e["pseudo_labels"]
-        rows.append([path.parent.name, e["faces"], *(b["mean"] for b in m["bins"]), m["balanced"], p["balanced"]])
+        rows.append([f"v{round_version:04d}", e["faces"], *(b["mean"] for b in m["bins"]), m["balanced"], p["balanced"]])
     if not rows:
         return ""
     return "<h3>NME per round (reference faces of the trained version)</h3>" + _table(
@@ -243,7 +249,7 @@ def render_report(store: Store, version: int | None = None, *, seed: int = 0,
     for name in ("det_score", *FEATURE_COLUMNS):
         parts.append(_histogram_svg(name, kept[name].to_numpy(np.float64), dropped[name].to_numpy(np.float64)))
 
-    yaw_bin = np.digitize(np.abs(faces.yaw_deg.to_numpy(np.float64)), [30, 60])
+    yaw_bin = yaw_bins(faces.yaw_deg.to_numpy(np.float64))
     rows = []
     for b, label in enumerate(YAW_BINS):
         sel = faces[yaw_bin == b]

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import shards
-from pipeline.landmarks import nme_table, yaw_bin
+from pipeline.landmarks import nme_table, yaw_bins
 
 YAW_BINS = ("0-30", "30-60", "60-90")
 
@@ -44,7 +44,7 @@ def reference_nme(faces: pa.Table) -> dict:
 def pose_bins(faces: pa.Table) -> dict:
     yaw = np.asarray(faces.column("yaw_deg").to_pylist(), dtype=np.float32)
     keep = np.asarray(faces.column("keep").to_pylist(), dtype=bool)
-    bins = np.array([yaw_bin(y) if np.isfinite(y) else -1 for y in yaw])
+    bins = yaw_bins(yaw)
     return {label: {"faces": int((bins == b).sum()), "kept": int(((bins == b) & keep).sum())}
             for b, label in enumerate(YAW_BINS)}
 

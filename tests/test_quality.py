@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 
 from pipeline.catalog import DropRule, Rules, WeightRule
-from pipeline.quality import apply_rules, box_nme_pct, out_of_frame_frac
+from pipeline.landmarks import nme_pct
+from pipeline.quality import apply_rules, out_of_frame_frac
 
 
 def test_drop_rules_in_order_with_reasons():
@@ -31,6 +32,6 @@ def test_weights_multiply_and_clip():
 
 def test_nme_and_out_of_frame():
     ref = np.stack([np.linspace(0, 100, 68), np.linspace(0, 100, 68)], axis=1)
-    assert box_nme_pct(ref, ref) == 0.0
-    assert np.isclose(box_nme_pct(ref + [3.0, 4.0], ref), 5.0)
+    assert nme_pct(ref, ref) == 0.0  # the one NME: quality features and the protocol alike
+    assert np.isclose(nme_pct(ref + [3.0, 4.0], ref), 5.0)
     assert out_of_frame_frac(ref, 51, 200) == np.mean(ref[:, 0] > 50)

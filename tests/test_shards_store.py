@@ -85,3 +85,40 @@ def test_lock_excludes_a_second_writer_and_recovers_from_a_dead_one(tmp_path):
     with DatasetLock(store):
         pass
     assert not (tmp_path / "d" / ".lock").exists()
+
+
+@pytest.mark.parametrize("kind", ["local", "memory"])
+def test_store_owns_every_path_and_reads_back_what_it_names(tmp_path, kind):
+    """Versions, staging, scores files and round folders: named by the store, found again by the store,
+    on a local root and on an fsspec one (memory://) alike."""
+    import uuid
+
+    root = str(tmp_path) if kind == "local" else f"memory://store-{uuid.uuid4().hex[:8]}"
+    store = Store(root, "d")
+    fs = store.fs
+    scores = shards.SCORES_SCHEMA.empty_table()
+    for version, round_index in [(2, 1), (2, 10), (2, 2), (3, 1), (12345, 7)]:
+        path = store.scores_path(version, round_index)
+        write_table(fs, path, scores)
+        assert store.scores_version(path) == version
+    write_table(fs, f"{store.dir}/scores/notes.parquet", scores)  # not a round's file: ignored
+    assert [store.scores_version(p) for p in store.list_scores(2)] == [2, 2, 2]
+    assert [p.rsplit("-r", 1)[-1] for p in store.list_scores(2)] == ["01.parquet", "02.parquet", "10.parquet"]
+    assert store.list_scores(3) == [store.scores_path(3, 1)]
+    assert store.list_scores(4) == []
+    assert store.scores_version("somewhere/v0002/scores.parquet") is None
+    assert store.scores_version("v0009-r03.parquet.bak") is None
+
+    for version in (1, 3):
+        write_atomic(fs, f"{store.round_dir(version)}/done.json", b"{}")
+    assert store.round_versions() == [1, 3]
+    with fs.open(f"{store.round_dir(3)}/done.json", "rb") as f:
+        assert f.read() == b"{}"
+
+    for version in (1, 2):
+        write_atomic(fs, f"{store.version_dir(version)}/faces.parquet", b"x")
+    write_atomic(fs, f"{store.version_dir(1)}/{shards.MANIFEST}", b"{}")
+    assert sorted(store.version_dirs()) == [1, 2]
+    assert shards.list_versions(store) == [1]
+    write_atomic(fs, f"{store.staging_dir('p0001-abc')}/x.done.json", b"{}")
+    assert list(store.staging_dirs()) == ["p0001-abc"]

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.crops import CROP_SIZE
+from pipeline.crops import CROP_SIZE, apply_affine
 from pipeline.landmarks import nme_pct
 from pipeline.shards import SCORES_SCHEMA, Store, iter_face_batches, resolve_version, write_table
 
@@ -110,10 +110,8 @@ def rescore(predictor, store: Store, version: int, *, round_index: int, batch_si
         face_ids = batch.column("face_id").to_pylist()
         crops, decoded = _decode_crops(batch.column("crop").to_pylist(), face_ids)
         points_img = np.asarray(batch.column("landmarks").to_pylist(), dtype=np.float32).reshape(n, 68, 2)
-        affines = np.asarray(batch.column("crop_affine").to_pylist(), dtype=np.float32).reshape(n, 2, 3)
-        # Image px -> crop px with each face's own affine (einsum: one affine per face).
-        pseudo = (np.einsum("bij,bnj->bni", affines[:, :, :2].astype(np.float64), points_img)
-                  + affines[:, None, :, 2]).astype(np.float32)
+        affines = np.asarray(batch.column("crop_affine").to_pylist(), dtype=np.float32).reshape(n, 6)
+        pseudo = apply_affine(points_img, affines)  # image px -> crop px, each face through its own affine
         raw = score_batch(predictor, crops, pseudo)
         for key in ("landmark_residual", "cycle_error"):
             raw[key] = np.where(decoded, raw[key], np.nan).astype(np.float32)
@@ -138,11 +136,6 @@ def rescore(predictor, store: Store, version: int, *, round_index: int, batch_si
 # ---------------------------------------------------------------------------------- storage
 
 
-def scores_path(store: Store, version: int, round_index: int) -> str:
-    """Scores live beside the versions, not inside one: versions are immutable once committed."""
-    return f"{store.dir}/scores/v{version:04d}-r{round_index:02d}.parquet"
-
-
 def write_scores(store: Store, version: int, table: pa.Table, round_index: int) -> str:
     """Write a round's scores atomically; returns the path. Refuses a table that is not SCORES_SCHEMA."""
     if not table.schema.equals(SCORES_SCHEMA, check_metadata=False):
@@ -150,14 +143,14 @@ def write_scores(store: Store, version: int, table: pa.Table, round_index: int) 
     rounds = pc.unique(table.column("round")).to_pylist()
     if table.num_rows and rounds != [round_index]:
         raise ValueError(f"write_scores: rows are for rounds {rounds}, not round {round_index}")
-    path = scores_path(store, version, round_index)
+    path = store.scores_path(version, round_index)
     write_table(store.fs, path, table)
     return path
 
 
 def read_scores(store: Store, version: int, round_index: int) -> pa.Table:
     """The scores a round wrote for `version` (FileNotFoundError naming the path when absent)."""
-    path = scores_path(store, version, round_index)
+    path = store.scores_path(version, round_index)
     if not store.fs.exists(path):
         raise FileNotFoundError(f"no scores for {store.dataset}@v{version} round {round_index} at {path}: "
                                 "run rescoring first")
