@@ -62,6 +62,9 @@ def build_dataset(catalog_path: str = "catalog.yaml", lock_wait_s: float = 0.0, 
                 bar.advance(job, sizes[future.task_run_id])
                 update_progress_artifact(artifact, 100.0 * done / max(plan.new_items, 1))
         version = commit_version(catalog, plan, results, scores=scores)
+        if version == plan.parent:  # only retries of quarantined items, all failing again
+            logger.info("nothing new: %s@v%d stays the latest", catalog.dataset, plan.parent)
+            return {"dataset": catalog.dataset, "version": plan.parent, "created": False, "processed": 0}
     summary = version_summary(store, version)
     logger.info("committed %s\n%s", summary["ref"], format_summary(summary))
     # The manifest is committed: tell whoever listens (the retrain deployment's trigger).

@@ -482,18 +482,33 @@ def commit_version(catalog: Catalog, plan: BuildPlan, results: Iterable[BatchRes
 
     Caller holds the DatasetLock. Faces of images the parent (or an earlier batch) already has are
     dropped here, so each image's faces appear exactly once whatever order batches finished in.
+    Items read again (a retried or changed file) replace the parent's quarantine rows for their uri.
+    Returns the new version, or the parent when the build only retried quarantined items that all
+    failed again (nothing new to hold).
     """
     store = store_of(catalog)
     fs = store.fs
     latest = shards.latest_version(store)
     if latest != plan.parent:
         raise RuntimeError(f"{catalog.dataset}: v{latest} landed after this build was planned on v{plan.parent}; rerun")
+    staging = store.staging_dir(plan.staging_key)
+    results = sorted(results, key=lambda r: r.key)
+    batch_images = [read_table_file(fs, f"{staging}/{r.images_file}") for r in results]
+    redone = {u for t in batch_images for u in t.column("uri").to_pylist()}  # items read by this build
+    if (plan.parent is not None and not plan.relabel and not plan.rules_changed and scores is None
+            and redone <= plan.retry_uris
+            and all(st == "quarantined" for t in batch_images for st in t.column("status").to_pylist())):
+        # Only retries, and every one failed again: a new version would hold nothing new.
+        log.info("%s: %d quarantined items tried again, all still failing: v%d stays the latest",
+                 catalog.dataset, len(redone), plan.parent)
+        if fs.exists(staging):
+            fs.rm(staging, recursive=True)
+        return plan.parent
     version = (latest or 0) + 1
     vdir = store.version_dir(version)
     if fs.exists(vdir):  # a crashed commit: no manifest, so it never existed; start it over
         fs.rm(vdir, recursive=True)
     fs.makedirs(vdir, exist_ok=True)
-    staging = store.staging_dir(plan.staging_key)
 
     shard_entries: list[dict] = []
     images_parts, quarantine_parts = [], []
@@ -507,8 +522,8 @@ def commit_version(catalog: Catalog, plan: BuildPlan, results: Iterable[BatchRes
         parent_manifest = shards.read_manifest(store, plan.parent)
         images = read_table_file(fs, f"{pdir}/images.parquet")
         quarantine = shards.conform_quarantine(read_table_file(fs, f"{pdir}/quarantine.parquet"))
-        if plan.retry_uris:  # tried again in this build: the batches' rows replace these
-            retried = pa.array(sorted(plan.retry_uris), pa.string())
+        if redone:  # read again by this build (a retry, a fixed file): the batches' rows replace these
+            retried = pa.array(sorted(redone), pa.string())
             images = images.filter(pa.compute.invert(pa.compute.and_(
                 pa.compute.equal(images.column("status"), "quarantined"),
                 pa.compute.is_in(images.column("uri"), value_set=retried))))
@@ -538,8 +553,7 @@ def commit_version(catalog: Catalog, plan: BuildPlan, results: Iterable[BatchRes
             keep_all += table.column("keep").to_pylist()
             reasons_all += table.column("reject_reason").to_pylist()
 
-    for result in sorted(results, key=lambda r: r.key):
-        images = read_table_file(fs, f"{staging}/{result.images_file}")
+    for result, images in zip(results, batch_images):
         fresh_ids = set()
         status = images.column("status").to_pylist()
         ids = images.column("image_id").to_pylist()

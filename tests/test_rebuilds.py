@@ -68,9 +68,10 @@ def test_a_rules_only_rebuild_keeps_the_folded_round_weights(tmp_path):
 
 def test_transient_fetch_faults_are_tried_again_and_permanent_ones_not(tmp_path):
     """/flaky answers 503 twice, then serves: the first build (2 attempts) quarantines it as
-    retryable, the next fetches it; /404 stays quarantined and is not fetched again."""
+    retryable, the next fetches it; /404 stays quarantined and is not fetched again; /500 is tried
+    by every build, and a build that only retried it in vain makes no version."""
     with LocalServer(face_jpeg()) as server:
-        urls = [f"{server.url}/flaky", f"{server.url}/404"]
+        urls = [f"{server.url}/flaky", f"{server.url}/404", f"{server.url}/500"]
         (tmp_path / "urls.txt").write_text("\n".join(urls) + "\n")
         catalog = load_catalog(write_catalog(tmp_path / "c.yaml", [
             {"name": "web", "kind": "urls", "path": str(tmp_path / "urls.txt"), "timeout_s": 2.0, "retries": 1,
@@ -81,18 +82,21 @@ def test_transient_fetch_faults_are_tried_again_and_permanent_ones_not(tmp_path)
         assert q1.loc[urls[0]].reason == "fetch failed" and q1.loc[urls[0]].retryable
         assert q1.loc[urls[1]].reason == "HTTP 404" and not q1.loc[urls[1]].retryable
         version, plan = build(catalog)
-        assert version == 2 and plan.new_items == 1 and plan.retry_uris == {urls[0]}
+        assert version == 2 and plan.new_items == 2 and plan.retry_uris == {urls[0], urls[2]}
         from tests.http_server import Routes
 
         assert Routes.hits["/404"] == 1  # a permanent fault is not fetched again
+        version, plan = build(catalog)
+        assert version == 2 and plan.retry_uris == {urls[2]} and Routes.hits["/500"] == 6
+        assert shards.list_versions(store) == [1, 2]
     q2 = shards.read_side_table(store, 2, "quarantine").to_pandas()
-    assert q2.uri.tolist() == [urls[1]]  # the retried image's old row is gone
+    assert sorted(q2.uri) == urls[1:]  # the retried images' old rows are gone: one row each
+    assert q2.set_index("uri").loc[urls[2]].version == 2
     images = shards.read_side_table(store, 2, "images").to_pandas().set_index("uri")
     assert images.index.is_unique and images.loc[urls[0]].status == "ok"  # in the ledger once
     faces = shards.read_faces(store, 2, columns=["uri"]).to_pandas()
     assert faces.uri.tolist() == [urls[0]]
-    assert shards.read_manifest(store, 2)["counts"]["images_quarantined"] == 1
-    assert build(catalog)[1].nothing_to_do  # the 404 alone does not trigger builds
+    assert shards.read_manifest(store, 2)["counts"]["images_quarantined"] == 2
 
 
 def _scene_catalog(tmp_path: Path, n: int = 3) -> Path:
