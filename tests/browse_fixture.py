@@ -9,10 +9,12 @@ import shutil
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from pipeline import shards
 from pipeline.build import build, store_of
+from pipeline.browse.queries import View
 from pipeline.catalog import load_catalog
 from tests.conftest import AFLW_DEV, DATA, WILD, copy_images, write_catalog
 
@@ -55,3 +57,28 @@ def faces_frame(store, version) -> pd.DataFrame:
     vdir = store.version_dir(version)
     files = [f"{vdir}/{s['file']}" for s in shards.read_manifest(store, version)["shards"]]
     return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+
+
+def expected(df: pd.DataFrame, view: View, default_sort: str = "flip_nme_pct") -> pd.DataFrame:
+    """The view, computed with pandas: NaN fails every range and sorts last; face_id breaks ties."""
+    keep = pd.Series(True, index=df.index)
+    if view.source:
+        keep &= df.source.isin(view.source)
+    if view.split:
+        keep &= df.split.isin(view.split)
+    if view.status:
+        keep &= df.keep == (view.status == "kept")
+    if view.reason:
+        keep &= df.reject_reason.fillna("").str.split(" ").str[0].isin(view.reason)
+    if view.yaw:
+        a = df.yaw_deg.abs()
+        bins = {"0-30": a <= 30, "30-60": (a > 30) & (a <= 60), "60-90": a > 60}
+        keep &= np.logical_or.reduce([bins[b] for b in view.yaw])
+    for column, lo, hi in view.ranges:
+        keep &= df[column].notna() & (df[column] >= (lo if lo is not None else -np.inf)) \
+            & (df[column] <= (hi if hi is not None else np.inf))
+    sort = view.sort or default_sort
+    descending = view.order == "desc" or (not view.order and not view.sort)
+    out = df[keep].copy()
+    out["_missing"] = out[sort].isna()
+    return out.sort_values(["_missing", sort, "face_id"], ascending=[True, not descending, True], kind="stable")

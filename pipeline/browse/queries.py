@@ -91,8 +91,9 @@ class View:
         if bad_yaw:
             raise BadView(f"yaw bins are {YAW_BINS}, got {bad_yaw}")
         return cls(
-            source=tuple(multi.get("source", [])), split=tuple(multi.get("split", [])), status=status,
-            reason=tuple(multi.get("reason", [])), yaw=tuple(multi.get("yaw", [])),
+            # Sets, in one order: the same view is the same URL.
+            source=_set(multi, "source"), split=_set(multi, "split"), status=status,
+            reason=_set(multi, "reason"), yaw=_set(multi, "yaw"),
             ranges=tuple((c, lo, hi) for c, (lo, hi) in sorted(ranges.items())),
             sort=_one(multi, "sort"), order=order,
             page=max(1, int(_number("page", _one(multi, "page") or "1"))),
@@ -115,6 +116,10 @@ class View:
         out += [("page", str(view.page))] if view.page != 1 else []
         out += [("per_page", str(view.per_page))] if view.per_page != PAGE_SIZE else []
         return out
+
+
+def _set(multi: dict[str, list[str]], key: str) -> tuple[str, ...]:
+    return tuple(sorted(set(multi.get(key, []))))
 
 
 def _one(multi: dict[str, list[str]], key: str) -> str:

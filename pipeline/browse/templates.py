@@ -22,7 +22,7 @@ details#ranges table{border-collapse:collapse}details#ranges td{padding:1px 4px}
 .warn{background:#fff3cd;border:1px solid #e0c36b;padding:6px 10px;margin:8px 0}
 .pager{margin:12px 0}.pager a,.pager span{margin-right:12px}
 table.kv{border-collapse:collapse}table.kv td{border:1px solid #ddd;padding:2px 8px}table.kv td.v{text-align:right}
-#whole{max-width:min(900px,100%);height:auto;background:#000}
+#whole{width:560px;max-width:100%;height:auto;background:#000}
 #candidates label{display:block}
 </style></head><body>
 {% block body %}{% endblock %}
@@ -98,7 +98,7 @@ _FACE = """{% extends "base" %}
 <div style="display:flex;gap:24px;flex-wrap:wrap;align-items:flex-start">
 <div>
 {% if image_error %}<p class="warn" id="image-unavailable">original image unavailable: {{ image_error }}</p>{% endif %}
-<svg id="whole" viewBox="0 0 {{ face.width }} {{ face.height }}" width="{{ face.width }}" height="{{ face.height }}">
+<svg id="whole" viewBox="0 0 {{ face.width }} {{ face.height }}">
 {% if image %}<image href="{{ image }}" width="{{ face.width }}" height="{{ face.height }}"/>{% endif %}
 <rect id="box" x="{{ box[0] }}" y="{{ box[1] }}" width="{{ box[2] }}" height="{{ box[3] }}" fill="none" stroke="#ff0" stroke-width="{{ stroke }}"/>
 {% for c in candidates %}<path class="pts cand" id="cand-{{ loop.index0 }}" data-name="{{ c.name }}" d="{{ c.path }}" stroke="{{ c.color }}" stroke-width="{{ stroke * 1.6 }}"/>
