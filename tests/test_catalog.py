@@ -98,3 +98,23 @@ def test_commands_check_the_training_section_naming_the_field(tmp_path, training
     with pytest.raises(CatalogError) as err:
         load_for_commands(path)
     assert expected in str(err.value)
+
+
+def test_unknown_detector_lists_the_registered_names(tmp_path):
+    message = _edit(tmp_path, lambda d: d["detectors"]["landmarkers"][0].update(name="dlib68"))
+    assert "bad.yaml: detectors.landmarkers[0].name" in message and "unknown detector 'dlib68'" in message
+    assert "tddfa_mb05" in message and "openseeface" in message and "scrfd" in message
+
+
+def test_a_registry_line_is_all_a_new_landmarker_needs(tmp_path, monkeypatch):
+    """The catalog accepts any name the registry lists (here a second name for Peppa's module)."""
+    from pipeline.detect import registry
+
+    monkeypatch.setitem(registry.LANDMARKERS, "peppa68_copy", registry.LANDMARKERS["peppa68"])
+    data = yaml.safe_load((ROOT / "catalog.yaml").read_text())
+    data["detectors"]["landmarkers"].append({**data["detectors"]["landmarkers"][1], "name": "peppa68_copy"})
+    path = tmp_path / "more.yaml"
+    path.write_text(yaml.safe_dump(data))
+    catalog = load_catalog(path)
+    assert catalog.detectors.landmarkers[-1].name == "peppa68_copy"
+    assert type(registry.validate_options(catalog.detectors.landmarkers[-1])).__name__ == "PeppaOptions"

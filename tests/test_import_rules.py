@@ -24,7 +24,7 @@ def imported_modules(path: Path) -> set[str]:
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     package = path.relative_to(ROOT).with_suffix("").parts[:-1] if path.is_relative_to(ROOT) else ()
     names: set[str] = set()
-    for node in ast.walk(tree):
+    for node in _walk_run_time(tree):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -34,6 +34,16 @@ def imported_modules(path: Path) -> set[str]:
             elif node.module:
                 names.add(node.module)
     return names
+
+
+def _walk_run_time(tree: ast.AST):
+    """Every node, except inside `if TYPE_CHECKING:` blocks (annotations only; nothing runs there)."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            yield from (n for child in node.orelse for n in [child, *_walk_run_time(child)])
+            continue
+        yield node
+        yield from _walk_run_time(node)
 
 
 def _modules(package: str) -> list[Path]:
@@ -52,7 +62,8 @@ def test_libraries_import_only_downstream(package):
 
 def test_the_checker_sees_imports_inside_functions(tmp_path):
     module = tmp_path / "probe.py"
-    module.write_text("import os\n\ndef f():\n    from trainer.config import TrainConfig\n    return TrainConfig\n")
+    module.write_text("import os\nif TYPE_CHECKING:\n    import flows.cli\n\n"
+                      "def f():\n    from trainer.config import TrainConfig\n    return TrainConfig\n")
     assert imported_modules(module) == {"os", "trainer.config"}
 
 

@@ -1,45 +1,70 @@
-"""Detector names -> (module, class, options model). Models are imported only when built."""
+"""Detector names -> where each one lives. Models are imported only when built.
+
+Adding a detector or landmarker: one module in `pipeline/detect/` (a class built from
+(weights, weights_sha256, device, batch_size, precision, options) and its pydantic options model)
+and one line below. The catalog's allowed names are these keys.
+"""
 
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING, NamedTuple
 
 from pydantic import BaseModel
 
-from pipeline.detect.spec import DetectorSpec
+if TYPE_CHECKING:  # the spec validates names against this registry; no import at run time
+    from pipeline.detect.spec import DetectorSpec
 
-FACE_DETECTORS: dict[str, tuple[str, str, str]] = {
-    "scrfd": ("pipeline.detect.scrfd", "ScrfdDetector", "ScrfdOptions"),
-    "faceboxes": ("pipeline.detect.faceboxes", "FaceBoxesDetector", "FaceBoxesOptions"),
+
+class Entry(NamedTuple):
+    module: str
+    cls: str
+    options: str  # the module's pydantic options model
+    needs_weights: bool = True  # False: it finds its own weights (a hub cache, a model pack)
+
+
+FACE_DETECTORS: dict[str, Entry] = {
+    "scrfd": Entry("pipeline.detect.scrfd", "ScrfdDetector", "ScrfdOptions"),
+    "faceboxes": Entry("pipeline.detect.faceboxes", "FaceBoxesDetector", "FaceBoxesOptions"),
 }
-LANDMARKERS: dict[str, tuple[str, str, str]] = {
-    "tddfa_mb05": ("pipeline.detect.tddfa", "TDDFALandmarker", "TDDFAOptions"),
-    "peppa68": ("pipeline.detect.peppa", "PeppaLandmarker", "PeppaOptions"),
-    "openseeface": ("pipeline.detect.openseeface", "OpenSeeFaceLandmarker", "OpenSeeFaceOptions"),
-    "fan": ("pipeline.detect.fan", "FanLandmarker", "FanOptions"),
-    "insightface68": ("pipeline.detect.insightface68", "Insightface68Landmarker", "Insightface68Options"),
+LANDMARKERS: dict[str, Entry] = {
+    "tddfa_mb05": Entry("pipeline.detect.tddfa", "TDDFALandmarker", "TDDFAOptions"),
+    "peppa68": Entry("pipeline.detect.peppa", "PeppaLandmarker", "PeppaOptions"),
+    "openseeface": Entry("pipeline.detect.openseeface", "OpenSeeFaceLandmarker", "OpenSeeFaceOptions"),
+    "fan": Entry("pipeline.detect.fan", "FanLandmarker", "FanOptions", needs_weights=False),
+    "insightface68": Entry("pipeline.detect.insightface68", "Insightface68Landmarker", "Insightface68Options",
+                           needs_weights=False),
 }
-NEEDS_WEIGHTS = {"scrfd", "faceboxes", "tddfa_mb05", "peppa68", "openseeface"}  # fan / insightface68 find theirs
 
 
-def _entry(name: str) -> tuple[str, str, str]:
-    entry = FACE_DETECTORS.get(name) or LANDMARKERS.get(name)
-    if entry is None:
-        raise ValueError(f"unknown detector {name!r}")
-    return entry
+def known_names() -> list[str]:
+    """Every registered detector and landmarker name, sorted."""
+    return sorted({**FACE_DETECTORS, **LANDMARKERS})
+
+
+def check_name(name: str) -> str:
+    """`name` if it is registered; ValueError listing the known names otherwise."""
+    if name not in FACE_DETECTORS and name not in LANDMARKERS:
+        raise ValueError(f"unknown detector {name!r}; known detectors: {', '.join(known_names())} "
+                         "(pipeline/detect/registry.py lists them)")
+    return name
+
+
+def _entry(name: str) -> Entry:
+    return FACE_DETECTORS.get(name) or LANDMARKERS.get(check_name(name))
 
 
 def validate_options(spec: DetectorSpec) -> BaseModel:
     """The detector's typed options; raises pydantic.ValidationError with the field path."""
-    module, _, options = _entry(spec.name)
-    return getattr(importlib.import_module(module), options).model_validate(spec.options)
+    entry = _entry(spec.name)
+    return getattr(importlib.import_module(entry.module), entry.options).model_validate(spec.options)
 
 
 def _build(spec: DetectorSpec):
-    if spec.name in NEEDS_WEIGHTS and spec.weights is None:
+    entry = _entry(spec.name)
+    if entry.needs_weights and spec.weights is None:
         raise ValueError(f"detector {spec.name!r} needs `weights:` (a weight file path)")
-    module, cls, _ = _entry(spec.name)
-    factory = getattr(importlib.import_module(module), cls)
+    factory = getattr(importlib.import_module(entry.module), entry.cls)
     return factory(spec.weights, weights_sha256=spec.sha256, device=spec.device, batch_size=spec.batch_size,
                    precision=spec.precision, options=validate_options(spec))
 
