@@ -104,22 +104,21 @@ def cmd_show(args) -> int:
 
 
 def cmd_train(args) -> int:
+    """The catalog's `training:` section, under the --config file, under the flags that were given."""
+    import dataclasses
+
     import yaml
 
-    from pipeline.catalog import load_catalog
-    from trainer.config import TrainConfig
+    from flows.catalog import load_catalog
+    from trainer.config import TrainConfig, train_config
     from trainer.train import train
 
     catalog = load_catalog(args.catalog)
-    values = yaml.safe_load(open(args.config)) if args.config else {}
-    values.update({"dataset_root": catalog.output_root, "dataset": args.dataset})
-    for key in ("backbone", "batch_size", "max_steps", "epochs", "device", "checkpoint_dir", "lr", "seed",
-                "num_workers"):
-        if getattr(args, key) is not None:
-            values[key] = getattr(args, key)
-    if args.resume:
-        values["resume"] = True
-    result = train(TrainConfig.from_dict(values))
+    overrides = yaml.safe_load(open(args.config)) if args.config else {}
+    overrides["dataset_root"] = catalog.output_root
+    overrides.update({f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                      if getattr(args, f.name, None) is not None})
+    result = train(train_config(catalog.training, overrides))
     losses = " ".join(f"{k}={v:.4g}" for k, v in result.final_losses.items())
     print(f"trained {result.steps} steps ({result.epochs} epochs): {result.checkpoint}\n  last step: {losses}")
     return 0
@@ -301,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--checkpoint-dir", default=None)
-    p.add_argument("--resume", action="store_true", help="continue exactly from the newest checkpoint")
+    p.add_argument("--resume", action="store_true", default=None,
+                   help="continue exactly from the newest checkpoint")
     p.set_defaults(fn=cmd_train)
 
     def scoring(p):
