@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import os
 import random
 import tarfile
 import time
@@ -58,11 +59,55 @@ def _mtime(info: dict) -> str | None:
     return None
 
 
+def _walk_local(root: str) -> Iterator[tuple[str, os.stat_result, str | None]]:
+    """Every file under a local `root`, following symbolic links (fsspec's local `find` reports
+    links as type "other" and would list nothing behind them): (path, stat of the file, None), or
+    (path, the link's own lstat, its target) for a dangling link. A directory reached twice - a
+    link loop, or a link to a folder already walked - is walked once, by its real path when it has one."""
+    seen: set[tuple[int, int]] = set()
+    real, linked = [root], []
+    while real or linked:
+        folder = real.pop() if real else linked.pop(0)
+        try:
+            st = os.stat(folder)
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as err:
+            log.warning("%s: cannot list (%s); skipped", folder, err)
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            log.info("%s: a folder already listed (a symbolic link loop or a second link); skipped", folder)
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        for entry in entries:
+            try:
+                link = entry.is_symlink()
+                if entry.is_dir(follow_symlinks=True):
+                    (linked if link else real).append(entry.path)
+                elif entry.is_file(follow_symlinks=True):
+                    yield entry.path, entry.stat(follow_symlinks=True), None
+                elif link and not os.path.exists(entry.path):
+                    yield entry.path, entry.stat(follow_symlinks=False), os.readlink(entry.path)
+            except OSError as err:  # e.g. no permission to look behind a link
+                log.warning("%s: cannot stat (%s); skipped", entry.path, err)
+
+
+def _list_local(source: FolderSource, root: str) -> Iterator[SourceItem]:
+    found = []
+    for path, st, dangling in _walk_local(root):
+        if _matches(path, source.include):
+            size = None if dangling is not None else st.st_size  # a dangling link is read, and fails, with its reason
+            found.append(SourceItem(source.name, path, size, str(st.st_mtime)))  # the stamp fsspec's info gives
+    yield from sorted(found, key=lambda item: item.uri)
+
+
 def list_folder(source: FolderSource) -> Iterator[SourceItem]:
     fs, root = fsspec.core.url_to_fs(source.path)
     if not fs.exists(root):
         raise FileNotFoundError(f"source {source.name!r}: folder not found: {source.path}")
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if protocol in ("file", "local"):
+        yield from _list_local(source, root)
+        return
     for path, info in sorted(fs.find(root, detail=True).items()):
         if info.get("type") != "file" or not _matches(path, source.include):
             continue
@@ -127,9 +172,12 @@ def read_file(item: SourceItem, max_bytes: int) -> bytes:
     try:
         with fsspec.open(item.uri, "rb") as f:
             data = f.read(max_bytes + 1)
-    except FileNotFoundError:
-        raise FetchError("missing", "file disappeared after listing") from None
     except (OSError, ValueError) as err:
+        path = item.uri.removeprefix("file://")
+        if "://" not in path and os.path.islink(path) and not os.path.exists(path):  # to nothing, or a loop
+            raise FetchError("broken symbolic link", f"{item.uri} -> {os.readlink(path)}") from None
+        if isinstance(err, FileNotFoundError):
+            raise FetchError("missing", "file disappeared after listing") from None
         raise FetchError("read error", f"{type(err).__name__}: {err}") from None
     if len(data) > max_bytes:
         raise FetchError("too large", f"more than cap {max_bytes} bytes")

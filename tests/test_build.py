@@ -140,3 +140,36 @@ def test_in_process_build_needs_neither_prefect_nor_dask(small_catalog):
     assert "RESULT 0 0 False False" in out.stdout
     assert "built faces@v1: processed 11 images" in out.stdout and "unchanged: faces@v1" in out.stdout
     assert version_summary(store_of(load_catalog(small_catalog)), 1)["manifest"]["counts"]["images_seen"] == 11
+
+
+def test_a_folder_of_symbolic_links_is_built_and_a_dangling_link_quarantined(tmp_path):
+    """Datasets laid out as links: every linked image gives its face; a dangling link is a quarantine
+    row with its reason and target (not silently absent); once fixed, the next build reads it and it
+    leaves the quarantine table."""
+    images = sorted((DATA / "aflw-wild-crops").glob("*.jpg"))[:5]
+    folder = tmp_path / "links"
+    folder.mkdir()
+    for p in images[:3]:
+        (folder / p.name).symlink_to(p)
+    (folder / "nested").symlink_to(tmp_path / "real")  # a link to a folder, made real below
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "inner.jpg").symlink_to(images[3])
+    gone = tmp_path / "moved-away.jpg"
+    (folder / "dangling.jpg").symlink_to(gone)
+    cat = load_catalog(write_catalog(tmp_path / "c.yaml", [
+        {"name": "links", "kind": "folder", "path": str(folder), "pre_cropped": True}],
+        output_root=str(tmp_path / "out")))
+    version, plan = build(cat)
+    assert version == 1 and plan.listed == 5
+    store = store_of(cat)
+    faces = _faces(cat)
+    assert sorted(Path(u).name for u in faces.uri) == sorted([p.name for p in images[:3]] + ["inner.jpg"])
+    quarantine = shards.read_side_table(store, 1, "quarantine").to_pandas()
+    assert quarantine.uri.tolist() == [str(folder / "dangling.jpg")]
+    assert quarantine.reason[0] == "broken symbolic link" and quarantine.detail[0].endswith(f"-> {gone}")
+    gone.write_bytes(images[4].read_bytes())  # the link's target appears
+    version, plan = build(cat)
+    assert version == 2 and plan.new_items == 1
+    assert shards.read_side_table(store, 2, "quarantine").num_rows == 0
+    ledger = shards.read_side_table(store, 2, "images").to_pandas().set_index("uri")
+    assert ledger.index.is_unique and ledger.loc[str(folder / "dangling.jpg")].status == "ok"

@@ -26,6 +26,31 @@ def test_folder_listing_is_recursive_filtered_and_sorted(tmp_path):
         read_file(items[0], max_bytes=3)
 
 
+def test_folder_listing_follows_symbolic_links(tmp_path):
+    """Links to files are listed (with their target's size), links to folders are walked, a link
+    loop ends, and a dangling link is listed so that reading it fails with its reason."""
+    store = tmp_path / "store"
+    (store / "deep").mkdir(parents=True)
+    (store / "a.jpg").write_bytes(b"aaaa")
+    (store / "deep" / "b.jpg").write_bytes(b"bbbbbb")
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "link.jpg").symlink_to(store / "a.jpg")
+    (src / "rel.jpg").symlink_to("../store/deep/b.jpg")
+    (src / "dir").symlink_to(store / "deep")
+    (src / "sub" / "loop").symlink_to("..")  # src/sub/loop/sub/loop/... must not recurse forever
+    (src / "dangling.jpg").symlink_to(store / "gone.jpg")
+    items = list(list_items(FolderSource(name="f", kind="folder", path=str(src))))
+    by_name = {i.uri.removeprefix(str(src)): i for i in items}
+    assert sorted(by_name) == ["/dangling.jpg", "/dir/b.jpg", "/link.jpg", "/rel.jpg"]
+    assert by_name["/link.jpg"].size == 4 and by_name["/rel.jpg"].size == 6 and by_name["/dir/b.jpg"].size == 6
+    assert read_file(by_name["/link.jpg"], max_bytes=100) == b"aaaa"
+    assert read_file(by_name["/dir/b.jpg"], max_bytes=100) == b"bbbbbb"
+    with pytest.raises(FetchError) as err:
+        read_file(by_name["/dangling.jpg"], max_bytes=100)
+    assert err.value.reason == "broken symbolic link" and err.value.detail.endswith(f"-> {store / 'gone.jpg'}")
+
+
 def _tar_with(path, members: list[tuple[tarfile.TarInfo, bytes | None]]):
     with tarfile.open(path, "w") as tar:
         for info, data in members:
