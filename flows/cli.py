@@ -30,35 +30,41 @@ def _build_in_process(catalog_path: str, scores_path: str | None, threads: int) 
     No flow run, no `dataset.landed` event, no report: for machines without Prefect and for debugging."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from flows.catalog import load_catalog
     from pipeline import shards
-    from pipeline.build import build, scores_version, store_of
-    from pipeline.catalog import load_catalog
+    from pipeline.build import build
+    from pipeline.catalog import store_of
 
     catalog = load_catalog(catalog_path)
-    scores = shards.read_table_file(store_of(catalog).fs, scores_path) if scores_path else None
+    store = store_of(catalog)
+    scores = shards.read_table_file(store.fs, scores_path) if scores_path else None
     with ThreadPoolExecutor(threads) as pool:
         version, plan = build(catalog, map_batches=pool.map, scores=scores,
-                              scores_for_version=scores_version(scores_path) if scores_path else None)
+                              scores_for_version=store.scores_version(scores_path) if scores_path else None)
     created = version is not None and version != plan.parent
     return {"dataset": catalog.dataset, "version": version, "created": created,
             "processed": plan.new_items if created else 0}
 
 
 def cmd_build(args) -> int:
-    from pipeline.build import store_of
-    from pipeline.catalog import load_catalog
+    return _build(args, args.scores)
+
+
+def _build(args, scores_path: str | None) -> int:
+    """Build the next version (in this process, or as the Prefect flow on dask) and print its summary."""
+    from flows.catalog import load_catalog
+    from pipeline.catalog import store_of
     from pipeline.summary import format_summary, version_summary
 
     catalog = load_catalog(args.catalog)
     started = time.perf_counter()
     if args.in_process:
-        result = _build_in_process(args.catalog, getattr(args, "scores", None),
-                                   catalog.execution.threads_per_worker or 1)
+        result = _build_in_process(args.catalog, scores_path, catalog.execution.threads_per_worker or 1)
     else:
         from flows.build import run_build
 
         result = run_build(args.catalog, dask_address=args.dask_address, workers=args.workers,
-                           scores_path=getattr(args, "scores", None))
+                           scores_path=scores_path)
     seconds = time.perf_counter() - started
     summary = version_summary(store_of(catalog), result["version"])
     print(format_summary(summary))
@@ -124,35 +130,27 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _rescore(catalog, ref: str, checkpoint: str, round_index: int, device: str):
-    """Score every face of `ref` with `checkpoint`; returns (scores path, version, scores table)."""
-    from pipeline.build import store_for_ref
-    from pipeline.shards import resolve_version
-    from trainer.checkpoint import load_predictor
-    from trainer.rescore import rescore, write_scores
+def _rescore(store, version: int | None, args):
+    """Score every face of store@version with --checkpoint and print the round; (version, path, table)."""
+    from trainer.rescore import rescore_version
 
-    store, version = store_for_ref(catalog, ref)
-    version = resolve_version(store, version)
-    table = rescore(load_predictor(checkpoint, device=device), store, version, round_index=round_index)
-    path = write_scores(store, version, table, round_index)
+    version, path, table = rescore_version(store, version, args.checkpoint, round_index=args.round,
+                                           device=args.device)
     weights = table.column("new_weight").to_numpy()
-    print(f"rescored {store.dataset}@v{version} round {round_index}: {table.num_rows} faces, "
+    print(f"rescored {store.dataset}@v{version} round {args.round}: {table.num_rows} faces, "
           f"mean new weight {weights.mean():.3f}, {(weights < 0.1).sum()} under 0.1 -> {path}")
-    return path, version, table
+    return version, path, table
 
 
 def cmd_rescore(args) -> int:
-    from pipeline.build import store_for_ref
-    from pipeline.catalog import load_catalog
-    from pipeline.shards import read_faces
-    from trainer.rescore import score_auc
+    from flows.catalog import load_catalog
+    from pipeline.catalog import store_for_ref
+    from trainer.rescore import judge_scores
 
-    catalog = load_catalog(args.catalog)
-    _, version, scores = _rescore(catalog, args.dataset, args.checkpoint, args.round, args.device)
-    store, _ = store_for_ref(catalog, args.dataset)
-    faces = read_faces(store, version, columns=["face_id", "landmarks", "ref_landmarks"])
-    if faces.column("ref_landmarks").null_count < faces.num_rows:  # reference labels ride along: judge the score
-        report = score_auc(scores, faces, threshold_pct=args.bad_above)
+    store, version = store_for_ref(load_catalog(args.catalog), args.dataset)
+    version, _, scores = _rescore(store, version, args)
+    report = judge_scores(store, version, scores, threshold_pct=args.bad_above)
+    if report is not None:  # reference labels ride along: judge the score
         aucs = ", ".join(f"{k} {v:.3f}" for k, v in report["auc"].items())
         kept, dropped = (f"{v:.2f}%" if v is not None else "n/a"
                          for v in (report["label_nme_kept_pct"], report["label_nme_dropped_pct"]))
@@ -167,11 +165,11 @@ def cmd_rescore(args) -> int:
 
 def cmd_round(args) -> int:
     """Rescore the latest version with a checkpoint, then build the next version with those scores."""
-    from pipeline.catalog import load_catalog
+    from flows.catalog import load_catalog
+    from pipeline.catalog import store_of
 
-    catalog = load_catalog(args.catalog)
-    args.scores, _, _ = _rescore(catalog, catalog.dataset, args.checkpoint, args.round, args.device)
-    return cmd_build(args)
+    _, scores_path, _ = _rescore(store_of(load_catalog(args.catalog)), None, args)
+    return _build(args, scores_path)
 
 
 def cmd_evaluate(args) -> int:

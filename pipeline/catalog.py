@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pipeline.detect.spec import DetectorSpec
 from pipeline.settings import expand_vars
-from pipeline.shards import DATASET_NAME
+from pipeline.shards import DATASET_NAME, Store, parse_ref
 
 FEATURES = (
     "face_px",  # sqrt(w*h) of the face box, pixels
@@ -172,6 +172,18 @@ class Catalog(_Strict):
 
     def rules_hash(self) -> str:
         return hashlib.sha256(json.dumps(self.rules.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+def store_of(catalog: Catalog) -> Store:
+    """The catalog's dataset store under its output root."""
+    return Store(catalog.output_root, catalog.dataset)
+
+
+def store_for_ref(catalog: Catalog, ref: str | None) -> tuple[Store, int | None]:
+    """'NAME@vN', 'NAME' or None (the catalog's dataset) -> its store under the catalog's output root
+    and the version asked for (None: the latest)."""
+    name, version = parse_ref(ref) if ref else (None, None)
+    return Store(catalog.output_root, name or catalog.dataset), version
 
 
 _KINDS = {"folder", "urls", "tar"}

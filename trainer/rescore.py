@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from pipeline.crops import CROP_SIZE, apply_affine
 from pipeline.landmarks import nme_pct
-from pipeline.shards import SCORES_SCHEMA, Store, iter_face_batches, resolve_version, write_table
+from pipeline.shards import SCORES_SCHEMA, Store, iter_face_batches, read_faces, resolve_version, write_table
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,26 @@ def read_scores(store: Store, version: int, round_index: int) -> pa.Table:
         return pq.read_table(f).cast(SCORES_SCHEMA)
 
 
+def rescore_version(store: Store, version: int | None, checkpoint: str, *, round_index: int,
+                    device: str = "auto") -> tuple[int, str, pa.Table]:
+    """Score every face of `store`@`version` (None: the latest) with `checkpoint` ('teacher' or a path)
+    and write the round's scores file; returns (version, scores path, scores table)."""
+    from trainer.checkpoint import load_predictor
+
+    version = resolve_version(store, version)
+    table = rescore(load_predictor(checkpoint, device=device), store, version, round_index=round_index)
+    return version, write_scores(store, version, table, round_index), table
+
+
 # ------------------------------------------------------------------------ checking the scores
+
+
+def judge_scores(store: Store, version: int, scores: pa.Table, threshold_pct: float = 8.0) -> dict | None:
+    """`score_auc` on the version's faces that carry reference labels; None when none does."""
+    faces = read_faces(store, version, columns=["face_id", "landmarks", "ref_landmarks"])
+    if faces.column("ref_landmarks").null_count == faces.num_rows:
+        return None
+    return score_auc(scores, faces, threshold_pct=threshold_pct)
 
 
 def roc_auc(score: np.ndarray, positive: np.ndarray) -> float:
