@@ -77,9 +77,9 @@ def _build(args, scores_path: str | None) -> int:
 
 
 def cmd_datasets(args) -> int:
+    from flows.catalog import load_catalog
     from pipeline import shards
-    from pipeline.build import store_of
-    from pipeline.catalog import load_catalog
+    from pipeline.catalog import store_of
 
     store = store_of(load_catalog(args.catalog))
     versions = shards.list_versions(store)
@@ -96,8 +96,8 @@ def cmd_datasets(args) -> int:
 
 
 def cmd_show(args) -> int:
-    from pipeline.build import store_for_ref
-    from pipeline.catalog import load_catalog
+    from flows.catalog import load_catalog
+    from pipeline.catalog import store_for_ref
     from pipeline.summary import format_summary, version_summary
 
     store, version = store_for_ref(load_catalog(args.catalog), args.ref)
@@ -203,8 +203,8 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from pipeline.build import store_for_ref
-    from pipeline.catalog import load_catalog
+    from flows.catalog import load_catalog
+    from pipeline.catalog import store_for_ref
     from pipeline.report import write_report
 
     store, version = store_for_ref(load_catalog(args.catalog), args.ref)
@@ -215,8 +215,8 @@ def cmd_report(args) -> int:
 def cmd_browse(args) -> int:
     """A local read-only web app over one version; blocks until stopped."""
     from pipeline.browse.app import serve
-    from pipeline.build import store_for_ref
-    from pipeline.catalog import load_catalog
+    from flows.catalog import load_catalog
+    from pipeline.catalog import store_for_ref
 
     store, version = store_for_ref(load_catalog(args.catalog), args.ref)
     serve(store, version, host=args.host, port=args.port, on_ready=lambda url, faces: print(
@@ -227,8 +227,8 @@ def cmd_browse(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from pipeline.build import store_for_ref
-    from pipeline.catalog import load_catalog
+    from flows.catalog import load_catalog
+    from pipeline.catalog import store_for_ref
     from pipeline.export import export_coco
 
     store, version = store_for_ref(load_catalog(args.catalog), args.ref)
@@ -239,9 +239,9 @@ def cmd_export(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    from flows.catalog import load_catalog
     from flows.runtime import prefect_server_configured
     from flows.serve import serve_catalog
-    from pipeline.catalog import load_catalog
 
     if not prefect_server_configured():
         raise ValueError("serve needs a Prefect server: set PREFECT_API_URL (e.g. http://127.0.0.1:4200/api; "
