@@ -8,8 +8,8 @@ import re
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-from pipeline.build import store_for_ref
-from pipeline.catalog import load_catalog
+from flows.catalog import load_catalog
+from pipeline.catalog import store_for_ref
 from pipeline.report import write_report
 from pipeline.shards import resolve_version
 from pipeline.summary import YAW_BINS, version_summary
