@@ -66,8 +66,11 @@ def version_summary(store: shards.Store, version: int | None = None) -> dict:
 
 def format_summary(summary: dict) -> str:
     m, c = summary["manifest"], summary["manifest"]["counts"]
+    lineage = "first version" if m.get("parent") is None else f"parent v{m['parent']}"
+    if m.get("relabelled"):
+        lineage += f", re-labelled: {m['relabelled']}"
     lines = [
-        f"{summary['ref']}  (parent v{m['parent']}, created {m['created_at']})",
+        f"{summary['ref']}  ({lineage}, created {m['created_at']})",
         f"  images: {c['images_seen']} seen ({c.get('images_new', 0)} new this version), {c['images_decoded']} decoded, "
         f"{c['images_quarantined']} quarantined, {c['images_duplicate']} duplicates",
         f"  faces: {c['faces']} found in {c['images_with_faces']} images ({c['images_without_faces']} images with none); "

@@ -72,6 +72,12 @@ def test_rebuild_is_incremental_and_adds_only_new_images(small_catalog, tmp_path
     assert shards.read_manifest(store_of(catalog), 2)["counts"]["images_new"] == 10
     # v1 is untouched by v2 (immutable): same rows as before.
     assert len(_faces(catalog, 1)) == len(v1)
+    # `facecurate show`: a first version names no parent.
+    from pipeline.summary import format_summary
+
+    first = format_summary(version_summary(store_of(catalog), 1)).splitlines()[0]
+    assert "first version" in first and "parent" not in first and "None" not in first
+    assert "(parent v1," in format_summary(version_summary(store_of(catalog), 2)).splitlines()[0]
 
 
 def test_bad_files_are_quarantined_and_good_faces_all_come_out(tmp_path):
