@@ -15,6 +15,7 @@ Usage: .venv/bin/python bench/browse_scale.py [--faces 100000] [--small 1000] [-
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import shutil
 import sys
@@ -122,9 +123,11 @@ def time_store(store: shards.Store, label: str, pages: int) -> dict:
 
     from pipeline.browse.app import create_app
 
+    gc.collect()
+    before = rss_mib()
     started = time.perf_counter()
     client = TestClient(create_app(store, 1))
-    out = {f"{label}_open_s": time.perf_counter() - started}
+    out = {f"{label}_open_s": time.perf_counter() - started, f"{label}_rss_mib_added_by_open": rss_mib() - before}
     for name, url in (("first_page", "/"), ("filtered_page", FILTERED)):
         times = []
         for _ in range(4):
