@@ -63,8 +63,10 @@ def retrain(catalog_path: str = "catalog.yaml", dataset_ref: str | None = None,
         evaluation = evaluate_version(predictor, store, version)  # on the version's reference (eval) faces
         if evaluation is not None:
             (where / "eval.json").write_text(json.dumps(evaluation, indent=1))
-            logger.info("round on v%d: balanced NME %.2f%% vs references (pseudo-labels %.2f%%)", version,
-                        evaluation["model"]["balanced"], evaluation["pseudo_labels"]["balanced"])
+            logger.info("round on v%d: balanced NME %.2f%% vs references on %d eval faces (pseudo-labels %.2f%%; "
+                        "%d labelled training faces left out)", version, evaluation["model"]["balanced"],
+                        evaluation["faces"], evaluation["pseudo_labels"]["balanced"],
+                        evaluation["labelled_train_faces_skipped"])
         record = {"dataset": store.dataset, "version": version, "checkpoint": result.checkpoint,
                   "steps": result.steps, "scores": scores_file, "faces_scored": scores.num_rows,
                   "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}

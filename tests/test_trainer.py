@@ -183,14 +183,22 @@ def test_resnet50_backbone_trains_a_step(tiny, tmp_path):
     assert result.steps == 2 and all(math.isfinite(v) for v in result.final_losses.values())
 
 
-def test_round_evaluation_on_reference_faces_matches_the_labels_for_the_teacher(tiny):
+def test_round_evaluation_on_reference_faces_matches_the_labels_for_the_teacher(tmp_path):
     """The untrained model re-predicts the teacher's labels from the stored crops (JPEG aside), so its
-    NME against the references must match the pseudo-labels' own: the crop<->image geometry holds."""
+    NME against the references must match the pseudo-labels' own: the crop<->image geometry holds.
+    Only the eval split counts: labelled faces of a training source are left out, and counted."""
     from trainer.checkpoint import load_predictor
     from trainer.evaluate import evaluate_version
 
-    result = evaluate_version(load_predictor("teacher", device="cpu"), store_of(tiny), 1)
-    assert result["faces"] == 4
+    dev = copy_images(tmp_path / "dev", "aflw2000-dev", AFLW_DEV[-4:], with_mat=True)
+    labelled_train = copy_images(tmp_path / "train", "aflw2000-dev", AFLW_DEV[:2], with_mat=True)
+    catalog = load_catalog(write_catalog(tmp_path / "c.yaml", [
+        {"name": "dev", "kind": "folder", "path": str(dev), "labels": "mat", "split": "eval"},
+        {"name": "train", "kind": "folder", "path": str(labelled_train), "labels": "mat", "split": "train"},
+    ], output_root=str(tmp_path / "out")))
+    assert build(catalog)[0] == 1
+    result = evaluate_version(load_predictor("teacher", device="cpu"), store_of(catalog), 1)
+    assert result["faces"] == 4 and result["labelled_train_faces_skipped"] == 2 and result["split"] == "eval"
     model, labels = result["model"]["mean"], result["pseudo_labels"]["mean"]
     assert 1.0 < labels < 8.0 and abs(model - labels) < 0.3, (model, labels)
 

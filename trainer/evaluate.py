@@ -132,9 +132,11 @@ def write_result(result: dict, path: str | Path) -> Path:
 
 
 def evaluate_version(predictor, store, version: int, batch_size: int = 128) -> dict | None:
-    """The model's NME on a version's faces that carry reference labels (its eval sources), with the
-    pseudo-labels' own NME on the same faces beside it; None when the version has no such face.
+    """The model's NME on a version's evaluation faces (`split == "eval"`, with reference labels), with
+    the pseudo-labels' own NME on the same faces beside it; None when the version has no such face.
 
+    Labelled faces of training sources are not counted (the model was trained on them: they would
+    flatter it); the result says how many were left out (`labelled_train_faces_skipped`).
     The model sees each face's stored crop and the map drawn from its pseudo-label, as in training;
     its points go back to the image through the stored crop affine.
     """
@@ -144,10 +146,15 @@ def evaluate_version(predictor, store, version: int, batch_size: int = 128) -> d
     from pipeline.crops import apply_affine, invert_affine
     from pipeline.shards import read_faces
 
-    faces = read_faces(store, version, columns=["face_id", "crop", "crop_affine", "landmarks", "ref_landmarks",
-                                                 "ref_pose"])
+    faces = read_faces(store, version, columns=["face_id", "split", "crop", "crop_affine", "landmarks",
+                                                 "ref_landmarks", "ref_pose"])
     faces = faces.filter(pc.is_valid(faces.column("ref_landmarks")))
-    n = faces.num_rows
+    labelled = faces.num_rows
+    faces = faces.filter(pc.equal(faces.column("split"), "eval"))
+    n, skipped = faces.num_rows, labelled - faces.num_rows
+    if skipped:
+        log.info("%s@v%d: %d labelled faces of training sources left out of the evaluation; %d eval faces",
+                 store.dataset, version, skipped, n)
     if n == 0:
         return None
     pseudo_img = np.asarray(faces.column("landmarks").to_pylist(), np.float32).reshape(n, 68, 2)
@@ -161,5 +168,6 @@ def evaluate_version(predictor, store, version: int, batch_size: int = 128) -> d
     for i in range(0, n, batch_size):
         points.append(predictor.points(predictor.params(crops[i:i + batch_size], pseudo_crop[i:i + batch_size])))
     model_img = np.stack([apply_affine(p, invert_affine(a)) for p, a in zip(np.concatenate(points), affines)])
-    return {"faces": n, "model": nme_table(nme_pct(model_img, ref), yaw),
+    return {"faces": n, "split": "eval", "labelled_train_faces_skipped": skipped,
+            "model": nme_table(nme_pct(model_img, ref), yaw),
             "pseudo_labels": nme_table(nme_pct(pseudo_img, ref), yaw)}
