@@ -354,10 +354,11 @@ def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
 class DatasetLock:
     """One writer per dataset: an exclusive lock file holding host and pid; stale locks are taken over."""
 
-    def __init__(self, store: Store, wait_s: float = 0.0, name: str = ".lock"):
-        # `name` gives other exclusive jobs on the dataset (a training round per version) their own lock.
+    def __init__(self, store: Store, wait_s: float = 0.0, name: str = ".lock", folder: str | None = None):
+        # `folder` (a store path, e.g. a round's folder) gives other exclusive jobs on the dataset their
+        # own lock: a training round per version.
         self.store = store
-        self.path = f"{store.dir}/{name}"
+        self.path = f"{folder or store.dir}/{name}"
         self.wait_s = wait_s
         self._held = False
 
