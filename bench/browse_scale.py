@@ -137,6 +137,7 @@ def time_store(store: shards.Store, label: str, pages: int) -> dict:
             assert response.status_code == 200, response.text[:500]
         out[f"{label}_{name}_cold_ms"] = times[0] * 1000
         out[f"{label}_{name}_ms"] = min(times[1:]) * 1000
+        out[f"{label}_{name}_faces_matching"] = int(response.text.split('<span id="total">', 1)[1].split("<", 1)[0])
     face_id = response.text.split('data-face-id="', 1)[1].split('"', 1)[0]
     t = time.perf_counter()
     assert client.get(f"/face/{face_id}").status_code == 200
