@@ -123,8 +123,8 @@ def export_coco(store: Store, version: int | None = None, out: str | Path | None
                                 f.write(("," if n_ann > 1 else "")
                                         + dump(_annotation(row, n_ann, image["id"], floats, visible_min)))
                 except (OSError, pa.ArrowException) as err:
-                    raise ExportError(f"cannot export {store.dataset}@v{version}: shard {entry['file']} is unreadable "
-                                  f"({type(err).__name__}: {err})") from None
+                    raise ExportError(f"cannot export {store.dataset}@v{version}: shard {entry['file']} "
+                                      f"is unreadable ({type(err).__name__}: {err})") from None
             f.write('],"images":[' + ",".join(dump(image) for image in images.values()) + "]}")
         os.replace(tmp, path)
     finally:

@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 
 from pipeline import shards
-from pipeline.build import build, store_of
 from pipeline.browse.queries import View
+from pipeline.build import build, store_of
 from pipeline.catalog import load_catalog
 from tests.conftest import AFLW_DEV, DATA, WILD, copy_images, write_catalog
 
@@ -81,4 +81,5 @@ def expected(df: pd.DataFrame, view: View, default_sort: str = "flip_nme_pct") -
     descending = view.order == "desc" or (not view.order and not view.sort)
     out = df[keep].copy()
     out["_missing"] = out[sort].isna()
-    return out.sort_values(["_missing", sort, "face_id"], ascending=[True, not descending, True], kind="stable")
+    return out.sort_values(["_missing", sort, "face_id"], ascending=[True, not descending, True],
+                           kind="stable")

@@ -40,7 +40,8 @@ VIEWS = [
     View(source=("wild",), status="kept", sort="det_score", order="asc"),
     View(status="dropped", reason=("flip_nme_pct",), sort="weight"),
     View(yaw=("0-30",), ranges=(("flip_nme_pct", 1.0, 1.5),), sort="abs_yaw_deg", order="desc"),
-    View(split=("eval", "train"), source=("dev", "scenes"), ranges=(("face_px", 50.0, None),), sort="face_px"),
+    View(split=("eval", "train"), source=("dev", "scenes"), ranges=(("face_px", 50.0, None),),
+         sort="face_px"),
     View(source=("nowhere",)),
 ]
 
@@ -120,11 +121,14 @@ def test_grid_shows_the_view_from_the_url(client, version, frame):
     # The pager keeps the filters and moves the page.
     prev = re.search(r'id="prev" href="([^"]+)"', r.text).group(1).replace("&amp;", "&")
     assert View.from_params(parse_qsl(prev.split("?", 1)[1])) == View(**{**view.__dict__, "page": 1})
+    # The form shows the view's bounds exactly, so applying it again keeps the view.
+    r = client.get("/?min_blur=12.345678901&max_flip_nme_pct=2")
+    assert 'id="min-blur" value="12.345678901"' in r.text and 'id="max-flip_nme_pct" value="2"' in r.text
 
 
 def test_face_page_shows_every_candidate_and_the_rule(client, frame):
-    row = frame[frame.ref_landmarks.notna() & ~frame.keep].iloc[0] if (frame.ref_landmarks.notna() & ~frame.keep).any() \
-        else frame[frame.ref_landmarks.notna()].iloc[0]
+    with_ref = frame[frame.ref_landmarks.notna()]
+    row = with_ref.sort_values("keep").iloc[0]  # a dropped one where there is one
     r = client.get(f"/face/{row.face_id}?status=kept")
     assert r.status_code == 200
     names = re.findall(r'class="pts cand" id="cand-\d+" data-name="([^"]+)"', r.text)
@@ -214,8 +218,8 @@ def test_taken_port_is_one_clear_error(version, tmp_path):
         from tests.conftest import write_catalog
 
         store, v = version
-        catalog = write_catalog(tmp_path / "catalog.yaml", [{"name": "x", "kind": "folder", "path": str(tmp_path)}],
-                                output_root=store.root)
+        sources = [{"name": "x", "kind": "folder", "path": str(tmp_path)}]
+        catalog = write_catalog(tmp_path / "catalog.yaml", sources, output_root=store.root)
         assert main(["browse", "--catalog", str(catalog), f"faces@v{v}", "--port", str(port)]) == 2
     finally:
         holder.close()

@@ -22,7 +22,7 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """(base url, store, version): the app on a free port of 127.0.0.1 under uvicorn, as `browse` serves it."""
+    """(base url, store, version): the app under uvicorn on a free port of 127.0.0.1, as `browse` runs it."""
     import uvicorn
 
     store, version = build_browse_version(tmp_path_factory.mktemp("browse-browser"))

@@ -25,7 +25,8 @@ def test_coco_round_trip(version, tmp_path):
     frame = faces_frame(store, v).set_index("face_id")
     path, counts = export_coco(store, v, tmp_path / "faces.coco.json")
     coco = json.loads(path.read_text())  # strict JSON: no NaN anywhere
-    assert counts == {"images": frame.image_id.nunique(), "annotations": len(frame), "kept": int(frame.keep.sum())}
+    assert counts == {"images": frame.image_id.nunique(), "annotations": len(frame),
+                      "kept": int(frame.keep.sum())}
 
     category = coco["categories"][0]
     assert len(category["keypoints"]) == 68 == len(set(keypoint_names()))
@@ -78,9 +79,10 @@ def test_cli_export(version, tmp_path, capsys):
     from flows.cli import main
 
     store, v = version
-    catalog = write_catalog(tmp_path / "catalog.yaml", [{"name": "x", "kind": "folder", "path": str(tmp_path)}],
-                            output_root=store.root)
+    sources = [{"name": "x", "kind": "folder", "path": str(tmp_path)}]
+    catalog = write_catalog(tmp_path / "catalog.yaml", sources, output_root=store.root)
     out = tmp_path / "cli.coco.json"
-    assert main(["export", "--catalog", str(catalog), f"faces@v{v}", "--format", "coco", "--out", str(out)]) == 0
+    argv = ["export", "--catalog", str(catalog), f"faces@v{v}", "--format", "coco", "--out", str(out)]
+    assert main(argv) == 0
     assert f"wrote {out}" in capsys.readouterr().out
     assert len(json.loads(out.read_text())["annotations"]) == len(faces_frame(store, v))

@@ -16,7 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse
 
 from pipeline.browse.images import ImageUnavailable, data_uri, points_path, read_image
-from pipeline.browse.queries import STATUSES, BadView, View, VersionFaces
+from pipeline.browse.queries import STATUSES, BadView, VersionFaces, View, format_number
 from pipeline.browse.templates import render
 from pipeline.shards import Store
 from pipeline.summary import YAW_BINS
@@ -54,9 +54,16 @@ def _card(row: dict, view: View, sort: str) -> dict:
     }
 
 
+def _range_inputs(columns: list[str], view: View) -> list[tuple[str, str, str]]:
+    """(column, min, max) for the form's range inputs, the view's bounds filled in."""
+    shown = {c: tuple("" if b is None else format_number(b) for b in (lo, hi)) for c, lo, hi in view.ranges}
+    return [(c, *shown.get(c, ("", ""))) for c in columns]
+
+
 def _candidates(face: dict) -> list[dict]:
     """The face's label, every alt_landmarks entry, and the reference where there is one."""
-    out = [{"name": f"{face.get('landmarker') or 'label'} (label)", "points": face.get("landmarks"), "note": ""}]
+    label = f"{face.get('landmarker') or 'label'} (label)"
+    out = [{"name": label, "points": face.get("landmarks"), "note": ""}]
     for alt in face.get("alt_landmarks") or []:
         out.append({"name": str(alt.get("name")), "points": alt.get("points"), "note": "second opinion"})
     if face.get("ref_landmarks") is not None:
@@ -91,8 +98,8 @@ def create_app(store: Store, version: int | None = None) -> FastAPI:
             "grid", ref=faces.ref, view=view, page=result, faces_total=facets["faces"],
             unavailable=faces.unavailable, multi_filters=multi, statuses=STATUSES,
             selected={"source": view.source, "split": view.split, "reason": view.reason, "yaw": view.yaw},
-            sortable=faces.float_columns, default_sort=faces.default_sort, features=faces.float_columns,
-            ranges={c: (lo, hi) for c, lo, hi in view.ranges},
+            sortable=faces.float_columns, default_sort=faces.default_sort,
+            range_inputs=_range_inputs(faces.float_columns, view),
             cards=[_card(r, view, result.sort) for r in result.rows],
             prev_href=_url("/", view.to_params(page=view.page - 1)) if view.page > 1 else "",
             next_href=_url("/", view.to_params(page=view.page + 1)) if has_next else "",
@@ -107,7 +114,8 @@ def create_app(store: Store, version: int | None = None) -> FastAPI:
                 if faces.unavailable else ""
             return page(404, "no such face", f"{faces.ref} has no readable face {face_id!r}{note}")
         if face["_error"]:  # its shard went unreadable after opening
-            return page(503, "face unavailable", f"{face_id}: its shard cannot be read now ({face['_error']})")
+            return page(503, "face unavailable",
+                        f"{face_id}: its shard cannot be read now ({face['_error']})")
         image, image_error = "", ""
         try:
             image = data_uri(*read_image(face["uri"]))
@@ -120,7 +128,8 @@ def create_app(store: Store, version: int | None = None) -> FastAPI:
             "face", ref=faces.ref, face=face, back_href=_url("/", view.to_params()),
             remote_href=face["uri"] if face["uri"].startswith(("http://", "https://")) else "",
             weight=_fmt(face.get("weight")), image=image, image_error=image_error,
-            box=(left, top, right - left, bottom - top), stroke=max(1.0, max(face["width"], face["height"]) / 400),
+            box=(left, top, right - left, bottom - top),
+            stroke=max(1.0, max(face["width"], face["height"]) / 400),
             candidates=_candidates(face), crop=data_uri(face["crop"], "image/jpeg"),
             features=[(k, _fmt(v)) for k, v in scalars if k in float_names],
             fields=[(k, _fmt(v)) for k, v in scalars if k not in float_names],

@@ -98,7 +98,7 @@ class View:
             ranges=tuple((c, lo, hi) for c, (lo, hi) in sorted(ranges.items())),
             sort=_one(multi, "sort"), order=order,
             page=max(1, int(_number("page", _one(multi, "page") or "1"))),
-            per_page=min(MAX_PAGE_SIZE, max(1, int(_number("per_page", _one(multi, "per_page") or str(PAGE_SIZE))))),
+            per_page=min(MAX_PAGE_SIZE, max(1, int(_number("per_page", _one(multi, "per_page") or "48")))),
         )
 
     def to_params(self, **changes) -> list[tuple[str, str]]:
@@ -110,8 +110,8 @@ class View:
         if view.status:
             out.append(("status", view.status))
         for column, lo, hi in view.ranges:
-            out += [(f"min_{column}", _fmt(lo))] if lo is not None else []
-            out += [(f"max_{column}", _fmt(hi))] if hi is not None else []
+            out += [(f"min_{column}", format_number(lo))] if lo is not None else []
+            out += [(f"max_{column}", format_number(hi))] if hi is not None else []
         out += [("sort", view.sort)] if view.sort else []
         out += [("order", view.order)] if view.order else []
         out += [("page", str(view.page))] if view.page != 1 else []
@@ -137,8 +137,9 @@ def _number(key: str, value: str) -> float:
     return number
 
 
-def _fmt(value: float) -> str:
-    return f"{value:g}" if value != int(value) or abs(value) >= 1e15 else str(int(value))
+def format_number(value: float) -> str:
+    """A bound as a URL writes it: exact (repr), without a '.0' on whole numbers."""
+    return str(int(value)) if value == int(value) and abs(value) < 1e15 else repr(value)
 
 
 def quote_ident(name: str) -> str:
@@ -166,14 +167,19 @@ def _is_scalar(t: pa.DataType) -> bool:
     return not (pa.types.is_nested(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t))
 
 
+def _indexed(schema: pa.Schema) -> list[str]:
+    return [f.name for f in schema if _is_scalar(f.type) and f.name not in _NOT_INDEXED]
+
+
 class VersionFaces:
     """One committed version's faces, queried in place. Safe to share between request threads.
 
     Opening reads the version's narrow columns (ids, source, split, the decision and every numeric
     column: what filters and sorts need, a few % of the bytes) from each shard into one Arrow table
-    held in memory (~15 MiB for 100,000 faces); every view is one duckdb SQL query over it. Crops, points and the rest stay in the
-    Parquet files and are read per page, for the page's rows only. Over many small shards this is
-    what keeps a page well under a second: a scan of every shard per request costs ~1 ms per file.
+    held in memory (~15 MiB for 100,000 faces); every view is one duckdb SQL query over it. Crops,
+    points and the rest stay in the Parquet files and are read per page, for the page's rows only.
+    Over a build's many small shards this is what keeps a page well under a second: duckdb scanning
+    every shard per request costs ~1 ms per file (780 files for 100,000 faces).
     """
 
     def __init__(self, store: Store, version: int | None = None):
@@ -199,9 +205,10 @@ class VersionFaces:
                 self.shards.append(shard)
         # Shards linked from a parent may predate a column: the union, missing values read as null.
         self.schema = pa.unify_schemas(schemas) if schemas else shards.FACES_SCHEMA
-        self.scalar_columns = [f.name for f in self.schema if _is_scalar(f.type) and f.name not in _NOT_INDEXED]
+        self.scalar_columns = _indexed(self.schema)
         self.float_columns = [f.name for f in self.schema if _is_float(f.type)]
-        self.numeric_columns = [f.name for f in self.schema if _is_float(f.type) or pa.types.is_integer(f.type)]
+        self.numeric_columns = [f.name for f in self.schema
+                                if _is_float(f.type) or pa.types.is_integer(f.type)]
         self.default_sort = next((c for c in WORST_FIRST if c in self.float_columns),
                                  self.float_columns[0] if self.float_columns else "face_id")
         self._by_index = {s.index: s for s in self.shards}
@@ -220,16 +227,16 @@ class VersionFaces:
         try:
             with self._fs.open(shard.path, "rb") as f:
                 pf = pq.ParquetFile(f)
-                narrow = [fl.name for fl in pf.schema_arrow if _is_scalar(fl.type) and fl.name not in _NOT_INDEXED]
-                part = pf.read(columns=narrow)
-        except Exception as err:  # noqa: BLE001 - whatever the failure (missing, truncated, garbled): not served
+                part = pf.read(columns=_indexed(pf.schema_arrow))
+        except Exception as err:  # noqa: BLE001 - missing, truncated, garbled...: not served, whatever it is
             return err, None
         n = part.num_rows
         part = part.append_column("_shard", pa.array(np.full(n, shard.index, dtype=np.int32)))
         return part.append_column("_row", pa.array(np.arange(n, dtype=np.int32))), pf.schema_arrow
 
     def _unavailable(self, shard: Shard, err: Exception) -> None:
-        self.unavailable.append({"file": shard.file, "rows": shard.rows, "error": f"{type(err).__name__}: {err}"})
+        self.unavailable.append({"file": shard.file, "rows": shard.rows,
+                                 "error": f"{type(err).__name__}: {err}"})
 
     # ------------------------------------------------------------------------------ sql helpers
 
@@ -237,7 +244,7 @@ class VersionFaces:
         if not self.shards:
             raise _NoShards()
         with self._lock:
-            return self._con.sql(sql.replace("{faces}", "faces"), params=params or None).to_arrow_table()
+            return self._con.sql(sql, params=params or None).to_arrow_table()
 
     def _where(self, view: View) -> tuple[str, list]:
         clauses, params = [], []
@@ -256,7 +263,8 @@ class VersionFaces:
             clauses.append(f"keep = {'true' if view.status == 'kept' else 'false'}")
         if view.yaw:
             lo, hi = YAW_EDGES_DEG[0], YAW_EDGES_DEG[1]
-            bins = {YAW_BINS[0]: f"abs(yaw_deg) <= {lo}", YAW_BINS[1]: f"abs(yaw_deg) > {lo} AND abs(yaw_deg) <= {hi}",
+            bins = {YAW_BINS[0]: f"abs(yaw_deg) <= {lo}",
+                    YAW_BINS[1]: f"abs(yaw_deg) > {lo} AND abs(yaw_deg) <= {hi}",
                     YAW_BINS[2]: f"abs(yaw_deg) > {hi}"}
             # NaN compares as the largest number in duckdb: an unmeasured yaw is in no bin.
             clauses.append("(NOT isnan(yaw_deg) AND (" + " OR ".join(f"({bins[b]})" for b in view.yaw) + "))")
@@ -289,8 +297,8 @@ class VersionFaces:
         """The values the filter form offers: sources, splits, reasons (computed once)."""
         if self._facets is None:
             try:
-                t = self._query("SELECT source, split, split_part(reject_reason, ' ', 1) AS reason, count(*) AS n "
-                                "FROM {faces} GROUP BY ALL")
+                t = self._query("SELECT source, split, split_part(reject_reason, ' ', 1) AS reason, "
+                                "count(*) AS n FROM faces GROUP BY ALL")
                 rows = t.to_pylist()
             except _NoShards:
                 rows = []
@@ -305,12 +313,12 @@ class VersionFaces:
         where, params = self._where(view)
         order, sort, descending = self._order(view)
         try:
-            total = self._query("SELECT count(*) AS n FROM {faces}" + where, params).column("n")[0].as_py()
+            total = self._query("SELECT count(*) AS n FROM faces" + where, params).column("n")[0].as_py()
         except _NoShards:
             return Page(view, sort, descending, 0)
         offset = (view.page - 1) * view.per_page
         select = ", ".join(quote_ident(c) for c in self.scalar_columns)
-        hits = self._query(f"SELECT {select}, _shard, _row FROM {{faces}}{where}{order} "
+        hits = self._query(f"SELECT {select}, _shard, _row FROM faces{where}{order} "
                            f"LIMIT {int(view.per_page)} OFFSET {int(offset)}", params)
         rows = hits.to_pylist()
         self._attach(rows, CARD_COLUMNS)
@@ -320,7 +328,7 @@ class VersionFaces:
         """Every column of one face (`_error` says why its stored columns could not be read), or
         None where no readable shard holds it."""
         try:
-            hits = self._query("SELECT _shard, _row FROM {faces} WHERE face_id = ? LIMIT 1", [face_id])
+            hits = self._query("SELECT _shard, _row FROM faces WHERE face_id = ? LIMIT 1", [face_id])
         except _NoShards:
             return None
         if hits.num_rows == 0:
@@ -346,7 +354,8 @@ class VersionFaces:
             with self._fs.open(shard.path, "rb") as f:
                 pf = pq.ParquetFile(f)
                 present = [c for c in columns if c in pf.schema_arrow.names]
-                starts = np.cumsum([0] + [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)])
+                meta = pf.metadata
+                starts = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
                 groups: dict[int, pa.Table] = {}
                 for row in shard_rows:
                     g = int(np.searchsorted(starts, row["_row"], side="right")) - 1

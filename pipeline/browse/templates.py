@@ -56,9 +56,11 @@ _GRID = """{% extends "base" %}
     <option value="desc"{% if view.order == "desc" %} selected{% endif %}>descending</option>
   </select></label>
   <details id="ranges"{% if view.ranges %} open{% endif %}><summary>ranges</summary><table>
-    {% for column in features %}<tr><td>{{ column }}</td>
-      <td><input type="number" step="any" name="min_{{ column }}" id="min-{{ column }}" value="{{ ranges.get(column, (None, None))[0] if ranges.get(column, (None, None))[0] is not none else '' }}" placeholder="min"></td>
-      <td><input type="number" step="any" name="max_{{ column }}" id="max-{{ column }}" value="{{ ranges.get(column, (None, None))[1] if ranges.get(column, (None, None))[1] is not none else '' }}" placeholder="max"></td></tr>
+    {% for column, lo, hi in range_inputs %}<tr><td>{{ column }}</td>
+      <td><input type="number" step="any" name="min_{{ column }}" id="min-{{ column }}" value="{{ lo }}"
+        placeholder="min"></td>
+      <td><input type="number" step="any" name="max_{{ column }}" id="max-{{ column }}" value="{{ hi }}"
+        placeholder="max"></td></tr>
     {% endfor %}</table></details>
   <input type="hidden" name="per_page" value="{{ view.per_page }}">
   <button type="submit" id="apply">apply</button> <a href="./">reset</a>
