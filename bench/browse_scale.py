@@ -159,7 +159,7 @@ def main() -> None:
     parser.add_argument("--faces", type=int, default=100_000)
     parser.add_argument("--small", type=int, default=1_000)
     parser.add_argument("--shard-rows", type=int, default=128, help="rows per shard (a build's batch: 128 images)")
-    parser.add_argument("--pages", type=int, default=60, help="pages to walk for the RSS figures")
+    parser.add_argument("--pages", type=int, default=120, help="pages to walk for the RSS figures")
     parser.add_argument("--from-root", default=None, help="output root holding a built `faces` version")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()

@@ -17,7 +17,7 @@ from fastapi.responses import HTMLResponse
 
 from pipeline.browse.images import ImageUnavailable, data_uri, points_path, read_image
 from pipeline.browse.queries import STATUSES, BadView, VersionFaces, View, format_number
-from pipeline.browse.templates import render
+from pipeline.browse.templates import ENV, render
 from pipeline.shards import Store
 from pipeline.summary import YAW_BINS
 
@@ -76,6 +76,9 @@ def _candidates(face: dict) -> list[dict]:
 
 def create_app(store: Store, version: int | None = None) -> FastAPI:
     faces = VersionFaces(store, version)
+    faces.facets()  # the form's choices and the templates are ready before the first request
+    for name in ("grid", "face", "message"):
+        ENV.get_template(name)
     app = FastAPI(title=f"facecurate browse {faces.ref}", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.faces = faces
 
