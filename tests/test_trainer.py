@@ -69,12 +69,10 @@ def test_untrained_four_channel_model_is_the_teacher():
         torch.testing.assert_close(fused_for_inference(teacher)(x), theirs, atol=1e-4, rtol=1e-4)
 
 
-def test_a_few_steps_lower_the_loss_and_log_every_term(tiny, tmp_path):
-    """The loop logs every term, finite, at every step; and a few steps lower the total loss."""
+def test_the_loop_logs_every_term_at_every_step(tiny, tmp_path):
+    """The loop logs every term, finite, at every step (that training lowers the loss:
+    `test_resnet50_backbone_learns`)."""
     import json
-
-    from pipeline.bfm import load_bfm
-    from trainer.train import build_optimizers, seed_everything, set_train_mode, train_step
 
     cfg = _cfg(tiny, tmp_path, max_steps=6)
     result = train(cfg)
@@ -83,26 +81,6 @@ def test_a_few_steps_lower_the_loss_and_log_every_term(tiny, tmp_path):
     for r in records:
         for key in ("lmk2d", "con2d", "con3d", "cyc", "params", "anchor", "critic_g", "critic_d", "total"):
             assert math.isfinite(r[key]), (key, r)
-
-    # Optimisation on one fixed batch (every training face; trusted .mat params included), from
-    # ResNet-50's random init: the teacher-initialised MobileNet starts at the minimum of every
-    # pseudo-label term, so only a model that starts away from it can show the total falling.
-    import dataclasses
-
-    seed_everything(0)
-    cfg = dataclasses.replace(cfg, backbone="resnet50", lr=3e-4)
-    bfm = load_bfm(cfg.bfm_path)
-    net = build_model(cfg)
-    encoder, critic = build_critic(cfg)
-    opt, opt_critic = build_optimizers(cfg, net, encoder, critic)
-    batch = next(iter(build_loader(dataclasses.replace(cfg, batch_size=64), store_of(tiny), 1, shuffle=False)))
-    totals = []
-    for _ in range(8):
-        set_train_mode(net, cfg.bn_frozen)
-        logged = train_step(batch, net, encoder, critic, bfm, cfg, opt, opt_critic, amp=False)
-        assert logged["params"] > 0 and all(math.isfinite(v) for v in logged.values()), logged
-        totals.append(logged["total"])
-    assert np.mean(totals[-2:]) < 0.8 * totals[0], totals
 
 
 def test_resume_is_exact(tiny, tmp_path):
@@ -130,11 +108,28 @@ def test_rescore_scores_every_face_and_a_round_folds_them(tiny, tmp_path):
     scores = rescore(load_predictor("teacher", device="cpu"), store, 1, round_index=1, batch_size=7)
     assert sorted(scores.column("face_id").to_pylist()) == sorted(faces.column("face_id").to_pylist())
     residual = scores.column("landmark_residual").to_numpy()
-    # The teacher re-predicts its own labels: small residuals, weights in [0, 1].
-    assert np.isfinite(residual).all() and np.median(residual) < 3.0
+    # The teacher re-predicts its own labels: only the crops' JPEG round trip parts them (measured on
+    # these 20 faces: median 0.17%, max 0.29%); weights in [0, 1].
+    assert np.isfinite(residual).all() and np.median(residual) < 0.3 and residual.max() < 0.5, residual
     new_weight = scores.column("new_weight").to_numpy()
     assert ((0 <= new_weight) & (new_weight <= 1)).all()
-    from trainer.rescore import score_auc
+    # Corrupt half the labels (3 px of noise per point on the 120 px crop, ~4% NME): the residual must
+    # rank every corrupted label above every intact one (measured: 3.9-4.9% vs <= 0.3%, AUC 1.0).
+    from pipeline.crops import apply_affine
+    from trainer.rescore import _decode_crops, roc_auc, score_auc, score_batch
+
+    table = shards.read_faces(store, 1, columns=["face_id", "crop", "landmarks", "crop_affine"])
+    n = table.num_rows
+    crops, decoded = _decode_crops(table.column("crop").to_pylist(), table.column("face_id").to_pylist())
+    labels = apply_affine(np.asarray(table.column("landmarks").to_pylist(), np.float32).reshape(n, 68, 2),
+                          np.asarray(table.column("crop_affine").to_pylist(), np.float32).reshape(n, 6))
+    rng = np.random.default_rng(0)
+    corrupted = np.zeros(n, bool)
+    corrupted[rng.permutation(n)[: n // 2]] = True
+    labels[corrupted] += rng.normal(0.0, 3.0, size=(corrupted.sum(), 68, 2)).astype(np.float32)
+    raw = score_batch(load_predictor("teacher", device="cpu"), crops, labels)
+    assert decoded.all() and roc_auc(raw["landmark_residual"], corrupted) > 0.99, raw["landmark_residual"]
+    assert raw["landmark_residual"][corrupted].min() > 2.0 > raw["landmark_residual"][~corrupted].max()
 
     report = score_auc(scores, shards.read_faces(store, 1), threshold_pct=8.0)
     assert report["n"] == 4  # the four faces with reference labels
@@ -177,10 +172,33 @@ def test_evaluate_prints_the_same_table_for_teacher_and_untrained_model(tmp_path
     assert len(tables["teacher"]) == 2 and tables["teacher"] == tables["untrained"]
 
 
-def test_resnet50_backbone_trains_a_step(tiny, tmp_path):
-    """2DASL's ResNet-50 (random init: no pretrained weights offline) takes the 4-channel input and learns."""
+def test_resnet50_backbone_learns(tiny, tmp_path):
+    """2DASL's ResNet-50 (random init: no pretrained weights offline) takes the 4-channel input through
+    the training loop, and a few steps on one fixed batch lower the total loss."""
+    import dataclasses
+
+    from pipeline.bfm import load_bfm
+    from trainer.train import build_optimizers, seed_everything, set_train_mode, train_step
+
     result = train(_cfg(tiny, tmp_path, backbone="resnet50", max_steps=2, batch_size=4))
     assert result.steps == 2 and all(math.isfinite(v) for v in result.final_losses.values())
+    # Optimisation on one fixed batch (every training face; trusted .mat params included), from
+    # ResNet-50's random init: the teacher-initialised MobileNet starts at the minimum of every
+    # pseudo-label term, so only a model that starts away from it can show the total falling.
+    seed_everything(0)
+    cfg = dataclasses.replace(_cfg(tiny, tmp_path, max_steps=6), backbone="resnet50", lr=3e-4)
+    bfm = load_bfm(cfg.bfm_path)
+    net = build_model(cfg)
+    encoder, critic = build_critic(cfg)
+    opt, opt_critic = build_optimizers(cfg, net, encoder, critic)
+    batch = next(iter(build_loader(dataclasses.replace(cfg, batch_size=64), store_of(tiny), 1, shuffle=False)))
+    totals = []
+    for _ in range(8):
+        set_train_mode(net, cfg.bn_frozen)
+        logged = train_step(batch, net, encoder, critic, bfm, cfg, opt, opt_critic, amp=False)
+        assert logged["params"] > 0 and all(math.isfinite(v) for v in logged.values()), logged
+        totals.append(logged["total"])
+    assert np.mean(totals[-2:]) < 0.8 * totals[0], totals
 
 
 def test_round_evaluation_on_reference_faces_matches_the_labels_for_the_teacher(tmp_path):
