@@ -1,4 +1,6 @@
-"""Each 2DASL loss: zero when its inputs agree, positive and finite otherwise, and it has a gradient.
+"""Each 2DASL loss: zero when its inputs agree, positive and finite otherwise, it has a gradient, and
+it gives a value worked out by hand on small tensors; the landmark map's pixels, the 18-point
+selection (against 2DASL's list) and roc_auc (against a brute-force pair count) likewise.
 
 Geometry comes from the real BFM (bfm_68.npz) and the teacher's param stats, not random numbers.
 """
@@ -158,3 +160,145 @@ def test_rescore_weight_combines_residual_and_cycle_and_only_optionally_the_crit
     halved = combine(residual, cycle, critic, critic_floor=0.5)
     assert halved[1] == pytest.approx(0.5) and halved[0] == pytest.approx(1.0)
     assert combine(residual, cycle, np.full(6, np.nan), critic_floor=0.5)[1] == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Hand-computed values: a wrong formula that is still "zero when equal, positive otherwise" fails these.
+
+
+def _tri(a: float, b: float) -> torch.Tensor:
+    """Three points (0,0), (a,0), (0,b): a face whose bounding box is a x b (face size sqrt(a*b))."""
+    return torch.tensor([[0.0, 0.0], [a, 0.0], [0.0, b]])
+
+
+def test_face_size_by_hand():
+    assert float(losses.face_size(_tri(4, 9))) == pytest.approx(6.0)  # sqrt(4 * 9)
+    assert float(losses.face_size(torch.zeros(5, 2))) == 1.0  # a degenerate face counts as 1 px
+
+
+def test_landmark_2d_loss_by_hand():
+    # face 0: 4 x 9 box (size 6), every point off by (3, 4): distance 5 -> 5/6
+    # face 1: 2 x 2 box (size 2; the pseudo-label's, not the prediction's 3 x 2), one of three points
+    # off by 1 -> (1/3)/2 = 1/6
+    # face weights 1 and 3: (5/6 * 1 + 1/6 * 3) / 4 = 1/3
+    pseudo = torch.stack([_tri(4, 9), _tri(2, 2)])
+    pred = pseudo.clone()
+    pred[0] += torch.tensor([3.0, 4.0])
+    pred[1, 1, 0] += 1.0
+    loss = losses.landmark_2d_loss(pred, pseudo, torch.tensor([1.0, 3.0]))
+    assert float(loss) == pytest.approx(1 / 3, rel=1e-6)
+
+
+def test_consistency_2d_and_cycle_losses_by_hand():
+    # point weights v = (1, 3, 0) -> (1/4, 3/4, 0); the face size comes from the map's input points
+    # face 0: distances (5, 5, 5) -> 5 / 6;  face 1 (2 x 2): distances (0, 1, 0) -> (3/4) / 2 = 3/8
+    x2d = torch.stack([_tri(4, 9), _tri(2, 2)])
+    y2d = x2d.clone()
+    y2d[0] += torch.tensor([3.0, 4.0])
+    y2d[1, 1, 0] += 1.0
+    v = torch.tensor([1.0, 3.0, 0.0])
+    assert float(losses.consistency_2d_loss(x2d, y2d, point_weights=v)) == pytest.approx((5 / 6 + 3 / 8) / 2, rel=1e-6)
+    assert float(losses.cycle_loss(x2d, y2d, point_weights=v)) == pytest.approx(29 / 48, rel=1e-6)
+    # face weights (0, 1): only face 1 counts
+    assert float(losses.cycle_loss(x2d, y2d, point_weights=v, face_weight=torch.tensor([0.0, 1.0]))) \
+        == pytest.approx(3 / 8, rel=1e-6)
+    # without point weights every point counts alike: (5/6 + (1/3)/2) / 2 = 1/2
+    assert float(losses.consistency_2d_loss(x2d, y2d)) == pytest.approx(0.5, rel=1e-6)
+
+
+def test_consistency_3d_loss_by_hand():
+    # face 0: 3 x 12 box in x/y (size 6), every point moved by (2, 3, 6): distance 7 -> 7/6
+    # face 1: 1 x 1 box (size 1, pass 1's), one of three points moved by 2 -> 2/3
+    # mean over faces: (7/6 + 2/3) / 2 = 11/12
+    z = torch.zeros(3, 1)
+    pass1 = torch.stack([torch.cat([_tri(3, 12), z], -1), torch.cat([_tri(1, 1), z], -1)])
+    pass2 = pass1.clone()
+    pass2[0] += torch.tensor([2.0, 3.0, 6.0])
+    pass2[1, 1, 0] += 2.0
+    assert float(losses.consistency_3d_loss(pass1, pass2)) == pytest.approx(11 / 12, rel=1e-6)
+
+
+def test_wpdc_loss_by_hand():
+    # Two params, one projected point H(p) = (3 p0, 4 p1). Target (0, 0), prediction (1, 1), std (1, 2).
+    # Row i of the perturbed set takes coefficient i from the prediction: (1, 0) -> (3, 0), moved 3;
+    # (0, 1) -> (0, 4), moved 4; weights 3/7 and 4/7. Whitened errors (1/1, 1/2), squared (1, 1/4):
+    # loss = 3/7 * 1 + 4/7 * 1/4 = 4/7.
+    def h(p):
+        return torch.stack([3 * p[..., 0], 4 * p[..., 1]], -1)[..., None, :]
+
+    pred = torch.tensor([[1.0, 1.0]], requires_grad=True)
+    loss = losses.wpdc_loss(pred, torch.zeros(1, 2), torch.tensor([1.0, 2.0]), h)
+    assert float(loss) == pytest.approx(4 / 7, rel=1e-6)
+    # weights are detached: d loss / d pred_i = 2 w_i (pred_i - target_i) / std_i^2 = (6/7, 2/7)
+    (grad,) = torch.autograd.grad(loss, pred)
+    torch.testing.assert_close(grad, torch.tensor([[6 / 7, 2 / 7]]))
+
+
+def test_anchor_loss_by_hand():
+    params = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    # all rows: differences (0, 2, 0, 3) -> squares (0, 4, 0, 9) -> mean 13/4
+    assert float(losses.anchor_loss(params, torch.tensor([[1.0, 0.0], [3.0, 1.0]]))) == pytest.approx(3.25)
+    # the NaN row is ignored: (1 + 4) / 2
+    nan = float("nan")
+    assert float(losses.anchor_loss(params, torch.tensor([[0.0, 0.0], [nan, nan]]))) == pytest.approx(2.5)
+
+
+def test_critic_losses_by_hand():
+    # D(real) = 0 -> sigmoid 1/2 -> BCE to 1 = ln 2; D(fake) = ln 3 -> sigmoid 3/4 -> BCE to 0 = ln 4
+    # loss_D = ln 2 + ln 4 = ln 8; loss_G = BCE(3/4, 1) = ln 4/3
+    loss_d, loss_g = losses.critic_losses(torch.tensor([0.0]), torch.tensor([math.log(3.0)]))
+    assert float(loss_d) == pytest.approx(math.log(8.0), rel=1e-6)
+    assert float(loss_g) == pytest.approx(math.log(4.0 / 3.0), rel=1e-6)
+
+
+def test_landmark_map_pixels_by_hand():
+    """2DASL's map: +1 at [floor(y), floor(x)] with coordinates clipped to the crop, -1 elsewhere."""
+    from trainer.model import landmark_map
+
+    nan = float("nan")
+    points = torch.tensor([[[2.7, 5.2], [-3.0, 200.0], [7.9, 0.0], [nan, nan]]])
+    got = landmark_map(points, size=8)
+    expected = -torch.ones(1, 1, 8, 8)
+    expected[0, 0, 5, 2] = 1.0  # (2.7, 5.2): row 5, column 2
+    expected[0, 0, 7, 0] = 1.0  # (-3, 200) clipped to (0, 7)
+    expected[0, 0, 0, 7] = 1.0  # (7.9, 0): row 0, column 7
+    expected[0, 0, 0, 0] = 1.0  # a missing point (NaN) lands on (0, 0)
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    assert landmark_map(torch.tensor([[[60.5, 30.25]]])).shape == (1, 1, 120, 120)
+
+
+def test_select_18_is_2dasls_18_points():
+    """2DASL's obtain_18pts_map (shared/2DASL.md): 68-point indices 17, 19, 21, 22, 24, 26, 36,
+    mid(37, 40), 39, 42, mid(43, 46), 45, 31, 30, 35, 48, mid(62, 66), 54, in that order."""
+    import numpy as np
+
+    from pipeline.landmarks import select_18
+    from trainer.model import map_points
+
+    points = np.stack([np.arange(68.0), 1000.0 + 2 * np.arange(68.0)], -1)  # point i = (i, 1000 + 2i)
+    expected_x = [17, 19, 21, 22, 24, 26, 36, 38.5, 39, 42, 44.5, 45, 31, 30, 35, 48, 64, 54]
+    got = select_18(points)
+    np.testing.assert_array_equal(got[:, 0], expected_x)
+    np.testing.assert_array_equal(got[:, 1], 1000.0 + 2 * np.asarray(expected_x))
+    np.testing.assert_array_equal(map_points(torch.as_tensor(points)[None]).numpy()[0], got)  # torch too
+
+
+def test_roc_auc_equals_a_brute_force_pair_count_with_ties():
+    """P(score of a positive > score of a negative) + 1/2 P(equal), counted over every pair."""
+    import numpy as np
+
+    from trainer.rescore import roc_auc
+
+    rng = np.random.default_rng(7)
+    for trial in range(20):
+        n = int(rng.integers(2, 60))
+        score = rng.integers(0, 4, size=n).astype(float) if trial % 2 == 0 else rng.normal(size=n).round(1)
+        positive = rng.random(n) < 0.4
+        if positive.all() or not positive.any():
+            positive[0] = not positive[0]
+        pos, neg = score[positive], score[~positive]
+        brute = ((pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()) / (len(pos) * len(neg))
+        assert roc_auc(score, positive) == pytest.approx(brute, abs=1e-12), (trial, score, positive)
+    # NaN scores are left out; a class left empty gives NaN
+    assert roc_auc(np.array([1.0, np.nan, 0.0]), np.array([True, False, False])) == 1.0
+    assert math.isnan(roc_auc(np.array([1.0, np.nan]), np.array([True, False])))
