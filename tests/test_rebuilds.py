@@ -200,3 +200,15 @@ def test_a_changed_detector_chain_relabels_and_says_so(tmp_path, caplog):
     faces = shards.read_faces(store, 2, columns=["face_id"]).to_pandas()
     assert faces.face_id.is_unique and len(faces) >= 2
     assert build(changed)[1].nothing_to_do  # and then it is settled
+
+
+def test_quarantine_tables_of_older_versions_are_judged_by_their_reasons():
+    """Versions written before the `retryable` column: a 'model error' or a transient fetch fault is
+    tried again, a 404 or a corrupt image is not."""
+    old = pa.table({"uri": ["a", "b", "c", "d", "e"], "source": ["s"] * 5, "image_id": [None, None, None, "x", "y"],
+                    "stage": ["fetch", "fetch", "fetch", "detect", "decode"],
+                    "reason": ["fetch failed", "timeout", "HTTP 404", "model error", "not an image"],
+                    "detail": [""] * 5, "version": pa.array([1] * 5, pa.int32())})
+    table = shards.conform_quarantine(old)
+    assert table.schema == shards.QUARANTINE_SCHEMA
+    assert table.column("retryable").to_pylist() == [True, True, False, True, False]
