@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline import shards
-from pipeline.browse.queries import View
+from pipeline.browse.queries import WORST_FIRST, View
 from pipeline.build import build, store_of
 from pipeline.catalog import load_catalog
 from tests.conftest import AFLW_DEV, DATA, WILD, copy_images, write_catalog
@@ -59,7 +59,12 @@ def faces_frame(store, version) -> pd.DataFrame:
     return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
 
 
-def expected(df: pd.DataFrame, view: View, default_sort: str = "flip_nme_pct") -> pd.DataFrame:
+def default_sort(df: pd.DataFrame) -> str:
+    """The worst-first column the app should pick: the first of WORST_FIRST the version has."""
+    return next(c for c in WORST_FIRST if c in df.columns)
+
+
+def expected(df: pd.DataFrame, view: View) -> pd.DataFrame:
     """The view, computed with pandas: NaN fails every range and sorts last; face_id breaks ties."""
     keep = pd.Series(True, index=df.index)
     if view.source:
@@ -77,7 +82,7 @@ def expected(df: pd.DataFrame, view: View, default_sort: str = "flip_nme_pct") -
     for column, lo, hi in view.ranges:
         keep &= df[column].notna() & (df[column] >= (lo if lo is not None else -np.inf)) \
             & (df[column] <= (hi if hi is not None else np.inf))
-    sort = view.sort or default_sort
+    sort = view.sort or default_sort(df)
     descending = view.order == "desc" or (not view.order and not view.sort)
     out = df[keep].copy()
     out["_missing"] = out[sort].isna()

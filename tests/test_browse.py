@@ -17,7 +17,15 @@ from fastapi.testclient import TestClient
 from pipeline import shards
 from pipeline.browse.app import PortTaken, bind, create_app
 from pipeline.browse.queries import BadView, VersionFaces, View
-from tests.browse_fixture import GONE, IMG_NAME, SCRIPT_NAME, build_browse_version, expected, faces_frame
+from tests.browse_fixture import (
+    GONE,
+    IMG_NAME,
+    SCRIPT_NAME,
+    build_browse_version,
+    default_sort,
+    expected,
+    faces_frame,
+)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +58,8 @@ VIEWS = [
 def test_views_match_pandas(version, frame, view):
     faces = VersionFaces(*version)
     page = faces.page(view)
-    want = expected(frame, view, faces.default_sort)
+    assert faces.default_sort == default_sort(frame)
+    want = expected(frame, view)
     assert page.total == len(want) and (len(want) > 0 or view.source == ("nowhere",))
     assert [r["face_id"] for r in page.rows] == want.face_id.head(view.per_page).tolist()
     for row in page.rows:  # the card columns come from the row's own shard
@@ -85,23 +94,32 @@ def test_view_round_trips_through_the_url():
 
 
 def test_new_float_columns_are_features(tmp_path, version):
-    """A column another change adds (here `verifier_nme_pct`) is filterable, sortable and the default."""
+    """Columns another change adds are filterable and sortable without a change here, even where
+    only some shards have them (a parent's linked shards predate the column); `verifier_nme_pct`
+    becomes the worst-first default."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     store, v = version
     root = tmp_path / "out"
     shutil.copytree(store.dir, root / store.dataset)
     copy = shards.Store(str(root), store.dataset)
-    manifest = shards.read_manifest(copy, v)
-    path = f"{copy.version_dir(v)}/{manifest['shards'][0]['file']}"
+    path = f"{copy.version_dir(v)}/{shards.read_manifest(copy, v)['shards'][0]['file']}"
     table = shards.read_table_file(copy.fs, path)
-    scores = np.linspace(1, 9, table.num_rows).astype(np.float32)
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    pq.write_table(table.append_column("verifier_nme_pct", pa.array(scores)), path)  # one shard has it
+    scores = pa.array(np.linspace(1, 9, table.num_rows).astype(np.float32))
+    for name in ("new_score_pct", "verifier_nme_pct"):  # the verifier's may already be there: replaced
+        at = table.schema.get_field_index(name)
+        table = table.set_column(at, name, scores) if at >= 0 else table.append_column(name, scores)
+    pq.write_table(table, path)  # only this shard has new_score_pct
     faces = VersionFaces(copy, v)
-    assert faces.default_sort == "verifier_nme_pct" and "verifier_nme_pct" in faces.float_columns
-    page = faces.page(View(ranges=(("verifier_nme_pct", 2.0, None),)))
-    assert [r["verifier_nme_pct"] for r in page.rows] == sorted(float(s) for s in scores if s >= 2)[::-1]
+    assert faces.default_sort == "verifier_nme_pct" and "new_score_pct" in faces.float_columns
+    frame = faces_frame(copy, v)
+    for view in (View(ranges=(("new_score_pct", 2.0, None),)), View(sort="new_score_pct", order="desc"),
+                 View(status="kept", ranges=(("verifier_nme_pct", None, 5.0),))):
+        page = faces.page(view)
+        want = expected(frame, view)
+        assert page.total == len(want) > 0
+        assert [r["face_id"] for r in page.rows] == want.face_id.head(view.per_page).tolist()
 
 
 # ----------------------------------------------------------------------------------------- the app
@@ -223,3 +241,17 @@ def test_taken_port_is_one_clear_error(version, tmp_path):
         assert main(["browse", "--catalog", str(catalog), f"faces@v{v}", "--port", str(port)]) == 2
     finally:
         holder.close()
+
+
+def test_images_come_only_from_the_rows_uri(tmp_path):
+    from pipeline.browse.images import ImageUnavailable, points_path, read_image
+
+    with pytest.raises(ImageUnavailable, match="remote"):  # a local viewer fetches nothing
+        read_image("http://example.com/a.jpg")
+    (tmp_path / "notes.txt").write_text("root:x:0:0")
+    with pytest.raises(ImageUnavailable, match="not an image"):  # a uri to a non-image serves nothing
+        read_image(str(tmp_path / "notes.txt"))
+    with pytest.raises(ImageUnavailable, match="missing"):
+        read_image(str(tmp_path / "gone.jpg"))
+    # Points are drawn through the crop's affine: x' = 2x + 1, y' = 3y - 1.
+    assert points_path([1, 2, float("nan"), 0], [2, 0, 1, 0, 3, -1]) == "M3.0 5.0h0"

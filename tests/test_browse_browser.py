@@ -15,7 +15,7 @@ import pytest
 
 from pipeline.browse.app import bind, create_app
 from pipeline.browse.queries import View
-from tests.browse_fixture import build_browse_version, expected, faces_frame
+from tests.browse_fixture import build_browse_version, default_sort, expected, faces_frame
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
@@ -59,7 +59,7 @@ def test_browse_in_chromium(served, tmp_path):
         page.goto(base + "/")
         # The default view: everything, worst first.
         assert shown(page) == expected(frame, View()).face_id.head(48).tolist()
-        assert page.locator("#sorted-by").inner_text() == "flip_nme_pct"
+        assert page.locator("#sorted-by").inner_text() == default_sort(frame)
 
         # Two filters and a sort, through the form.
         page.select_option("#f-source", ["wild", "shard"])
@@ -79,6 +79,7 @@ def test_browse_in_chromium(served, tmp_path):
         # The URL holds the view: reopened in a fresh page, the same faces.
         url = page.url
         assert View.from_params(parse_qsl(urlparse(url).query)) == view
+        assert "min_" not in url and "max_" not in url  # empty fields stay out of a shared URL
         again = browser.new_page()
         again.goto(url)
         assert shown(again) == shown(page)

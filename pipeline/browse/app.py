@@ -16,7 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse
 
 from pipeline.browse.images import ImageUnavailable, data_uri, points_path, read_image
-from pipeline.browse.queries import STATUSES, BadView, VersionFaces, View, format_number
+from pipeline.browse.queries import PAGE_SIZE, STATUSES, BadView, VersionFaces, View, format_number
 from pipeline.browse.templates import ENV, render
 from pipeline.shards import Store
 from pipeline.summary import YAW_BINS
@@ -101,7 +101,7 @@ def create_app(store: Store, version: int | None = None) -> FastAPI:
             "grid", ref=faces.ref, view=view, page=result, faces_total=facets["faces"],
             unavailable=faces.unavailable, multi_filters=multi, statuses=STATUSES,
             selected={"source": view.source, "split": view.split, "reason": view.reason, "yaw": view.yaw},
-            sortable=faces.float_columns, default_sort=faces.default_sort,
+            sortable=faces.float_columns, default_sort=faces.default_sort, page_size=PAGE_SIZE,
             range_inputs=_range_inputs(faces.float_columns, view),
             cards=[_card(r, view, result.sort) for r in result.rows],
             prev_href=_url("/", view.to_params(page=view.page - 1)) if view.page > 1 else "",

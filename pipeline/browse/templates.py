@@ -62,7 +62,7 @@ _GRID = """{% extends "base" %}
       <td><input type="number" step="any" name="max_{{ column }}" id="max-{{ column }}" value="{{ hi }}"
         placeholder="max"></td></tr>
     {% endfor %}</table></details>
-  <input type="hidden" name="per_page" value="{{ view.per_page }}">
+  {% if view.per_page != page_size %}<input type="hidden" name="per_page" value="{{ view.per_page }}">{% endif %}
   <button type="submit" id="apply">apply</button> <a href="./">reset</a>
 </form>
 <p id="summary"><span id="total">{{ page.total }}</span> faces match, of {{ faces_total }};
@@ -85,6 +85,14 @@ _GRID = """{% extends "base" %}
 {% if prev_href %}<a id="prev" href="{{ prev_href }}">&larr; previous</a>{% endif %}
 {% if next_href %}<a id="next" href="{{ next_href }}">next &rarr;</a>{% endif %}
 </p>
+<script>
+// Empty fields stay out of the URL, so a shared view reads as what it filters.
+const form = document.getElementById('filters');
+form.addEventListener('submit', () => form.querySelectorAll('input, select').forEach(el => {
+  if (!el.value) el.disabled = true;
+}));
+window.addEventListener('pageshow', () => form.querySelectorAll('[disabled]').forEach(el => el.disabled = false));
+</script>
 {% endblock %}
 """
 
