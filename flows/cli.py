@@ -238,6 +238,25 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_verifier_train(args) -> int:
+    """Train the label verifier from the catalog's referenced faces (cross-fitted report + shipped head)."""
+    from flows.catalog import load_catalog
+    from trainer.verifier import VerifierTrainConfig, train_verifier_for_catalog
+
+    cfg = VerifierTrainConfig(epochs=args.epochs, folds=args.folds, seed=args.seed)
+    report = train_verifier_for_catalog(load_catalog(args.catalog), args.out, cfg, dataset_ref=args.dataset)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    fused, rule = report["train_cross_fitted"]["fused"], report["train_cross_fitted"]["rule"]
+    print(f"verifier on {report['faces']} training faces (cross-fitted, {cfg.folds} folds): fused label NME "
+          f"{fused['mean']:.2f}% (teacher {report['train_cross_fitted']['candidates']['tddfa_mb05']['mean']:.2f}%), "
+          f"ROC-AUC > 8% {fused['auc_8']:.3f}, > 5% {fused['auc_5']:.3f}; rule keeps {rule['kept_share']:.1%}, "
+          f"{rule['kept_under_8_share']:.2%} of kept under 8%")
+    print(f"shipped rule: max_by_yaw_bin {report['shipped_rule']['max_by_yaw_bin']}; wrote {args.out}")
+    return 0
+
+
 def cmd_serve(args) -> int:
     from flows.catalog import load_catalog
     from flows.runtime import prefect_server_configured
@@ -334,6 +353,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ref", nargs="?", default=None, help="NAME@vN (default: the catalog's latest version)")
     p.add_argument("--out", default=None, help="folder for the HTML file (default: <dataset>/reports/)")
     p.set_defaults(fn=cmd_report)
+    p = with_catalog(sub.add_parser("verifier-train", help="train the label verifier (cross-fitted report)"))
+    p.add_argument("--dataset", default=None, help="NAME@vN to train from (default: build the catalog, use the latest)")
+    p.add_argument("--out", default="pipeline/assets/verifier.pt", help="where the trained verifier goes")
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="write the report (docs/labels.json) here")
+    p.set_defaults(fn=cmd_verifier_train)
     p = with_catalog(sub.add_parser("browse", help="browse a version's faces in a local read-only web app"))
     p.add_argument("ref", nargs="?", default=None, help="NAME@vN (default: the catalog's latest version)")
     p.add_argument("--host", default="127.0.0.1")

@@ -12,7 +12,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Callable, Iterable
 
 import numpy as np
@@ -90,8 +90,18 @@ def chain_identity(catalog: Catalog) -> list[dict]:
     from pipeline.weights import KNOWN_SHA256
 
     chain = get_chain(catalog.detectors)
-    return [dict(d, weights_sha256=(s.sha256 or KNOWN_SHA256.get(str(d["weights"]).rsplit("/", 1)[-1])))
-            for d, s in zip(chain.identity(), [catalog.detectors.face, *catalog.detectors.landmarkers])]
+    out = [dict(d, weights_sha256=(s.sha256 or KNOWN_SHA256.get(str(d["weights"]).rsplit("/", 1)[-1])))
+           for d, s in zip(chain.identity(), [catalog.detectors.face, *catalog.detectors.landmarkers])]
+    if catalog.detectors.verifier is not None:  # its weights decide the labels as much as a landmarker's
+        from pipeline.verifier import SHIPPED_WEIGHTS
+        from pipeline.weights import sha256_file
+
+        spec = catalog.detectors.verifier
+        path = spec.weights or SHIPPED_WEIGHTS
+        out.append({"role": "verifier", "name": "verifier", "weights": str(path),
+                    "weights_sha256": sha256_file(path) if Path(path).is_file() else None,
+                    "fuse": spec.fuse, "tau_pct": spec.tau_pct})
+    return out
 
 
 def chain_change(old: list[dict] | None, new: list[dict]) -> str:
@@ -101,7 +111,8 @@ def chain_change(old: list[dict] | None, new: list[dict]) -> str:
         return ""
 
     def key(d):  # the digest identifies the weights; the path only where no digest is known
-        return (d.get("role"), d.get("name"), d.get("weights_sha256") or d.get("weights"))
+        return (d.get("role"), d.get("name"), d.get("weights_sha256") or d.get("weights"), d.get("fuse"),
+                d.get("tau_pct"))
 
     if [key(d) for d in old] == [key(d) for d in new]:
         return ""
@@ -132,6 +143,8 @@ def plan_build(catalog: Catalog) -> BuildPlan:
         manifest = shards.read_manifest(store, parent)
         rules_changed = manifest.get("rules_hash") != catalog.rules_hash()
         change = chain_change(manifest.get("detectors"), chain_identity(catalog))
+        if not change and manifest.get("schema_version") != shards.SCHEMA_VERSION:
+            change = f"shard schema v{manifest.get('schema_version')} -> v{shards.SCHEMA_VERSION}"
         if change:
             log.warning("%s: detector chain changed since v%d (%s): re-labelling every listed image into the "
                         "next version, which holds only the new labels (v%d stays as it was)",
@@ -217,6 +230,14 @@ def _reference(item: SourceItem, catalog: Catalog, tars: TarReader, height: int)
         return None, str(err)
 
 
+def _aflw21_reference(item: SourceItem, source) -> tuple[np.ndarray, float] | None:
+    """The image's AFLW-21 reference points (by file stem) from the source's `labels_file`, if it has them."""
+    from pipeline.references import load_aflw21
+
+    stem = PurePosixPath(item.uri.rsplit("#", 1)[-1]).stem
+    return load_aflw21(str(source.labels_file)).get(stem)
+
+
 def _face_row(face: LabelledFace, *, image_id: str, item: SourceItem, split: str, width: int, height: int,
               detector: str, landmarker: str, ref=None) -> dict:
     p = face.primary
@@ -238,17 +259,23 @@ def _face_row(face: LabelledFace, *, image_id: str, item: SourceItem, split: str
         "det_score": float(face.box.score),
         "detector": detector,
         "landmarker": landmarker,
-        "landmarks": p.points.astype(np.float32).reshape(-1).tolist(),
+        "landmarks": face.label.astype(np.float32).reshape(-1).tolist(),
         "landmark_scores": p.scores.astype(np.float32).tolist(),
         "params_62": None if p.params_62 is None else p.params_62.astype(np.float32).tolist(),
-        "alt_landmarks": [{"name": n, "points": a.points.astype(np.float32).reshape(-1).tolist()} for n, a in face.alts],
+        "alt_landmarks": [{"name": n, "points": pts.astype(np.float32).reshape(-1).tolist()}
+                          for n, pts in face.candidates],
+        "candidate_nme_pred": None if face.candidate_nme_pred is None else face.candidate_nme_pred.tolist(),
+        "fusion_weights": None if face.fusion_weights is None else face.fusion_weights.tolist(),
+        "label_source": face.label_source,
         "crop": face.crop_jpeg,
         "crop_affine": face.affine.tolist(),
         "pose": [features["yaw_deg"], features["pitch_deg"], features["roll_deg"]],
-        **{name: features[name] for name in FEATURE_COLUMNS},
+        **{name: features[name] for name in FEATURE_COLUMNS if name in features},
+        "verifier_nme_pct": face.label_nme_pred,
         "ref_landmarks": None,
         "ref_params": None,
         "ref_pose": None,
+        "ref_points21": None,
     }
     if ref is not None:
         from pipeline.references import params_image_to_crop
@@ -341,11 +368,16 @@ def process_batch(catalog: Catalog, plan_staging_key: str, batch: Batch) -> Batc
                 elif faces:
                     matched = match_reference([f.box.bbox for f in faces], ref.landmarks_68)
                     ref_match = -1 if matched is None else matched
+            ref21 = _aflw21_reference(item, source) if source.labels == "aflw21" else None
             for face in faces:
-                face_rows.append(_face_row(
+                row = _face_row(
                     face, image_id=image_id, item=item, split=source.split, width=width, height=height,
                     detector="full-crop" if source.pre_cropped else face_name, landmarker=primary_name,
-                    ref=ref if face.face_index == ref_match else None))
+                    ref=ref if face.face_index == ref_match else None)
+                if ref21 is not None and face.face_index == 0:  # a pre-cropped image is one face
+                    row["ref_points21"] = ref21[0].reshape(-1).tolist()
+                    row["ref_pose"] = [ref21[1], float("nan"), float("nan")]
+                face_rows.append(row)
             images_rows.append({"image_id": image_id, "source": item.source, "uri": item.uri,
                                 "stat_key": item.stat_key, "status": "ok", "n_faces": len(faces),
                                 "width": width, "height": height, "version": 0})

@@ -29,6 +29,7 @@ FEATURES = (
     "flip_nme_pct",  # NME between the primary's points and its points on the mirrored image
     "out_of_frame_frac",  # fraction of primary points outside the image
     "landmark_score",  # mean per-point confidence of the primary landmarker
+    "verifier_nme_pct",  # the verifier's predicted NME of the face's label (pipeline/verifier.py)
 )
 Feature = Literal[FEATURES]  # type: ignore[valid-type]
 
@@ -44,10 +45,20 @@ class _Strict(BaseModel):
 class _SourceBase(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     pre_cropped: bool = False  # one face fills the image (3DDFA-style crop): skip detection
-    labels: Literal["none", "mat"] = "none"  # "mat": <stem>.mat beside each image (AFLW2000-3D layout)
+    # "mat": <stem>.mat beside each image (AFLW2000-3D layout); "aflw21": AFLW's 21 points of each
+    # image, by file stem, from `labels_file` (the wild crops' references: measurement only, never a target)
+    labels: Literal["none", "mat", "aflw21"] = "none"
+    labels_file: str | None = None
     split: Literal["train", "eval"] = "train"  # eval sources are never trained on
     include: tuple[str, ...] = ("*.jpg", "*.jpeg", "*.png", "*.webp", "*.bmp", "*.gif", "*.tif", "*.tiff")
     max_bytes: int = Field(default=50_000_000, ge=1)
+
+
+    @model_validator(mode="after")
+    def _labels_file(self) -> "_SourceBase":
+        if (self.labels == "aflw21") != (self.labels_file is not None):
+            raise ValueError("`labels: aflw21` and `labels_file` (an .npz of names, pts21, yaw_deg) go together")
+        return self
 
 
 class FolderSource(_SourceBase):
@@ -71,9 +82,18 @@ class TarSource(_SourceBase):
 SourceSpec = Annotated[Union[FolderSource, UrlListSource, TarSource], Field(discriminator="kind")]
 
 
+class VerifierSpec(_Strict):
+    """The label verifier (pipeline/verifier.py): scores every candidate label, fuses them."""
+
+    weights: Path | None = None  # None: the verifier shipped with the package (pipeline/assets/verifier.pt)
+    fuse: bool = True  # the face's label is the verifier-weighted fusion of the candidates (else the primary's)
+    tau_pct: float = Field(default=2.0, gt=0)  # softness of the per-point vote (pipeline/fusion.py)
+
+
 class DetectorChain(_Strict):
     face: DetectorSpec  # boxes (skipped for pre_cropped sources)
     landmarkers: tuple[DetectorSpec, ...] = Field(min_length=1)  # first = primary pseudo-labels
+    verifier: VerifierSpec | None = None  # needs a tddfa_mb05 landmarker (its network's features)
 
     @model_validator(mode="after")
     def _roles(self) -> "DetectorChain":
@@ -84,6 +104,8 @@ class DetectorChain(_Strict):
         for i, spec in enumerate(self.landmarkers):
             if spec.name not in LANDMARKERS:
                 raise ValueError(f"landmarkers[{i}]: {spec.name!r} is not a landmarker (one of {sorted(LANDMARKERS)})")
+        if self.verifier is not None and not any(s.name == "tddfa_mb05" for s in self.landmarkers):
+            raise ValueError("verifier: needs a tddfa_mb05 landmarker in the chain (it reads that network's features)")
         return self
 
 
@@ -91,11 +113,14 @@ class DropRule(_Strict):
     feature: Feature
     min: float | None = None
     max: float | None = None
+    # One upper bound per AFLW2000-3D yaw bin (|yaw| <= 30, 30-60, > 60, from abs_yaw_deg): a rule
+    # calibrated so each pose keeps the same share of its good labels (docs/labels.md).
+    max_by_yaw_bin: tuple[float, float, float] | None = None
 
     @model_validator(mode="after")
     def _bound(self) -> "DropRule":
-        if self.min is None and self.max is None:
-            raise ValueError("a drop rule needs `min` or `max`")
+        if self.min is None and self.max is None and self.max_by_yaw_bin is None:
+            raise ValueError("a drop rule needs `min`, `max` or `max_by_yaw_bin`")
         return self
 
 

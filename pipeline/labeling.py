@@ -27,6 +27,7 @@ class Chain:
     spec: DetectorChain
     _face: object = None
     _landmarkers: list = field(default_factory=list)
+    _verifier: object = None
 
     @property
     def face_detector(self):
@@ -43,6 +44,18 @@ class Chain:
 
             self._landmarkers = [build_landmarker(s) for s in self.spec.landmarkers]
         return self._landmarkers
+
+    @property
+    def verifier(self):
+        """The label verifier over the teacher's network, or None when the chain has none."""
+        if self.spec.verifier is None:
+            return None
+        if self._verifier is None:
+            from pipeline.verifier import Verifier
+
+            teacher = next(m for m in self.landmarkers if m.name == "tddfa_mb05")
+            self._verifier = Verifier.load(teacher.net, self.spec.verifier.weights, device=teacher.device)
+        return self._verifier
 
     def identity(self) -> list[dict]:
         """Names and weight digests, for the manifest."""
@@ -76,6 +89,56 @@ class LabelledFace:
     crop_jpeg: bytes
     affine: np.ndarray
     roi: np.ndarray
+    # Every candidate label (name, (68, 2) image pixels), the primary first, all in iBUG-68 order.
+    candidates: list[tuple[str, np.ndarray]] = field(default_factory=list)
+    label: np.ndarray | None = None  # the face's label: the fusion, or the primary's points
+    label_source: str = ""  # "fused" or the candidate it is
+    candidate_nme_pred: np.ndarray | None = None  # (K,) the verifier's predicted NME of each candidate
+    fusion_weights: np.ndarray | None = None  # (K, regions) mean fusion weight per region
+    label_nme_pred: float = float("nan")  # the verifier's predicted NME of the label
+
+
+FLIP_SUFFIX = ".flip"  # the primary on the mirrored image, mirrored back: a candidate of its own
+
+
+def _judge(chain: "Chain", faces: list[LabelledFace]) -> None:
+    """Candidates -> verifier scores -> the fused label, for every face of the call in two batched
+    verifier passes (the candidates, then the fused labels)."""
+    from pipeline.crops import apply_affine
+    from pipeline.fusion import fuse, region_weights
+    from pipeline.verifier import CONTEXT, VerifierInputs, face_nme
+
+    verifier = chain.verifier
+    for face in faces:
+        face.label, face.label_source = face.candidates[0][1], face.candidates[0][0]
+    if verifier is None or not faces:
+        return
+    import torch
+
+    def inputs(face: LabelledFace, labels: np.ndarray) -> VerifierInputs:
+        by_name = dict(face.candidates)
+        present = np.array([n in by_name for n in CONTEXT])
+        context = np.stack([by_name.get(n, face.candidates[0][1]) for n in CONTEXT])
+        pose = face.primary.pose_deg if face.primary.pose_deg is not None else np.full(3, np.nan, np.float32)
+        return VerifierInputs(crop_rgb=face.crop_rgb, labels=apply_affine(labels.reshape(-1, 2), face.affine)
+                              .reshape(labels.shape), context=apply_affine(context.reshape(-1, 2), face.affine)
+                              .reshape(context.shape), present=present, pose_deg=pose)
+
+    stacks = [np.stack([p for _, p in face.candidates]) for face in faces]
+    point_err = verifier.score([inputs(f, c) for f, c in zip(faces, stacks)])
+    fused_all = []
+    for face, cands, err in zip(faces, stacks, point_err):
+        face.candidate_nme_pred = face_nme(torch.from_numpy(err)).numpy()
+        fused, weights = fuse(cands, err, chain.spec.verifier.tau_pct)
+        face.fusion_weights = region_weights(weights)
+        fused_all.append(fused)
+    fused_err = verifier.score([inputs(f, fused[None]) for f, fused in zip(faces, fused_all)])
+    for face, fused, err in zip(faces, fused_all, fused_err):
+        if chain.spec.verifier.fuse:
+            face.label, face.label_source = fused, "fused"
+            face.label_nme_pred = float(face_nme(torch.from_numpy(err))[0])
+        else:
+            face.label_nme_pred = float(face.candidate_nme_pred[0])
 
 
 def _mirror_boxes(boxes: np.ndarray, width: int) -> np.ndarray:
@@ -121,21 +184,25 @@ def label_images(chain: Chain, images: list, pre_cropped: list[bool]) -> list[li
     crops = crops_to_numpy(crop_rois(images, rois, CROP_SIZE))
 
     out: list[list[LabelledFace]] = [[] for _ in images]
+    everyone: list[LabelledFace] = []
     for (i, j), (_, roi), crop in zip(faces_at, rois, crops):
         ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(crop, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
         if not ok:
             raise RuntimeError("JPEG encoding of a face crop failed")
-        out[i].append(
-            LabelledFace(
-                face_index=j,
-                box=boxes[i][j],
-                primary=results[0][i][j],
-                alts=[(m.name, results[k + 1][i][j]) for k, m in enumerate(alts)],
-                flip_points=mirror_points(flipped[i][j].points, sizes[i][1]),
-                crop_rgb=crop,
-                crop_jpeg=jpeg.tobytes(),
-                affine=crop_affine(roi),
-                roi=roi,
-            )
+        face = LabelledFace(
+            face_index=j,
+            box=boxes[i][j],
+            primary=results[0][i][j],
+            alts=[(m.name, results[k + 1][i][j]) for k, m in enumerate(alts)],
+            flip_points=mirror_points(flipped[i][j].points, sizes[i][1]),
+            crop_rgb=crop,
+            crop_jpeg=jpeg.tobytes(),
+            affine=crop_affine(roi),
+            roi=roi,
         )
+        face.candidates = ([(primary.name, face.primary.points), (primary.name + FLIP_SUFFIX, face.flip_points)]
+                           + [(name, lm.points) for name, lm in face.alts])
+        out[i].append(face)
+        everyone.append(face)
+    _judge(chain, everyone)
     return out

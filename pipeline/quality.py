@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.catalog import Rules
-from pipeline.landmarks import nme_pct
+from pipeline.landmarks import nme_pct, yaw_bins
 
 
 def blur_score(crop_rgb: np.ndarray) -> float:
@@ -46,6 +46,9 @@ def face_features(*, bbox: np.ndarray, det_score: float, pose_deg: np.ndarray | 
     }
 
 
+_BIN_NAMES = {0: "0-30", 1: "30-60", 2: "60-90", -1: "unknown"}
+
+
 def apply_rules(features: pd.DataFrame, rules: Rules) -> pd.DataFrame:
     """Decide keep / weight / reject_reason for every row of `features` (one column per feature).
 
@@ -64,6 +67,15 @@ def apply_rules(features: pd.DataFrame, rules: Rules) -> pd.DataFrame:
                 failed = fails(values, bound) & ~np.isnan(values) & keep
             for i in np.flatnonzero(failed):
                 reason[i] = f"{rule.feature} {values[i]:.3g} {word} {'min' if word == '<' else 'max'} {bound:g}"
+            keep &= ~failed
+        if rule.max_by_yaw_bin is not None:
+            bins = yaw_bins(features["abs_yaw_deg"].to_numpy(dtype=np.float64))
+            bound = np.asarray(rule.max_by_yaw_bin, dtype=np.float64)[np.maximum(bins, 0)]
+            bound[bins < 0] = max(rule.max_by_yaw_bin)  # pose unknown: the most lenient bound
+            with np.errstate(invalid="ignore"):
+                failed = (values > bound) & ~np.isnan(values) & keep
+            for i in np.flatnonzero(failed):
+                reason[i] = f"{rule.feature} {values[i]:.3g} > max {bound[i]:g} (yaw bin {_BIN_NAMES[bins[i]]})"
             keep &= ~failed
     weight = np.ones(n, dtype=np.float64)
     for rule in rules.weight:

@@ -9,6 +9,7 @@ scale), `Shape_Para` (199) and `Exp_Para` (29) give the 3DMM fit, which we trunc
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import scipy.io
@@ -91,3 +92,46 @@ def params_image_to_crop(params_62: np.ndarray, roi: np.ndarray, image_height: i
     out = np.array(params_62, dtype=np.float64, copy=True)
     out[:12] = camera.reshape(12)
     return out
+
+
+# --------------------------------------------------------------------------------- AFLW 21 points
+
+# AFLW's 21 points as iBUG-68 index groups (the shared data README's mapping): where a 68-point label
+# is measured against them. Ear lobes (12, 16) stand on jaw points 2 and 14.
+AFLW21_FROM_68 = ([17], [19], [21], [22], [24], [26], [36], list(range(36, 42)), [39], [42], list(range(42, 48)),
+                  [45], [2], [31], [30], [35], [14], [48], list(range(60, 68)), [54], [8])
+
+
+def aflw21_from_68(points68: np.ndarray) -> np.ndarray:
+    """[..., 68, 2] -> [..., 21, 2]: a 68-point label at AFLW's 21 points (groups averaged)."""
+    return np.stack([np.asarray(points68)[..., ix, :].mean(-2) for ix in AFLW21_FROM_68], -2)
+
+
+def nme21_pct(points68: np.ndarray, ref21: np.ndarray) -> np.ndarray:
+    """Per face: NME (%) of [N, 68, 2] labels at AFLW's 21 points against [N, 21, 2] references (NaN: not
+    annotated), normalised by sqrt(w*h) of the annotated reference points' box (the wild crops' protocol)."""
+    pred = aflw21_from_68(points68)
+    ref = np.asarray(ref21, np.float64)
+    seen = np.isfinite(ref).all(-1)
+    lo = np.where(seen[..., None], ref, np.inf).min(-2)
+    hi = np.where(seen[..., None], ref, -np.inf).max(-2)
+    span = hi - lo
+    norm = np.sqrt(np.maximum(span[..., 0] * span[..., 1], 1e-6))
+    err = np.linalg.norm(pred - np.nan_to_num(ref), axis=-1) / norm[..., None] * 100.0
+    err = np.where(seen, err, np.nan)
+    with np.errstate(invalid="ignore"):
+        return np.nanmean(err, -1)
+
+
+@lru_cache(maxsize=4)
+def load_aflw21(path: str) -> dict[str, tuple[np.ndarray, float]]:
+    """An AFLW-21 reference file (npz: names, pts21 (n, 2, 21) with -1 = not annotated, yaw_deg) ->
+    {file stem: ((21, 2) points with NaN where not annotated, yaw in degrees)}."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            names, pts, yaw = z["names"], z["pts21"].astype(np.float32), z["yaw_deg"].astype(np.float32)
+    except (OSError, KeyError, ValueError) as err:
+        raise BadReference(f"{path}: not an AFLW-21 reference file ({err}); it needs names, pts21, yaw_deg")
+    pts = pts.transpose(0, 2, 1)
+    pts[(pts < 0).any(-1)] = np.nan
+    return {str(n): (p, float(y)) for n, p, y in zip(names, pts, yaw)}

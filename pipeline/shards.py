@@ -22,7 +22,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: candidates, verifier scores, fused labels, AFLW-21 references
 MANIFEST = "manifest.json"
 _VERSION_DIR = re.compile(r"^v(\d{4,})$")
 _SCORES_FILE = re.compile(r"^v(\d{4,})-r(\d+)\.parquet$")
@@ -34,7 +34,7 @@ def _fixed(n: int) -> pa.DataType:
 
 FEATURE_COLUMNS = (
     "face_px", "yaw_deg", "pitch_deg", "roll_deg", "abs_yaw_deg", "blur",
-    "agreement_nme_pct", "flip_nme_pct", "out_of_frame_frac", "landmark_score",
+    "agreement_nme_pct", "flip_nme_pct", "out_of_frame_frac", "landmark_score", "verifier_nme_pct",
 )
 
 FACES_SCHEMA = pa.schema(
@@ -54,7 +54,11 @@ FACES_SCHEMA = pa.schema(
         pa.field("landmarks", _fixed(136), nullable=False),  # x0, y0, x1, y1, ... image pixels
         pa.field("landmark_scores", _fixed(68), nullable=False),
         pa.field("params_62", _fixed(62)),  # primary's 3DMM params in the crop's frame, if it has them
+        # Every candidate label (the primary first, its mirrored-image pass, the other landmarkers), iBUG-68.
         pa.field("alt_landmarks", pa.list_(pa.struct([("name", pa.string()), ("points", _fixed(136))]))),
+        pa.field("candidate_nme_pred", pa.list_(pa.float32())),  # the verifier's predicted NME of each candidate
+        pa.field("fusion_weights", pa.list_(_fixed(5))),  # per candidate: mean weight in jaw, brows, nose, eyes, mouth
+        pa.field("label_source", pa.string()),  # what `landmarks` is: "fused" or the candidate's name
         pa.field("crop", pa.binary(), nullable=False),  # JPEG of the 120x120 aligned crop the trainer reads
         pa.field("crop_affine", _fixed(6), nullable=False),  # image pixels -> crop pixels, 2x3 row-major
         pa.field("pose", _fixed(3), nullable=False),  # yaw, pitch, roll in degrees
@@ -65,6 +69,7 @@ FACES_SCHEMA = pa.schema(
         pa.field("ref_landmarks", _fixed(136)),  # reference labels (AFLW2000-3D .mat layout), if any
         pa.field("ref_params", _fixed(62)),  # reference 3DMM params in the crop's frame
         pa.field("ref_pose", _fixed(3)),
+        pa.field("ref_points21", _fixed(42)),  # AFLW's 21 reference points (x0, y0, ...; NaN: not annotated)
     ]
 )
 

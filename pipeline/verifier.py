@@ -1,0 +1,193 @@
+"""The label verifier: a face crop and a candidate 68-point label in, the label's error (NME %) out.
+
+It looks at the image and the label together: the teacher network's feature maps are sampled at
+each of the label's points (so the same image with a good and a bad label gives different inputs),
+joined with where the other candidates put that point and the head pose, and a small per-point
+network predicts each point's error. The face's predicted NME is the mean over the points the
+error is measured on (`REGIONS`). No references are needed to run it; they are needed to train it
+(`trainer/verifier.py`), and the weights ship with the package (`pipeline/assets/`).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pipeline.crops import CROP_SIZE
+from pipeline.references import AFLW21_FROM_68
+
+log = logging.getLogger(__name__)
+
+# The independent candidates whose points give each label its geometric context, in a fixed order.
+# A chain without one of them marks it absent; the verifier was trained with random absences too.
+CONTEXT = ("tddfa_mb05", "tddfa_mb05.flip", "peppa68", "openseeface")
+SHIPPED_WEIGHTS = Path(__file__).parent / "assets" / "verifier.pt"
+_TRUNK = ("dw2_1", "dw2_2", "dw3_1", "dw3_2", "dw4_1")  # up to 15x15: local appearance, not identity
+
+# Face regions for per-region fusion (iBUG-68 indices).
+REGIONS = {"jaw": list(range(0, 17)), "brows": list(range(17, 27)), "nose": list(range(27, 36)),
+           "eyes": list(range(36, 48)), "mouth": list(range(48, 68))}
+
+
+def group_matrix(groups) -> Tensor:
+    """[G, 68] averaging matrix: row g averages the 68-point values of group g."""
+    m = torch.zeros(len(groups), 68)
+    for g, ix in enumerate(groups):
+        m[g, ix] = 1.0 / len(ix)
+    return m
+
+
+class VerifierHead(nn.Module):
+    """Per-point features -> per-point error (% of face size, >= 0).
+
+    The first layer over the image features is a 1x1 convolution on each face's maps, applied before
+    sampling (bilinear sampling is linear, so this equals a linear layer on the sampled features):
+    it runs once per face instead of once per label and point."""
+
+    def __init__(self, map_channels: tuple[int, int] = (64, 128), feat: int = 32, n_context: int = len(CONTEXT),
+                 hidden: int = 64):
+        super().__init__()
+        self.proj30 = nn.Conv2d(map_channels[0], feat, 1)
+        self.proj15 = nn.Conv2d(map_channels[1], feat, 1)
+        self.point_embed = nn.Embedding(68, 16)
+        geo = n_context * 3 + 2 + 3  # offsets to each context candidate + presence, offset to their median, pose
+        self.net = nn.Sequential(
+            nn.ReLU(), nn.Linear(2 * feat + geo + 16, hidden), nn.ReLU(), nn.Linear(hidden, 48), nn.ReLU(),
+            nn.Linear(48, 1))
+        # Point errors talk to each other: a label's shape is wrong as a whole as often as point by point.
+        self.face = nn.Sequential(nn.Linear(68, 64), nn.ReLU(), nn.Linear(64, 68))
+
+    def forward(self, feats: Tensor, geo: Tensor) -> Tensor:
+        b = feats.shape[0]
+        emb = self.point_embed.weight.unsqueeze(0).expand(b, -1, -1)
+        per_point = self.net(torch.cat([feats, geo, emb], -1)).squeeze(-1)  # [B, 68] log-error
+        return F.softplus(per_point + self.face(per_point))  # [B, 68]
+
+
+def trunk_maps(net: nn.Module, crops_bgr_norm: Tensor) -> tuple[Tensor, Tensor]:
+    """The teacher's feature maps at 30x30 (dw3_1) and 15x15 (dw4_1) for normalised BGR crops."""
+    x = net.relu(net.bn1(net.conv1(crops_bgr_norm)))
+    outs = []
+    for name in _TRUNK:
+        x = getattr(net, name)(x)
+        if name in ("dw3_1", "dw4_1"):
+            outs.append(x)
+    return outs[0], outs[1]
+
+
+def sample_at(maps: Tensor, points_crop: Tensor) -> Tensor:
+    """[B, C, H, W] maps sampled at [B, P, 2] crop-pixel points -> [B, P, C] (bilinear, zeros outside)."""
+    grid = (points_crop + 0.5) / CROP_SIZE * 2 - 1
+    return F.grid_sample(maps, grid.unsqueeze(1), mode="bilinear", padding_mode="zeros",
+                         align_corners=False).squeeze(2).transpose(1, 2)
+
+
+def geometry(label: Tensor, context: Tensor, present: Tensor, pose_deg: Tensor) -> Tensor:
+    """Where the other candidates put each point, relative to this label, in units of face size.
+
+    label [B, 68, 2], context [B, K, 68, 2], present [B, K] bool, pose_deg [B, 3] -> [B, 68, 3K + 5].
+    """
+    b, k = present.shape
+    w = present.float()[..., None, None]
+    ctx = torch.where(present[..., None, None], context, label.unsqueeze(1))  # absent: no disagreement
+    centre = (ctx * w).sum(1) / w.sum(1).clamp_min(1)  # mean of the present candidates
+    span = centre.amax(1) - centre.amin(1)
+    size = (span[:, 0] * span[:, 1]).clamp_min(1.0).sqrt()[:, None, None]  # [B, 1, 1]
+    offsets = (ctx - label.unsqueeze(1)) / size.unsqueeze(1)  # [B, K, 68, 2]
+    med = ctx.median(dim=1).values
+    parts = [offsets.permute(0, 2, 1, 3).reshape(b, 68, 2 * k),
+             present.float()[:, None, :].expand(b, 68, k),
+             ((med - label) / size),
+             (torch.nan_to_num(pose_deg, nan=0.0) / 90.0)[:, None, :].expand(b, 68, 3)]
+    scale = [10.0] * (2 * k) + [1.0] * k + [10.0] * 2 + [1.0] * 3  # offsets are a few % of the face
+    return torch.cat(parts, -1) * torch.tensor(scale, device=label.device)
+
+
+def face_nme(per_point: Tensor) -> Tensor:
+    """[B, 68] predicted point errors -> [B] predicted NME over the AFLW-21 measurement points."""
+    return (per_point @ group_matrix(AFLW21_FROM_68).to(per_point).T).mean(-1)
+
+
+@dataclass
+class VerifierInputs:
+    """One face: the teacher's 120x120 crop and every label to judge, in crop pixels."""
+
+    crop_rgb: np.ndarray  # (120, 120, 3) uint8
+    labels: np.ndarray  # (L, 68, 2) the labels to score
+    context: np.ndarray  # (K, 68, 2) the context candidates in CONTEXT order (anything where absent)
+    present: np.ndarray  # (K,) bool
+    pose_deg: np.ndarray  # (3,) yaw, pitch, roll (NaN: unknown)
+
+
+class Verifier:
+    """The shipped verifier: the teacher's trunk (from the teacher weights) + the trained head."""
+
+    def __init__(self, teacher_net: nn.Module, head: VerifierHead, *, device: torch.device | str = "cpu",
+                 batch_size: int = 256):
+        self.device = torch.device(device)
+        self.trunk = teacher_net.eval().to(self.device)
+        self.head = head.eval().to(self.device)
+        self.batch_size = batch_size
+
+    @classmethod
+    def load(cls, teacher_net: nn.Module, weights: str | Path | None = None, **kw) -> "Verifier":
+        path = Path(weights) if weights else SHIPPED_WEIGHTS
+        if not path.is_file():
+            raise FileNotFoundError(f"verifier weights not found: {path} (train them with "
+                                    f"`facecurate verifier-train`, or point `verifier.weights` at a file)")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        head = VerifierHead(**state["config"])
+        head.load_state_dict(state["head"])
+        return cls(teacher_net, head, **kw)
+
+    @torch.inference_mode()
+    def maps(self, crops_rgb: np.ndarray) -> tuple[Tensor, Tensor]:
+        x = torch.from_numpy(np.ascontiguousarray(crops_rgb)).to(self.device).permute(0, 3, 1, 2).float()
+        x = (x.flip(1) - 127.5) / 128.0  # RGB -> BGR, the teacher's input
+        return trunk_maps(self.trunk, x)
+
+    @torch.inference_mode()
+    def score(self, faces: list[VerifierInputs]) -> list[np.ndarray]:
+        """Per face, per label: predicted per-point errors [L, 68] (% of face size)."""
+        out: list[np.ndarray] = []
+        for start in range(0, len(faces), self.batch_size):
+            chunk = faces[start:start + self.batch_size]
+            m30, m15 = self.maps(np.stack([f.crop_rgb for f in chunk]))
+            t = lambda a: torch.as_tensor(np.asarray(a, np.float32), device=self.device)  # noqa: E731
+            n_max = max(len(f.labels) for f in chunk)  # pad to a rectangle; padding rows are dropped
+            labels = t(np.stack([np.concatenate([f.labels, np.repeat(f.labels[:1], n_max - len(f.labels), 0)])
+                                 for f in chunk]))
+            per_point = predict_points(self.head, m30, m15, labels, t(np.stack([f.context for f in chunk])),
+                                       torch.as_tensor(np.stack([f.present for f in chunk]), device=self.device),
+                                       t(np.stack([f.pose_deg for f in chunk]))).cpu().numpy()
+            out.extend(p[:len(f.labels)] for p, f in zip(per_point, chunk))
+        return out
+
+
+def predict_points(head: VerifierHead, m30: Tensor, m15: Tensor, labels: Tensor, context: Tensor,
+                   present: Tensor, pose: Tensor) -> Tensor:
+    """The head on already computed maps, one face per map: labels [B, L, 68, 2] -> [B, L, 68] errors.
+
+    Every label of a face samples that face's maps (no copy of the maps per label)."""
+    b, n_labels = labels.shape[:2]
+    flat = labels.reshape(b, n_labels * 68, 2)
+    feats = torch.cat([sample_at(head.proj30(m30), flat), sample_at(head.proj15(m15), flat)], -1)
+    feats = feats.reshape(b * n_labels, 68, -1)
+    rep = lambda t: t.repeat_interleave(n_labels, 0)  # noqa: E731 - small per-face tensors only
+    geo = geometry(labels.reshape(b * n_labels, 68, 2), rep(context), rep(present), rep(pose))
+    return head(feats, geo).reshape(b, n_labels, 68)
+
+
+def save_head(head: VerifierHead, path: str | Path, config: dict, meta: dict) -> None:
+    buf = io.BytesIO()
+    torch.save({"head": {k: v.half().float() for k, v in head.state_dict().items()}, "config": config,
+                "meta": meta}, buf)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_bytes(buf.getvalue())

@@ -1,0 +1,467 @@
+"""Train the label verifier (pipeline/verifier.py) on labels whose errors are measured.
+
+Training faces are a version's training-split faces that carry reference points (the wild crops'
+AFLW-21 references). Every face gives several labels of the *same image*: each candidate, their
+median, and corrupted copies (shifted, scaled, rotated, a drifting jaw, a displaced region, another
+face's shape, jitter; graded strengths), each with its error measured against the references, so the
+image alone cannot tell a good label from a bad one. K-fold cross-fitting gives every training face
+a prediction from a verifier that never saw it; the shipped verifier then trains on all of them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pipeline.references import AFLW21_FROM_68, aflw21_from_68
+from pipeline.verifier import CONTEXT, VerifierHead, group_matrix, predict_points, trunk_maps
+
+log = logging.getLogger(__name__)
+
+JAW = list(range(17))
+PARTS = [list(range(17, 27)), list(range(36, 48)), list(range(27, 36)), list(range(48, 68))]  # brows eyes nose mouth
+
+
+@dataclass
+class VerifierTrainConfig:
+    epochs: int = 6
+    batch_faces: int = 48
+    lr: float = 2e-3
+    n_corrupt: int = 2  # corrupted labels per face and step
+    absent_p: float = 0.15  # chance a context candidate is hidden (chains without it still work)
+    folds: int = 5
+    seed: int = 0
+    threads: int = 0  # torch threads (0: leave as is)
+
+
+@dataclass
+class VerifierData:
+    """Training or evaluation faces, everything in the 120x120 crop's pixels."""
+
+    face_ids: list[str]
+    m30: Tensor  # [N, 64, 30, 30] float16 teacher maps
+    m15: Tensor  # [N, 128, 15, 15]
+    context: Tensor  # [N, K, 68, 2] candidates in CONTEXT order
+    present: Tensor  # [N, K] bool
+    pose: Tensor  # [N, 3] teacher's yaw, pitch, roll (degrees)
+    ref21: Tensor  # [N, 21, 2] AFLW-21 reference points, NaN where not annotated
+    yaw_ref: Tensor  # [N] the reference's yaw (for per-bin reports)
+
+
+def teacher_maps(net: torch.nn.Module, crops_rgb: np.ndarray, batch: int = 256) -> tuple[Tensor, Tensor]:
+    m30, m15 = [], []
+    with torch.inference_mode():
+        for s in range(0, len(crops_rgb), batch):
+            x = torch.from_numpy(np.ascontiguousarray(crops_rgb[s:s + batch])).permute(0, 3, 1, 2).float()
+            a, b = trunk_maps(net, (x.flip(1) - 127.5) / 128.0)
+            m30.append(a.half())
+            m15.append(b.half())
+    return torch.cat(m30), torch.cat(m15)
+
+
+_G21 = group_matrix(AFLW21_FROM_68)
+
+
+def measured_errors(labels: Tensor, ref21: Tensor) -> tuple[Tensor, Tensor]:
+    """labels [B, 68, 2], ref21 [B, 21, 2] (NaN: not annotated) -> per-point errors [B, 21] (NaN where
+    not annotated) and NME [B], % of sqrt(w*h) of the annotated reference points' box (the README's
+    protocol for the wild crops)."""
+    pred = _G21.to(labels) @ labels
+    seen = ~torch.isnan(ref21).any(-1)
+    ref = torch.nan_to_num(ref21, nan=0.0)
+    big = torch.full_like(ref, 1e9)
+    lo = torch.where(seen[..., None], ref, big).amin(1)
+    hi = torch.where(seen[..., None], ref, -big).amax(1)
+    span = hi - lo
+    norm = (span[:, 0] * span[:, 1]).clamp_min(1.0).sqrt()
+    err = (pred - ref).norm(dim=-1) / norm[:, None] * 100.0
+    err = torch.where(seen, err, torch.full_like(err, float("nan")))
+    return err, torch.nanmean(err, 1)
+
+
+def median_label(context: Tensor) -> Tensor:
+    """Per point, the median of the K candidates ([B, K, 68, 2] -> [B, 68, 2]; even K: mean of the middle two)."""
+    s = context.sort(1).values
+    k = s.shape[1]
+    return s[:, k // 2] if k % 2 else (s[:, k // 2 - 1] + s[:, k // 2]) / 2
+
+
+def corrupt(labels: Tensor, donors: Tensor, gen: torch.Generator) -> Tensor:
+    """Labels [B, 68, 2] made wrong the ways real labels go wrong, each with a random strength."""
+    b = labels.shape[0]
+    centre = labels.mean(1, keepdim=True)
+    span = labels.amax(1) - labels.amin(1)
+    size = (span[:, 0] * span[:, 1]).clamp_min(1.0).sqrt()[:, None, None]
+    kind = torch.randint(0, 7, (b,), generator=gen)
+    strength = torch.rand(b, generator=gen)[:, None, None]
+    angle = torch.rand(b, generator=gen) * 2 * math.pi
+    shift = torch.stack([angle.cos(), angle.sin()], -1)[:, None, :] * (0.02 + 0.25 * strength) * size
+    factor = torch.exp((torch.rand(b, generator=gen) * 2 - 1) * 0.35)[:, None, None]
+    a = (torch.rand(b, generator=gen) * 2 - 1) * math.radians(30)
+    rot = torch.stack([torch.stack([a.cos(), -a.sin()], -1), torch.stack([a.sin(), a.cos()], -1)], -2)
+    jaw = labels.clone()
+    side = torch.where(torch.rand(b, generator=gen) < 0.5, -1.0, 1.0)[:, None]
+    jaw[:, JAW, 0] += side * (0.03 + 0.3 * strength[:, :, 0]) * size[:, :, 0]
+    part = labels.clone()
+    which = torch.randint(0, len(PARTS), (b,), generator=gen)
+    for k, ix in enumerate(PARTS):
+        rows = (which == k).nonzero()[:, 0]
+        part[rows[:, None], torch.tensor(ix)[None, :]] += shift[rows]
+    d = donors - donors.mean(1, keepdim=True)
+    dspan = donors.amax(1) - donors.amin(1)
+    swapped = centre + d * size / (dspan[:, 0] * dspan[:, 1]).clamp_min(1.0).sqrt()[:, None, None]
+    options = [
+        labels + shift,  # the whole shape slid off the face
+        centre + (labels - centre) * factor,  # too small or too large
+        centre + (labels - centre) @ rot.transpose(1, 2),  # rotated
+        jaw,  # the contour drifting off the cheek
+        part,  # one region (brows, eyes, nose, mouth) displaced
+        labels + (swapped - labels) * (0.3 + 0.7 * strength),  # another face's shape
+        labels + torch.randn(labels.shape, generator=gen) * (0.01 + 0.09 * strength) * size,  # jitter
+    ]
+    out = torch.stack(options, 1)[torch.arange(b), kind]
+    return out
+
+
+def label_set(context: Tensor, gen: torch.Generator | None, n_corrupt: int) -> Tensor:
+    """[B, K, 68, 2] candidates -> [B, L, 68, 2] labels to learn from: the candidates, their median (a
+    fused label's kind), and `n_corrupt` corrupted copies of random candidates."""
+    b, k = context.shape[:2]
+    labels = [context[:, i] for i in range(k)] + [median_label(context)]
+    for _ in range(n_corrupt):
+        src = context[torch.arange(b), torch.randint(0, k, (b,), generator=gen)]
+        donors = context[torch.randperm(b, generator=gen), 0]
+        labels.append(corrupt(src, donors, gen))
+    return torch.stack(labels, 1)
+
+
+def _run(head: VerifierHead, data: VerifierData, idx: Tensor, labels: Tensor, present: Tensor) -> Tensor:
+    return predict_points(head, data.m30[idx].float(), data.m15[idx].float(), labels, data.context[idx], present,
+                          data.pose[idx])
+
+
+def fit(data: VerifierData, idx: Tensor, cfg: VerifierTrainConfig) -> VerifierHead:
+    """Train a head on faces `idx`: per-point errors (log scale) and the face's NME."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    head = VerifierHead()
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    steps = cfg.epochs * math.ceil(len(idx) / cfg.batch_faces)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=steps)
+    g21 = _G21
+    for epoch in range(cfg.epochs):
+        t0, total = time.time(), 0.0
+        order = idx[torch.randperm(len(idx), generator=gen)]
+        for s in range(0, len(order), cfg.batch_faces):
+            batch = order[s:s + cfg.batch_faces]
+            labels = label_set(data.context[batch], gen, cfg.n_corrupt)
+            present = (torch.rand(len(batch), data.context.shape[1], generator=gen) > cfg.absent_p) & data.present[batch]
+            present[:, 0] = data.present[batch, 0]  # the teacher's label is always the trunk's
+            n_labels = labels.shape[1]
+            pred = _run(head, data, batch, labels, present).reshape(-1, 68) @ g21.T  # [B*L, 21]
+            err, nme = measured_errors(labels.reshape(-1, 68, 2), data.ref21[batch].repeat_interleave(n_labels, 0))
+            seen = ~torch.isnan(err)
+            loss = F.smooth_l1_loss(torch.log1p(pred[seen]), torch.log1p(err[seen])) + \
+                F.smooth_l1_loss(torch.log1p(pred.mean(1)), torch.log1p(nme))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item() * len(batch)
+        log.info("verifier epoch %d/%d: loss %.4f (%.0f s)", epoch + 1, cfg.epochs, total / len(order), time.time() - t0)
+    return head.eval()
+
+
+@torch.no_grad()
+def predict(head: VerifierHead, data: VerifierData, idx: Tensor, labels: Tensor, batch: int = 128) -> Tensor:
+    """Predicted point errors [n, L, 68] of labels [n, L, 68, 2] on faces `idx`, every context present
+    as the data says."""
+    out = [_run(head, data, idx[s:s + batch], labels[s:s + batch], data.present[idx[s:s + batch]])
+           for s in range(0, len(idx), batch)]
+    return torch.cat(out) if out else torch.zeros(0, labels.shape[1], 68)
+
+
+def fold_of(face_ids: list[str], folds: int) -> np.ndarray:
+    """A face's fold from its id alone (sha256 prefix), so folds do not depend on row order."""
+    return np.array([int(f.split(":")[0][:8], 16) % folds for f in face_ids])
+
+
+def cross_fit(data: VerifierData, cfg: VerifierTrainConfig) -> list[tuple[VerifierHead, Tensor]]:
+    """One head per fold, trained on the other folds, with the faces it must score (never its own)."""
+    fold = torch.as_tensor(fold_of(data.face_ids, cfg.folds))
+    heads = []
+    for k in range(cfg.folds):
+        train_idx, test_idx = (fold != k).nonzero()[:, 0], (fold == k).nonzero()[:, 0]
+        log.info("fold %d/%d: %d training faces, %d held out", k + 1, cfg.folds, len(train_idx), len(test_idx))
+        heads.append((fit(data, train_idx, cfg), test_idx))
+    return heads
+
+
+# ------------------------------------------------------------------------------ from a version
+
+
+def _crop_frame(points: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    m = np.asarray(affine, np.float64).reshape(2, 3)
+    return (points @ m[:, :2].T + m[:, 2]).astype(np.float32)
+
+
+def load_faces(store, version: int, teacher_net: torch.nn.Module, *, split: str | None = "train",
+               reference: str = "aflw21") -> tuple[VerifierData, dict]:
+    """The version's faces that carry references (`aflw21`: AFLW's 21 points; `68`: a .mat source's
+    68 points) and its candidates, in crop pixels, with the teacher's maps of their stored crops.
+
+    Returns the data and per-face extras: `ref68` [N, 68, 2] crop px (reference '68'), `source`."""
+    import cv2
+
+    from pipeline import shards
+
+    column = "ref_points21" if reference == "aflw21" else "ref_landmarks"
+    faces = shards.read_faces(store, version, columns=["face_id", "split", "source", "crop", "crop_affine",
+                                                       "alt_landmarks", "pose", "ref_pose", column])
+    faces = faces.filter(pa_valid(faces, column))
+    if split is not None:
+        faces = faces.filter(pa_equal(faces, "split", split))
+    rows = faces.to_pylist()
+    if not rows:
+        raise ValueError(f"{store.dataset}@v{version} has no {split or ''} faces with {column}: build a catalog "
+                         f"whose source has `labels: {'aflw21' if reference == 'aflw21' else 'mat'}`")
+    crops = np.stack([cv2.cvtColor(cv2.imdecode(np.frombuffer(r["crop"], np.uint8), cv2.IMREAD_COLOR),
+                                   cv2.COLOR_BGR2RGB) for r in rows])
+    m30, m15 = teacher_maps(teacher_net, crops)
+    context = np.zeros((len(rows), len(CONTEXT), 68, 2), np.float32)
+    present = np.zeros((len(rows), len(CONTEXT)), bool)
+    refs = []
+    for i, r in enumerate(rows):
+        by_name = {a["name"]: np.asarray(a["points"], np.float32).reshape(68, 2) for a in r["alt_landmarks"] or []}
+        for k, name in enumerate(CONTEXT):
+            if name in by_name:
+                context[i, k] = _crop_frame(by_name[name], r["crop_affine"])
+                present[i, k] = True
+        context[i, ~present[i]] = context[i, 0]
+        n_ref = 21 if reference == "aflw21" else 68
+        refs.append(_crop_frame(np.asarray(r[column], np.float32).reshape(n_ref, 2), r["crop_affine"]))
+    refs = np.stack(refs)
+    pose = np.asarray([r["pose"] for r in rows], np.float32)
+    ref_yaw = np.asarray([(r["ref_pose"] or [np.nan])[0] for r in rows], np.float32)
+    ref_yaw = np.where(np.isfinite(ref_yaw), ref_yaw, pose[:, 0])  # bins by the reference's yaw where known
+    ref21 = refs if reference == "aflw21" else np.stack([aflw21_from_68(x) for x in refs]).astype(np.float32)
+    data = VerifierData([r["face_id"] for r in rows], m30, m15, torch.from_numpy(context), torch.from_numpy(present),
+                        torch.from_numpy(pose), torch.from_numpy(ref21), torch.from_numpy(ref_yaw))
+    return data, {"ref68": refs if reference != "aflw21" else None, "source": [r["source"] for r in rows]}
+
+
+def pa_valid(table, column):
+    import pyarrow.compute as pc
+
+    return pc.is_valid(table.column(column))
+
+
+def pa_equal(table, column, value):
+    import pyarrow.compute as pc
+
+    return pc.equal(table.column(column), value)
+
+
+# --------------------------------------------------------------------------- judging the verifier
+
+
+def judge_labels(head: VerifierHead, data: VerifierData, idx: Tensor, tau: float) -> dict[str, Tensor]:
+    """On faces `idx`: each candidate's and the fused label's predicted point errors and points."""
+    from pipeline.fusion import fusion_weights
+
+    cands = data.context[idx]
+    pred = predict(head, data, idx, cands)  # [n, K, 68]
+    pred = torch.where(data.present[idx][..., None], pred, torch.full_like(pred, 1e3))  # absent: never chosen
+    w = torch.from_numpy(np.stack([fusion_weights(p.numpy(), tau) for p in pred]))  # [n, K, 68]
+    fused = (w[..., None] * cands).sum(1)
+    fused_pred = predict(head, data, idx, fused[:, None])[:, 0]
+    return {"cand_points": cands, "cand_pred": pred, "fused": fused, "fused_pred": fused_pred}
+
+
+def cross_fitted_judgements(data: VerifierData, cfg: VerifierTrainConfig, tau: float) -> dict[str, Tensor]:
+    """`judge_labels` for every face, each by the head of the fold that did not train on it."""
+    out: dict[str, Tensor] = {}
+    for head, test_idx in cross_fit(data, cfg):
+        part = judge_labels(head, data, test_idx, tau)
+        for key, value in part.items():
+            out.setdefault(key, torch.zeros(len(data.face_ids), *value.shape[1:]))[test_idx] = value
+    return out
+
+
+def calibrate_yaw_thresholds(pred_nme: np.ndarray, true_nme: np.ndarray, abs_yaw: np.ndarray, *,
+                             bad_pct: float = 8.0, target_clean: float = 0.985) -> tuple[list[float], float]:
+    """Per yaw bin, the predicted-NME bound that keeps the same share g of each bin's good labels
+    (pose-fair), with g the largest share whose kept labels are at least `target_clean` under `bad_pct`.
+    Returns the three bounds and g."""
+    from pipeline.landmarks import yaw_bins
+
+    bins = yaw_bins(abs_yaw)
+    good = true_nme <= bad_pct
+    best = None
+    for g in np.arange(0.999, 0.499, -0.001):
+        bounds = [float(np.quantile(pred_nme[(bins == b) & good], g)) if ((bins == b) & good).any() else np.inf
+                  for b in range(3)]
+        keep = pred_nme <= np.asarray(bounds)[np.maximum(bins, 0)]
+        if keep.any() and (true_nme[keep] <= bad_pct).mean() >= target_clean:
+            best = (bounds, float(g))
+            break
+    if best is None:  # an untrained or tiny run: say so, and keep half of each bin's good labels
+        log.warning("no share of good labels keeps %.1f%% of kept labels under %g%%; using 50%%",
+                    target_clean * 100, bad_pct)
+        best = (bounds, 0.5)
+    return best
+
+
+# ------------------------------------------------------------------------------------ the command
+
+
+def _bin_means(values: np.ndarray, yaw: np.ndarray) -> list[float | None]:
+    from pipeline.landmarks import yaw_bins
+
+    bins = yaw_bins(yaw)
+    return [float(np.nanmean(values[bins == b])) if (bins == b).any() else None for b in range(3)]
+
+
+def _label_table(nme: np.ndarray, yaw: np.ndarray) -> dict:
+    means = _bin_means(nme, yaw)
+    return {"bins": means, "balanced": float(np.mean([m for m in means if m is not None])),
+            "mean": float(np.nanmean(nme)), "over_8_pct": float((nme > 8).mean() * 100)}
+
+
+def _rule_outcome(keep: np.ndarray, nme: np.ndarray, yaw: np.ndarray) -> dict:
+    from pipeline.landmarks import yaw_bins
+
+    bins = yaw_bins(yaw)
+    good = nme <= 8.0
+    per_bin = []
+    for b in range(3):
+        sel = bins == b
+        per_bin.append({"faces": int(sel.sum()), "kept_share": float(keep[sel].mean()) if sel.any() else None,
+                        "good_kept_share": float(keep[sel & good].mean()) if (sel & good).any() else None,
+                        "kept_nme": float(nme[sel & keep].mean()) if (sel & keep).any() else None,
+                        "dropped_nme": float(nme[sel & ~keep].mean()) if (sel & ~keep).any() else None})
+    return {"kept_share": float(keep.mean()), "kept_under_8_share": float(good[keep].mean()) if keep.any() else None,
+            "per_yaw_bin": per_bin, "kept_nme": float(nme[keep].mean()) if keep.any() else None,
+            "dropped_nme": float(nme[~keep].mean()) if (~keep).any() else None}
+
+
+def judge_report(judged: dict[str, Tensor], nme_of, yaw: np.ndarray, abs_yaw_teacher: np.ndarray,
+                 thresholds_for) -> dict:
+    """Candidates vs the fused label, the verifier's ROC-AUC, and the per-yaw-bin rule's outcome.
+
+    `nme_of(points [N, 68, 2]) -> [N]` measures against the references; `thresholds_for(fold or None)`
+    gives the rule's three bounds (the cross-fitted report calibrates them on the other folds)."""
+    from pipeline.verifier import face_nme
+    from trainer.rescore import roc_auc
+
+    out = {"candidates": {}}
+    for k, name in enumerate(CONTEXT):
+        nme = nme_of(judged["cand_points"][:, k].numpy())
+        pred = face_nme(judged["cand_pred"][:, k]).numpy()
+        out["candidates"][name] = {**_label_table(nme, yaw), "auc_8": roc_auc(pred, nme > 8),
+                                   "auc_5": roc_auc(pred, nme > 5)}
+    fused_nme = nme_of(judged["fused"].numpy())
+    fused_pred = face_nme(judged["fused_pred"]).numpy()
+    out["fused"] = {**_label_table(fused_nme, yaw), "auc_8": roc_auc(fused_pred, fused_nme > 8),
+                    "auc_5": roc_auc(fused_pred, fused_nme > 5)}
+    bounds = thresholds_for(fused_pred, fused_nme)
+    keep = fused_pred <= np.asarray(bounds)[np.maximum(_bins(abs_yaw_teacher), 0)]
+    out["rule"] = {"max_by_yaw_bin": [float(b) for b in bounds], **_rule_outcome(keep, fused_nme, yaw)}
+    return out
+
+
+def _bins(yaw):
+    from pipeline.landmarks import yaw_bins
+
+    return yaw_bins(yaw)
+
+
+def train_verifier(store, version: int, teacher_net: torch.nn.Module, out_path, cfg: VerifierTrainConfig,
+                   tau: float) -> dict:
+    """Cross-fitted report on the version's training faces with AFLW-21 references, the shipped head
+    trained on all of them (with the rule's bounds calibrated on the cross-fitted predictions), and
+    the shipped head judged on the evaluation split's 68-point references where the version has them."""
+    from pipeline.landmarks import nme_pct
+    from pipeline.verifier import face_nme, save_head
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    data, _ = load_faces(store, version, teacher_net, split="train", reference="aflw21")
+    log.info("verifier: %d training faces with AFLW-21 references", len(data.face_ids))
+    judged = cross_fitted_judgements(data, cfg, tau)
+    nme21 = lambda pts: np.asarray(measured_errors(torch.from_numpy(pts), data.ref21)[1])  # noqa: E731
+    yaw, abs_yaw = data.yaw_ref.numpy(), np.abs(data.pose[:, 0].numpy())
+    folds = fold_of(data.face_ids, cfg.folds)
+    fused_pred_all = face_nme(judged["fused_pred"]).numpy()
+    fused_nme_all = nme21(judged["fused"].numpy())
+
+    def cross_validated_bounds(pred, true):
+        # Each fold's bounds come from the other folds: the rule's outcome is measured on faces it was not fit on.
+        keep_bounds = np.zeros((len(pred), 3))
+        for k in range(cfg.folds):
+            other = folds != k
+            bounds, _ = calibrate_yaw_thresholds(pred[other], true[other], abs_yaw[other])
+            keep_bounds[folds == k] = bounds
+        return keep_bounds.mean(0)  # reported; the per-fold bounds decide below
+
+    report = {"faces": len(data.face_ids), "config": asdict(cfg), "tau_pct": tau, "version": version}
+    report["train_cross_fitted"] = judge_report(judged, nme21, yaw, abs_yaw, cross_validated_bounds)
+    # The rule's outcome with per-fold bounds (the mean bounds above are for reading only).
+    keep = np.zeros(len(folds), bool)
+    for k in range(cfg.folds):
+        other = folds != k
+        bounds, _ = calibrate_yaw_thresholds(fused_pred_all[other], fused_nme_all[other], abs_yaw[other])
+        keep[folds == k] = fused_pred_all[folds == k] <= np.asarray(bounds)[np.maximum(_bins(abs_yaw[folds == k]), 0)]
+    report["train_cross_fitted"]["rule"].update(_rule_outcome(keep, fused_nme_all, yaw))
+    bounds, share = calibrate_yaw_thresholds(fused_pred_all, fused_nme_all, abs_yaw)
+    report["shipped_rule"] = {"max_by_yaw_bin": [round(float(b), 2) for b in bounds], "good_kept_share": share}
+
+    head = fit(data, torch.arange(len(data.face_ids)), cfg)
+    try:
+        dev, extra = load_faces(store, version, teacher_net, split="eval", reference="68")
+    except ValueError:
+        dev = None
+    if dev is not None:
+        judged_dev = judge_labels(head, dev, torch.arange(len(dev.face_ids)), tau)
+        ref68 = torch.from_numpy(extra["ref68"]).numpy()
+        nme68 = lambda pts: nme_pct(pts, ref68)  # noqa: E731
+        dev_abs_yaw = np.abs(dev.pose[:, 0].numpy())
+        report["eval_68"] = judge_report(judged_dev, nme68, dev.yaw_ref.numpy(), dev_abs_yaw,
+                                         lambda pred, true: report["shipped_rule"]["max_by_yaw_bin"])
+        report["eval_68"]["faces"] = len(dev.face_ids)
+    save_head(head, out_path, config={}, meta={"report": report, "context": list(CONTEXT)})
+    return report
+
+
+def train_verifier_for_catalog(catalog, out_path, cfg: VerifierTrainConfig, *, dataset_ref: str | None = None,
+                              tau: float | None = None) -> dict:
+    """The reproducible command: build the catalog's dataset in this process (candidates and references;
+    nothing when it is up to date), then `train_verifier` on its latest (or the given) version."""
+    from pipeline.build import build
+    from pipeline.catalog import store_for_ref
+    from pipeline.mobilenet import fused_for_inference, load_teacher_mobilenet
+
+    teacher = next((s for s in catalog.detectors.landmarkers if s.name == "tddfa_mb05"), None)
+    if teacher is None:
+        raise ValueError("the verifier reads tddfa_mb05's features: the catalog's chain needs that landmarker")
+    if dataset_ref is None:
+        build(catalog)
+    store, version = store_for_ref(catalog, dataset_ref)
+    from pipeline import shards
+
+    version = shards.resolve_version(store, version)
+    net = fused_for_inference(load_teacher_mobilenet(teacher.weights, weights_sha256=teacher.sha256))
+    tau = tau if tau is not None else (catalog.detectors.verifier.tau_pct if catalog.detectors.verifier else 2.0)
+    return train_verifier(store, version, net, out_path, cfg, tau)
+
+
+__all__ = ["VerifierTrainConfig", "VerifierData", "CONTEXT", "teacher_maps", "measured_errors", "median_label",
+           "corrupt", "label_set", "fit", "predict", "cross_fit", "fold_of", "load_faces", "judge_labels",
+           "cross_fitted_judgements", "calibrate_yaw_thresholds", "train_verifier", "judge_report",
+           "train_verifier_for_catalog"]
