@@ -150,13 +150,17 @@ def cmd_rescore(args) -> int:
     store, version = store_for_ref(load_catalog(args.catalog), args.dataset)
     version, _, scores = _rescore(store, version, args)
     report = judge_scores(store, version, scores, threshold_pct=args.bad_above)
-    if report is not None:  # reference labels ride along: judge the score
+    if report is not None and "auc" in report:  # 68-point reference labels ride along: judge the score
         aucs = ", ".join(f"{k} {v:.3f}" for k, v in report["auc"].items())
         kept, dropped = (f"{v:.2f}%" if v is not None else "n/a"
                          for v in (report["label_nme_kept_pct"], report["label_nme_dropped_pct"]))
         print(f"against the references ({report['n']} faces, {report['n_bad']} with label NME > "
               f"{args.bad_above}%): ROC-AUC {aucs}; label NME of kept faces {kept}, of dropped ones {dropped} "
               f"(dropped: weight < {report['weight_threshold']}, {report['n_dropped']} faces)")
+    if report is not None:
+        from pipeline.summary import format_label_quality
+
+        print("\n".join(format_label_quality(report["label_quality"])))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(report, f, indent=2)

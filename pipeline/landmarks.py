@@ -117,3 +117,28 @@ def nme_table(nme: np.ndarray, yaw_deg: np.ndarray) -> dict:
         "auc_7": auc_at(vals, 7.0) if vals.size else None,
         "failure_10": failure_rate(vals, 10.0) if vals.size else None,
     }
+
+
+def roc_auc(score: np.ndarray, positive: np.ndarray) -> float:
+    """ROC-AUC of `score` ranking positives above negatives (Mann-Whitney U with mid-ranks for ties).
+
+    NaN when either class is empty or no score is finite.
+    """
+    score = np.asarray(score, dtype=np.float64)
+    positive = np.asarray(positive, dtype=bool)
+    finite = np.isfinite(score)
+    score, positive = score[finite], positive[finite]
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(score, kind="mergesort")
+    ranks = np.empty(len(score), dtype=np.float64)
+    sorted_scores = score[order]
+    # Mid-ranks: tied scores share the mean of the ranks they span, so ties count one half.
+    boundaries = np.flatnonzero(np.diff(sorted_scores)) + 1
+    starts = np.concatenate([[0], boundaries])
+    ends = np.concatenate([boundaries, [len(score)]])
+    for start, end in zip(starts, ends):
+        ranks[order[start:end]] = (start + end + 1) / 2.0
+    u = ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))

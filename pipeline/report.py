@@ -211,6 +211,35 @@ def _state_changes(store: Store, parent: int, version: int) -> str:
     return f"<h3>Changes from v{parent} to v{version}</h3>" + _table(["change", "faces"], rows, id_="state-changes")
 
 
+def constant_features(faces: pd.DataFrame, features: list[str]) -> dict[str, list[str]]:
+    """Per source, the features that take one value on all its faces (e.g. face_px and det_score on
+    pre-cropped crops): the rules cannot learn anything from them there, and the report says so."""
+    out = {}
+    for source, rows in faces.groupby("source"):
+        if len(rows) < 2:
+            continue
+        names = [f for f in features if rows[f].notna().any() and rows[f].nunique(dropna=False) == 1]
+        if names:
+            out[str(source)] = names
+    return out
+
+
+def _label_quality_html(quality: dict) -> str:
+    html = []
+    for kind, q in quality.items():
+        what = "68 points, AFLW2000-3D protocol" if kind == "68" else "AFLW's 21 points"
+        rows = [[f"NME {name}", *t["bins"], t["mean"]] for name, t in q["nme_by_candidate"].items()]
+        rows += [["kept label NME", *q["kept_nme_by_bin"], None], ["dropped label NME", *q["dropped_nme_by_bin"], None],
+                 ["share kept", *q["kept_share_by_bin"], None],
+                 ["share of good labels (<= 8%) kept", *q["good_kept_share_by_bin"], q["kept_under_8_share"]]]
+        html.append(f"<h3>{esc(what)}: {q['faces']} faces (label: {esc(q['label'])})</h3>")
+        html.append(_table(["", "0-30", "30-60", "60-90", "all / kept under 8%"], rows, id_=f"label-quality-{kind}"))
+        if "verifier_auc" in q:
+            a = q["verifier_auc"]
+            html.append(f"<p>Verifier ROC-AUC for label NME &gt; 5%: {a['over_5']:.3f}, &gt; 8%: {a['over_8']:.3f}</p>")
+    return "".join(html)
+
+
 def render_report(store: Store, version: int | None = None, *, seed: int = 0,
                   summary: dict | None = None) -> str:
     version = shards.resolve_version(store, version)
@@ -218,7 +247,8 @@ def render_report(store: Store, version: int | None = None, *, seed: int = 0,
     manifest, counts = summary["manifest"], summary["manifest"]["counts"]
     cols = ["face_id", "uri", "source", "keep", "weight", "reject_reason", "crop", "crop_affine", "landmarks",
             "ref_landmarks", "alt_landmarks", "landmarker", "det_score", *FEATURE_COLUMNS]
-    faces = shards.read_faces(store, version, columns=cols).to_pandas()
+    present = set(shards.faces_schema(store, version).names)  # versions before the verifier lack its columns
+    faces = shards.read_faces(store, version, columns=[c for c in cols if c in present]).to_pandas()
     quarantine = shards.read_side_table(store, version, "quarantine").to_pandas()
     vdir = Path(store.version_dir(version))
 
@@ -246,7 +276,12 @@ def render_report(store: Store, version: int | None = None, *, seed: int = 0,
     parts.append("<h2 id='features'>Quality features (<span class='kept'>kept</span> vs <span class='dropped'>dropped</span>)</h2>")
     kept = faces[faces.keep]
     dropped = faces[~faces.keep]
-    for name in ("det_score", *FEATURE_COLUMNS):
+    features = [c for c in ("det_score", *FEATURE_COLUMNS) if c in faces.columns]
+    constant = constant_features(faces, features)
+    if constant:
+        parts.append("<p id='constant-features'>Constant on a source, so no evidence there: " + "; ".join(
+            f"{esc(src)}: {', '.join(esc(f) for f in names)}" for src, names in sorted(constant.items())) + "</p>")
+    for name in features:
         parts.append(_histogram_svg(name, kept[name].to_numpy(np.float64), dropped[name].to_numpy(np.float64)))
 
     yaw_bin = yaw_bins(faces.yaw_deg.to_numpy(np.float64))
@@ -266,7 +301,8 @@ def render_report(store: Store, version: int | None = None, *, seed: int = 0,
             b = t["bins"]
             rows.append([name, b[0]["mean"], b[1]["mean"], b[2]["mean"], t["balanced"], t.get("auc_7"),
                          t.get("failure_10"), t["kept_mean"], t["dropped_mean"], t["count"]])
-        predictions = {str(ref_rows.landmarker.iloc[0]): np.stack(ref_rows.landmarks.to_numpy()).reshape(-1, 68, 2)}
+        label_name = "label" if "label_source" in present else str(ref_rows.landmarker.iloc[0])
+        predictions = {label_name: np.stack(ref_rows.landmarks.to_numpy()).reshape(-1, 68, 2)}
         for i, alts in enumerate(ref_rows.alt_landmarks):
             for alt in (alts if alts is not None else []):
                 predictions.setdefault(alt["name"], np.full((len(ref_rows), 68, 2), np.nan))[i] = \
@@ -277,6 +313,10 @@ def render_report(store: Store, version: int | None = None, *, seed: int = 0,
                   _table(["landmarker", "0-30", "30-60", "60-90", "balanced", "AUC@7", "fail@10", "kept", "dropped",
                           "n"], rows, id_="nme-table"), _ced_svg(curves)]
 
+    if summary.get("label_quality"):
+        parts += ["<h2 id='label-quality'>Labels, verifier and rules against references</h2>",
+                  _label_quality_html(summary["label_quality"])]
+
     parts += ["<h2 id='rounds'>Trainer rounds</h2>", _rounds_section(store, version)]
 
     rng = np.random.default_rng(seed)
@@ -284,6 +324,8 @@ def render_report(store: Store, version: int | None = None, *, seed: int = 0,
     galleries = [("kept", kept.sample(min(GALLERY_SIZE, len(kept)), random_state=seed) if len(kept) else kept),
                  ("dropped", dropped.sample(min(GALLERY_SIZE, len(dropped)), random_state=seed) if len(dropped) else dropped),
                  ("worst agreement", faces.nlargest(GALLERY_SIZE, "agreement_nme_pct")),
+                 *([("worst verifier score", faces.nlargest(GALLERY_SIZE, "verifier_nme_pct"))]
+                   if "verifier_nme_pct" in faces.columns and faces.verifier_nme_pct.notna().any() else []),
                  ("random", faces.sample(min(GALLERY_SIZE, len(faces)), random_state=int(rng.integers(1 << 30))))]
     latest = _latest_scores(store, version)
     if latest is not None:

@@ -330,6 +330,16 @@ def read_faces(store: Store, version: int | None = None, columns: list[str] | No
     return pa.concat_tables(tables)
 
 
+def faces_schema(store: Store, version: int | None = None) -> pa.Schema:
+    """The schema a version's face shards were written with (older versions lack newer columns)."""
+    version = resolve_version(store, version)
+    manifest = read_manifest(store, version)
+    if not manifest["shards"]:
+        return FACES_SCHEMA
+    with store.fs.open(f"{store.version_dir(version)}/{manifest['shards'][0]['file']}", "rb") as f:
+        return pq.read_schema(f)
+
+
 def iter_face_batches(store: Store, version: int, columns: list[str] | None = None,
                       batch_size: int = 256) -> Iterable[pa.RecordBatch]:
     """Stream a version's faces shard by shard (the trainer and rescoring never load it whole)."""

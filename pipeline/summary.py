@@ -24,10 +24,7 @@ def reference_nme(faces: pa.Table) -> dict:
     ref = np.asarray(t.column("ref_landmarks").to_pylist(), dtype=np.float32).reshape(-1, 68, 2)
     yaw = np.asarray(t.column("ref_pose").to_pylist(), dtype=np.float32)[:, 0]
     keep = np.asarray(t.column("keep").to_pylist(), dtype=bool)
-    preds = {t.column("landmarker")[0].as_py(): np.asarray(t.column("landmarks").to_pylist(), np.float32)}
-    for i, alts in enumerate(t.column("alt_landmarks").to_pylist()):
-        for alt in alts or []:
-            preds.setdefault(alt["name"], np.full((t.num_rows, 136), np.nan, np.float32))[i] = alt["points"]
+    preds = _labels_by_name(t)
     from pipeline.landmarks import nme_pct
 
     out = {}
@@ -38,6 +35,67 @@ def reference_nme(faces: pa.Table) -> dict:
         table["dropped_mean"] = float(np.nanmean(nme[~keep])) if (~keep).any() else None
         table["n_kept"], table["n_dropped"] = int(keep.sum()), int((~keep).sum())
         out[name] = table
+    return out
+
+
+def _labels_by_name(t: pa.Table) -> dict[str, np.ndarray]:
+    """{'label': the faces' labels, each candidate's name: its points (NaN where a face lacks it)} as [N, 136].
+    Versions before the verifier name the label by its landmarker (there the label was the primary's)."""
+    names = set(t.column_names)
+    label_name = "label" if "label_source" in names else t.column("landmarker")[0].as_py()
+    preds = {label_name: np.asarray(t.column("landmarks").to_pylist(), np.float32)}
+    for i, alts in enumerate(t.column("alt_landmarks").to_pylist()):
+        for alt in alts or []:
+            preds.setdefault(alt["name"], np.full((t.num_rows, 136), np.nan, np.float32))[i] = alt["points"]
+    return preds
+
+
+def label_quality(faces: pa.Table) -> dict:
+    """Where faces carry references: how good the labels are and how well the verifier and the rules
+    judge them, per kind of reference ('68': .mat 68 points, AFLW2000-3D protocol; 'aflw21': AFLW's 21
+    points, the wild crops' protocol). Per yaw bin of the reference's pose: each candidate's and the
+    label's NME, kept and dropped labels' NME, the share of good labels (NME <= 8%) kept; and the
+    verifier's ROC-AUC for label NME > 5% and > 8%."""
+    from pipeline.landmarks import nme_pct, roc_auc
+    from pipeline.references import nme21_pct
+
+    out = {}
+    for kind, column in (("68", "ref_landmarks"), ("aflw21", "ref_points21")):
+        if column not in faces.column_names:
+            continue
+        t = faces.filter(pa.compute.is_valid(faces.column(column)))
+        if t.num_rows == 0:
+            continue
+        ref = np.asarray(t.column(column).to_pylist(), np.float32).reshape(t.num_rows, -1, 2)
+        measure = (lambda p, r=ref: nme_pct(p, r)) if kind == "68" else (lambda p, r=ref: nme21_pct(p, r))
+        yaw = np.asarray([(p or [np.nan])[0] for p in t.column("ref_pose").to_pylist()], np.float64)
+        bins = yaw_bins(yaw)
+        keep = np.asarray(t.column("keep").to_pylist(), bool)
+        preds = _labels_by_name(t)
+        label_name = next(iter(preds))
+        nme = {name: measure(p.reshape(-1, 68, 2)) for name, p in preds.items()}
+        label = nme[label_name]
+        good = label <= 8.0
+
+        def per_bin(fn):
+            return [fn(bins == b) for b in range(3)]
+
+        mean_or_none = lambda v: float(np.nanmean(v)) if len(v) and np.isfinite(v).any() else None  # noqa: E731
+        block = {
+            "faces": t.num_rows,
+            "label": label_name,
+            "nme_by_candidate": {name: {"bins": per_bin(lambda m, v=v: mean_or_none(v[m])), "mean": mean_or_none(v)}
+                                 for name, v in nme.items()},
+            "kept_nme_by_bin": per_bin(lambda m: mean_or_none(label[m & keep])),
+            "dropped_nme_by_bin": per_bin(lambda m: mean_or_none(label[m & ~keep])),
+            "kept_share_by_bin": per_bin(lambda m: float(keep[m].mean()) if m.any() else None),
+            "good_kept_share_by_bin": per_bin(lambda m: float(keep[m & good].mean()) if (m & good).any() else None),
+            "kept_under_8_share": float(good[keep].mean()) if keep.any() else None,
+        }
+        if "verifier_nme_pct" in t.column_names:
+            score = np.asarray(t.column("verifier_nme_pct").to_pylist(), np.float64)
+            block["verifier_auc"] = {"over_5": roc_auc(score, label > 5), "over_8": roc_auc(score, label > 8)}
+        out[kind] = block
     return out
 
 
@@ -52,8 +110,10 @@ def pose_bins(faces: pa.Table) -> dict:
 def version_summary(store: shards.Store, version: int | None = None) -> dict:
     version = shards.resolve_version(store, version)
     manifest = shards.read_manifest(store, version)
-    faces = shards.read_faces(store, version, columns=[
-        "keep", "yaw_deg", "ref_landmarks", "ref_pose", "landmarks", "landmarker", "alt_landmarks", "source"])
+    wanted = ["keep", "yaw_deg", "ref_landmarks", "ref_pose", "landmarks", "landmarker", "alt_landmarks", "source",
+              "ref_points21", "verifier_nme_pct", "label_source"]
+    present = set(shards.faces_schema(store, version).names)
+    faces = shards.read_faces(store, version, columns=[c for c in wanted if c in present])
     counts = manifest["counts"]
     return {
         "ref": f"{store.dataset}@v{version}",
@@ -61,6 +121,7 @@ def version_summary(store: shards.Store, version: int | None = None) -> dict:
         "kept_fraction": counts["faces_kept"] / counts["faces"] if counts["faces"] else 0.0,
         "pose_bins": pose_bins(faces),
         "reference_nme": reference_nme(faces),
+        "label_quality": label_quality(faces),
     }
 
 
@@ -90,4 +151,23 @@ def format_summary(summary: dict) -> str:
             fmt = lambda v: f"{v:.2f}" if v is not None and np.isfinite(v) else "-"  # noqa: E731
             lines.append(f"    {name:<14}{fmt(b[0]['mean']):>7}{fmt(b[1]['mean']):>7}{fmt(b[2]['mean']):>7}"
                          f"{fmt(t['balanced']):>10}{fmt(t['kept_mean']):>7}{fmt(t['dropped_mean']):>9}  {t['count']}")
+    lines += format_label_quality(summary.get("label_quality") or {})
     return "\n".join(lines)
+
+
+def format_label_quality(quality: dict) -> list[str]:
+    fmt = lambda v, pct=False: "-" if v is None or not np.isfinite(v) else (f"{v:.1%}" if pct else f"{v:.2f}")  # noqa: E731
+    lines = []
+    for kind, q in quality.items():
+        what = "68 points, AFLW2000-3D protocol" if kind == "68" else "AFLW's 21 points"
+        lines.append(f"  labels vs references ({what}, {q['faces']} faces; yaw bins 0-30 / 30-60 / 60-90):")
+        for name, t in q["nme_by_candidate"].items():
+            lines.append(f"    NME {name:<18}" + "".join(f"{fmt(v):>7}" for v in t["bins"]) + f"  mean {fmt(t['mean'])}")
+        lines.append("    kept label NME        " + "".join(f"{fmt(v):>7}" for v in q["kept_nme_by_bin"]))
+        lines.append("    dropped label NME     " + "".join(f"{fmt(v):>7}" for v in q["dropped_nme_by_bin"]))
+        lines.append("    good labels kept      " + "".join(f"{fmt(v, True):>7}" for v in q["good_kept_share_by_bin"])
+                     + f"  (kept labels under 8%: {fmt(q['kept_under_8_share'], True)})")
+        if "verifier_auc" in q:
+            a = q["verifier_auc"]
+            lines.append(f"    verifier ROC-AUC: label NME > 5% {fmt(a['over_5'])}, > 8% {fmt(a['over_8'])}")
+    return lines

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.landmarks import roc_auc  # noqa: F401 - the metric lives with the other metrics
 from pipeline.crops import CROP_SIZE, apply_affine
 from pipeline.landmarks import nme_pct
 from pipeline.shards import SCORES_SCHEMA, Store, iter_face_batches, read_faces, resolve_version, write_table
@@ -173,36 +174,20 @@ def rescore_version(store: Store, version: int | None, checkpoint: str, *, round
 
 
 def judge_scores(store: Store, version: int, scores: pa.Table, threshold_pct: float = 8.0) -> dict | None:
-    """`score_auc` on the version's faces that carry reference labels; None when none does."""
-    faces = read_faces(store, version, columns=["face_id", "landmarks", "ref_landmarks"])
+    """`score_auc` on the version's faces that carry 68-point reference labels, and the version's
+    `label_quality` (the verifier's ROC-AUC, kept/dropped NME per yaw bin, every kind of reference);
+    None when no face has a reference."""
+    from pipeline.shards import faces_schema
+    from pipeline.summary import label_quality
+
+    present = set(faces_schema(store, version).names)
+    wanted = ["face_id", "landmarks", "ref_landmarks", "verifier_nme_pct", "keep", "ref_pose", "landmarker",
+              "alt_landmarks", "ref_points21", "label_source"]
+    faces = read_faces(store, version, columns=[c for c in wanted if c in present])
+    quality = label_quality(faces)
     if faces.column("ref_landmarks").null_count == faces.num_rows:
-        return None
-    return score_auc(scores, faces, threshold_pct=threshold_pct)
-
-
-def roc_auc(score: np.ndarray, positive: np.ndarray) -> float:
-    """ROC-AUC of `score` ranking positives above negatives (Mann-Whitney U with mid-ranks for ties).
-
-    NaN when either class is empty or no score is finite.
-    """
-    score = np.asarray(score, dtype=np.float64)
-    positive = np.asarray(positive, dtype=bool)
-    finite = np.isfinite(score)
-    score, positive = score[finite], positive[finite]
-    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    order = np.argsort(score, kind="mergesort")
-    ranks = np.empty(len(score), dtype=np.float64)
-    sorted_scores = score[order]
-    # Mid-ranks: tied scores share the mean of the ranks they span, so ties count one half.
-    boundaries = np.flatnonzero(np.diff(sorted_scores)) + 1
-    starts = np.concatenate([[0], boundaries])
-    ends = np.concatenate([boundaries, [len(score)]])
-    for start, end in zip(starts, ends):
-        ranks[order[start:end]] = (start + end + 1) / 2.0
-    u = ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0
-    return float(u / (n_pos * n_neg))
+        return {"label_quality": quality} if quality else None
+    return {**score_auc(scores, faces, threshold_pct=threshold_pct), "label_quality": quality}
 
 
 def score_auc(scores: pa.Table, faces: pa.Table, threshold_pct: float = 8.0, *,
@@ -214,7 +199,8 @@ def score_auc(scores: pa.Table, faces: pa.Table, threshold_pct: float = 8.0, *,
     their max (combined_error), 1 - new_weight (and 1 - critic_score when finite), plus the label NME of faces kept vs dropped
     at `weight_threshold` (what fold_scores' drop_below would do).
     """
-    ref = faces.select(["face_id", "landmarks", "ref_landmarks"]).filter(pc.is_valid(faces.column("ref_landmarks")))
+    extra = ["verifier_nme_pct"] if "verifier_nme_pct" in faces.column_names else []
+    ref = faces.select(["face_id", "landmarks", "ref_landmarks", *extra]).filter(pc.is_valid(faces.column("ref_landmarks")))
     # Joined by hand: Arrow's join cannot carry the fixed-size list columns along.
     score_row = {f: i for i, f in enumerate(scores.column("face_id").to_pylist())}
     ref_ids = ref.column("face_id").to_pylist()
@@ -239,6 +225,8 @@ def score_auc(scores: pa.Table, faces: pa.Table, threshold_pct: float = 8.0, *,
            "one_minus_weight": roc_auc(1.0 - col["new_weight"], bad)}
     if np.isfinite(col["critic_score"]).any():
         auc["one_minus_critic"] = roc_auc(1.0 - col["critic_score"], bad)
+    if extra:  # the build's verifier: the label's predicted error, judged on the same faces
+        auc["verifier_nme_pct"] = roc_auc(ref.column("verifier_nme_pct").to_numpy(zero_copy_only=False), bad)
     kept = col["new_weight"] >= weight_threshold
 
     def _mean(mask: np.ndarray) -> float | None:
