@@ -2,7 +2,8 @@
 
 onnxruntime's GPU build is far too large to carry and onnx2torch drags in torchvision (unusable
 beside the CPU torch here), so this executes the graph's nodes itself. It covers exactly the
-operators of the shipped files (SCRFD-500M / 2.5G, Peppa slim-160) and refuses any other by name;
+operators of the shipped files (SCRFD-500M / 2.5G, Peppa slim-160, OpenSeeFace's optimised graph with
+onnxruntime's FusedConv) and refuses any other by name;
 tests check every output against onnxruntime. Batch size is free (the files fix batch 1).
 """
 
@@ -44,7 +45,8 @@ class OnnxModule(nn.Module):
     outputs; `run(x, names)` returns any intermediate tensors by name."""
 
     OPS = {"Conv", "Relu", "Add", "Mul", "Sigmoid", "BatchNormalization", "ReduceMean", "Gemm", "Concat",
-           "MaxPool", "AveragePool", "Resize", "Transpose", "Reshape", "Shape", "Gather", "Unsqueeze", "Slice"}
+           "MaxPool", "AveragePool", "Resize", "Transpose", "Reshape", "Shape", "Gather", "Unsqueeze", "Slice",
+           "Clip", "Div", "GlobalAveragePool", "FusedConv"}
 
     def __init__(self, path: str | os.PathLike):
         super().__init__()
@@ -88,11 +90,18 @@ class OnnxModule(nn.Module):
 
     @staticmethod
     def _op(op: str, a: list, at: dict):
-        if op == "Conv":
-            if at.get("dilations", [1, 1]) != [1, 1]:
-                raise UnsupportedGraph("dilated Conv")
-            return F.conv2d(a[0], a[1], a[2] if len(a) > 2 else None, stride=tuple(at.get("strides", [1, 1])),
-                            padding=_pads(at.get("pads", [])), groups=at.get("group", 1))
+        if op in ("Conv", "FusedConv"):
+            if at.get("dilations", [1, 1]) != [1, 1] or at.get("auto_pad", "NOTSET") != "NOTSET":
+                raise UnsupportedGraph(f"{op} {at}")
+            y = F.conv2d(a[0], a[1], a[2] if len(a) > 2 else None, stride=tuple(at.get("strides", [1, 1])),
+                         padding=_pads(at.get("pads", [])), groups=at.get("group", 1))
+            return y if op == "Conv" else _activation(y, at.get("activation"), at.get("activation_params", []))
+        if op == "Clip":
+            return torch.clamp(a[0], min=a[1] if len(a) > 1 else None, max=a[2] if len(a) > 2 else None)
+        if op == "Div":
+            return a[0] / a[1]
+        if op == "GlobalAveragePool":
+            return a[0].mean(dim=(2, 3), keepdim=True)
         if op == "Relu":
             return F.relu(a[0])
         if op == "Sigmoid":
@@ -111,8 +120,8 @@ class OnnxModule(nn.Module):
             x = x.t() if at.get("transA", 0) else x
             return at.get("alpha", 1.0) * (x @ w) + (at.get("beta", 1.0) * a[2] if len(a) > 2 else 0)
         if op == "Concat":
-            if all(isinstance(t, (list, tuple)) for t in a):  # shape arithmetic
-                return [v for t in a for v in t]
+            if any(isinstance(t, (list, tuple)) for t in a):  # shape arithmetic (constant parts are int tensors)
+                return [int(v) for t in a for v in (t if isinstance(t, (list, tuple)) else t.tolist())]
             return torch.cat(a, dim=at["axis"])
         if op in ("MaxPool", "AveragePool"):
             kernel, stride = tuple(at["kernel_shape"]), tuple(at.get("strides", at["kernel_shape"]))
@@ -121,6 +130,11 @@ class OnnxModule(nn.Module):
                 return F.max_pool2d(a[0], kernel, stride, pad, ceil_mode=bool(at.get("ceil_mode", 0)))
             return F.avg_pool2d(a[0], kernel, stride, pad, ceil_mode=bool(at.get("ceil_mode", 0)),
                                 count_include_pad=bool(at.get("count_include_pad", 0)))
+        if op == "Resize" and at.get("mode") == "linear" and at.get("coordinate_transformation_mode") == "align_corners":
+            sizes = a[3] if len(a) > 3 and a[3] is not None else None
+            if sizes is None:
+                raise UnsupportedGraph(f"Resize by scales {at}")
+            return F.interpolate(a[0], size=[int(v) for v in list(sizes)[2:]], mode="bilinear", align_corners=True)
         if op == "Resize":
             if at.get("mode") != "nearest" or at.get("coordinate_transformation_mode") != "asymmetric" \
                     or at.get("nearest_mode", "round_prefer_floor") != "floor":
@@ -146,6 +160,19 @@ class OnnxModule(nn.Module):
             start, end = int(a[1][0]), int(a[2][0])
             return list(a[0])[start:min(end, len(a[0]))]
         raise UnsupportedGraph(op)
+
+
+def _activation(x: Tensor, name: str | None, params: list[float]) -> Tensor:
+    """onnxruntime's FusedConv activations."""
+    if name == "Relu":
+        return F.relu(x)
+    if name == "Clip":
+        return torch.clamp(x, min=params[0], max=params[1])
+    if name == "Sigmoid":
+        return torch.sigmoid(x)
+    if name == "HardSigmoid":
+        return torch.clamp(params[0] * x + params[1], 0.0, 1.0)
+    raise UnsupportedGraph(f"FusedConv activation {name!r}")
 
 
 def head_tensors(module: OnnxModule) -> list[tuple[str, bool]]:
