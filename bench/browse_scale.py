@@ -46,8 +46,8 @@ def rss_mib() -> float:
 
 def build_base(tmp: Path) -> tuple[shards.Store, int]:
     """A real version of ~40 faces from the bundled images (wild crops, dev faces, a scene)."""
-    from pipeline.build import build, store_of
-    from pipeline.catalog import load_catalog
+    from pipeline.build import build
+    from pipeline.catalog import load_catalog, store_of
 
     data = shared_root() / "data"
     folders = {"wild": ("aflw-wild-crops", 24, True), "dev": ("aflw2000-dev", 12, False)}
@@ -79,7 +79,8 @@ def crop_variants(base: pa.Table, n: int, seed: int = 0) -> list[bytes]:
     crops = base.column("crop").to_pylist()
     out = []
     for i in range(n):
-        image = cv2.imdecode(np.frombuffer(crops[i % len(crops)], np.uint8), cv2.IMREAD_COLOR).astype(np.int16)
+        jpeg = np.frombuffer(crops[i % len(crops)], np.uint8)
+        image = cv2.imdecode(jpeg, cv2.IMREAD_COLOR).astype(np.int16)
         noisy = np.clip(image + rng.integers(-3, 4, image.shape), 0, 255).astype(np.uint8)
         out.append(cv2.imencode(".jpg", noisy, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes())
     return out
@@ -98,17 +99,19 @@ def synthesise(base: pa.Table, root: Path, n_faces: int, shard_rows: int, seed: 
         n = min(shard_rows, n_faces - start)
         take = pa.array(np.arange(start, start + n) % base.num_rows)
         table = base.take(take)
-        ids = [f"{start + i:08x}{image_id[8:]}" for i, image_id in enumerate(table.column("image_id").to_pylist())]
-        table = table.set_column(table.schema.get_field_index("image_id"), "image_id", pa.array(ids, pa.string()))
+        ids = [f"{start + i:08x}{image_id[8:]}"
+               for i, image_id in enumerate(table.column("image_id").to_pylist())]
+        table = table.set_column(table.schema.get_field_index("image_id"), "image_id", pa.array(ids))
         face_ids = [f"{i}:{k}" for i, k in zip(ids, table.column("face_index").to_pylist())]
-        table = table.set_column(table.schema.get_field_index("face_id"), "face_id", pa.array(face_ids, pa.string()))
+        table = table.set_column(table.schema.get_field_index("face_id"), "face_id", pa.array(face_ids))
         crops = [variants[(start + i) % len(variants)] for i in range(n)]
         table = table.set_column(table.schema.get_field_index("crop"), "crop", pa.array(crops, pa.binary()))
         for name in floats:  # jitter: a sort over 100,000 faces has real work to do
             values = table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
             values = values * (1 + 0.05 * rng.standard_normal(n))
             idx = table.schema.get_field_index(name)
-            table = table.set_column(idx, table.schema.field(name), pa.array(values, table.schema.field(name).type))
+            field = table.schema.field(name)
+            table = table.set_column(idx, field, pa.array(values, field.type))
         keep_all += sum(table.column("keep").to_pylist())
         entries.append(shards.write_table(store.fs, f"{vdir}/faces-{start // shard_rows:05d}.parquet", table))
     manifest = {"schema_version": shards.SCHEMA_VERSION, "dataset": "faces", "version": 1, "parent": None,
@@ -127,7 +130,8 @@ def time_store(store: shards.Store, label: str, pages: int) -> dict:
     before = rss_mib()
     started = time.perf_counter()
     client = TestClient(create_app(store, 1))
-    out = {f"{label}_open_s": time.perf_counter() - started, f"{label}_rss_mib_added_by_open": rss_mib() - before}
+    out = {f"{label}_open_s": time.perf_counter() - started,
+           f"{label}_rss_mib_added_by_open": rss_mib() - before}
     for name, url in (("first_page", "/"), ("filtered_page", FILTERED)):
         times = []
         for _ in range(4):
@@ -137,7 +141,8 @@ def time_store(store: shards.Store, label: str, pages: int) -> dict:
             assert response.status_code == 200, response.text[:500]
         out[f"{label}_{name}_cold_ms"] = times[0] * 1000
         out[f"{label}_{name}_ms"] = min(times[1:]) * 1000
-        out[f"{label}_{name}_faces_matching"] = int(response.text.split('<span id="total">', 1)[1].split("<", 1)[0])
+        total = response.text.split('<span id="total">', 1)[1].split("<", 1)[0]
+        out[f"{label}_{name}_faces_matching"] = int(total)
     face_id = response.text.split('data-face-id="', 1)[1].split('"', 1)[0]
     t = time.perf_counter()
     assert client.get(f"/face/{face_id}").status_code == 200
@@ -158,7 +163,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--faces", type=int, default=100_000)
     parser.add_argument("--small", type=int, default=1_000)
-    parser.add_argument("--shard-rows", type=int, default=128, help="rows per shard (a build's batch: 128 images)")
+    parser.add_argument("--shard-rows", type=int, default=128,
+                        help="rows per shard (a build's batch: 128 images)")
     parser.add_argument("--pages", type=int, default=120, help="pages to walk for the RSS figures")
     parser.add_argument("--from-root", default=None, help="output root holding a built `faces` version")
     parser.add_argument("--json", default=None)
@@ -183,7 +189,8 @@ def main() -> None:
         size = sum(p.stat().st_size for p in (tmp / "big").rglob("*.parquet")) / 2**20
         print(f"synthesised {args.small} and {args.faces} faces ({size:.0f} MiB of shards) in "
               f"{time.perf_counter() - t:.1f} s", flush=True)
-        result = {**header(), "faces_small": args.small, "faces_big": args.faces, "shard_rows": args.shard_rows,
+        result = {**header(), "faces_small": args.small, "faces_big": args.faces,
+                  "shard_rows": args.shard_rows,
                   "rss_mib_before": rss_mib()}
         result.update(time_store(small, "small", 0))
         result.update(time_store(big, "big", args.pages))

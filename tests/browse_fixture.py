@@ -14,8 +14,8 @@ import pandas as pd
 
 from pipeline import shards
 from pipeline.browse.queries import WORST_FIRST, View
-from pipeline.build import build, store_of
-from pipeline.catalog import load_catalog
+from pipeline.build import build
+from pipeline.catalog import load_catalog, store_of
 from tests.conftest import AFLW_DEV, DATA, WILD, copy_images, write_catalog
 
 SCRIPT_NAME = "<script>alert(1)</script>.jpg"  # a tar member may be called this
