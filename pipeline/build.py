@@ -441,14 +441,17 @@ def check_models(catalog: Catalog) -> None:
     specs = [("landmarker", s) for s in catalog.detectors.landmarkers]
     if any(not getattr(s, "pre_cropped", False) for s in catalog.sources):
         specs.insert(0, ("face detector", catalog.detectors.face))
+    if catalog.detectors.verifier is not None:
+        specs.append(("verifier", catalog.detectors.verifier))
     try:
         chain.landmarkers
         if specs[0][0] == "face detector":
             chain.face_detector
+        chain.verifier  # None when the chain has none
     except ModelError:
         raise
     except Exception as err:  # noqa: BLE001 - any load failure is reported with the model it came from
-        named = ", ".join(f"{role} {s.name!r} ({s.weights})" for role, s in specs)
+        named = ", ".join(f"{role} {getattr(s, 'name', role)!r} ({s.weights})" for role, s in specs)
         raise ModelError(f"{catalog.path}: detectors: a model could not be loaded: {type(err).__name__}: {err} "
                          f"[the chain: {named}]; fix the path or sha256 in the catalog (nothing was built)") from err
 

@@ -124,6 +124,16 @@ def test_a_missing_model_file_stops_the_build_and_writes_nothing(tmp_path, capsy
     assert shards.list_versions(store) == []
 
 
+def test_a_missing_verifier_file_stops_the_build_before_any_batch(tmp_path):
+    path = _scene_catalog(tmp_path)
+    _edit(path, lambda d: d["detectors"].update(verifier={"weights": str(tmp_path / "no-verifier.pt")}))
+    catalog = load_catalog(path)
+    with pytest.raises(ModelError, match="no-verifier.pt") as err:
+        build(catalog)
+    assert "a model could not be loaded" in str(err.value)  # the check before the first batch, not a batch
+    assert shards.list_versions(store_of(catalog)) == []
+
+
 def test_a_model_failing_on_every_image_is_a_model_fault(tmp_path):
     catalog = load_catalog(_scene_catalog(tmp_path))
 
