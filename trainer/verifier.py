@@ -20,8 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pipeline import shards
+from pipeline.build import build
+from pipeline.catalog import store_for_ref
+from pipeline.fusion import fusion_weights
+from pipeline.landmarks import nme_pct, roc_auc, yaw_bins
+from pipeline.mobilenet import fused_for_inference, load_teacher_mobilenet
 from pipeline.references import AFLW21_FROM_68, aflw21_from_68
-from pipeline.verifier import CONTEXT, VerifierHead, group_matrix, predict_points, trunk_maps
+from pipeline.verifier import CONTEXT, VerifierHead, face_nme, group_matrix, predict_points, save_head, trunk_maps
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +226,6 @@ def load_faces(store, version: int, teacher_net: torch.nn.Module, *, split: str 
     Returns the data and per-face extras: `ref68` [N, 68, 2] crop px (reference '68'), `source`."""
     import cv2
 
-    from pipeline import shards
 
     column = "ref_points21" if reference == "aflw21" else "ref_landmarks"
     faces = shards.read_faces(store, version, columns=["face_id", "split", "source", "crop", "crop_affine",
@@ -274,8 +279,6 @@ def pa_equal(table, column, value):
 
 def judge_labels(head: VerifierHead, data: VerifierData, idx: Tensor, tau: float) -> dict[str, Tensor]:
     """On faces `idx`: each candidate's and the fused label's predicted point errors and points."""
-    from pipeline.fusion import fusion_weights
-
     cands = data.context[idx]
     pred = predict(head, data, idx, cands)  # [n, K, 68]
     pred = torch.where(data.present[idx][..., None], pred, torch.full_like(pred, 1e3))  # absent: never chosen
@@ -300,8 +303,6 @@ def calibrate_yaw_thresholds(pred_nme: np.ndarray, true_nme: np.ndarray, abs_yaw
     """Per yaw bin, the predicted-NME bound that keeps the same share g of each bin's good labels
     (pose-fair), with g the largest share whose kept labels are at least `target_clean` under `bad_pct`.
     Returns the three bounds and g."""
-    from pipeline.landmarks import yaw_bins
-
     bins = yaw_bins(abs_yaw)
     good = true_nme <= bad_pct
     best = None
@@ -323,8 +324,6 @@ def calibrate_yaw_thresholds(pred_nme: np.ndarray, true_nme: np.ndarray, abs_yaw
 
 
 def _bin_means(values: np.ndarray, yaw: np.ndarray) -> list[float | None]:
-    from pipeline.landmarks import yaw_bins
-
     bins = yaw_bins(yaw)
     return [float(np.nanmean(values[bins == b])) if (bins == b).any() else None for b in range(3)]
 
@@ -336,8 +335,6 @@ def _label_table(nme: np.ndarray, yaw: np.ndarray) -> dict:
 
 
 def _rule_outcome(keep: np.ndarray, nme: np.ndarray, yaw: np.ndarray) -> dict:
-    from pipeline.landmarks import yaw_bins
-
     bins = yaw_bins(yaw)
     good = nme <= 8.0
     per_bin = []
@@ -358,9 +355,6 @@ def judge_report(judged: dict[str, Tensor], nme_of, yaw: np.ndarray, abs_yaw_tea
 
     `nme_of(points [N, 68, 2]) -> [N]` measures against the references; `thresholds_for(fold or None)`
     gives the rule's three bounds (the cross-fitted report calibrates them on the other folds)."""
-    from pipeline.verifier import face_nme
-    from trainer.rescore import roc_auc
-
     out = {"candidates": {}}
     for k, name in enumerate(CONTEXT):
         nme = nme_of(judged["cand_points"][:, k].numpy())
@@ -378,8 +372,6 @@ def judge_report(judged: dict[str, Tensor], nme_of, yaw: np.ndarray, abs_yaw_tea
 
 
 def _bins(yaw):
-    from pipeline.landmarks import yaw_bins
-
     return yaw_bins(yaw)
 
 
@@ -388,8 +380,6 @@ def train_verifier(store, version: int, teacher_net: torch.nn.Module, out_path, 
     """Cross-fitted report on the version's training faces with AFLW-21 references, the shipped head
     trained on all of them (with the rule's bounds calibrated on the cross-fitted predictions), and
     the shipped head judged on the evaluation split's 68-point references where the version has them."""
-    from pipeline.landmarks import nme_pct
-    from pipeline.verifier import face_nme, save_head
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     data, _ = load_faces(store, version, teacher_net, split="train", reference="aflw21")
@@ -443,9 +433,6 @@ def train_verifier_for_catalog(catalog, out_path, cfg: VerifierTrainConfig, *, d
                               tau: float | None = None) -> dict:
     """The reproducible command: build the catalog's dataset in this process (candidates and references;
     nothing when it is up to date), then `train_verifier` on its latest (or the given) version."""
-    from pipeline.build import build
-    from pipeline.catalog import store_for_ref
-    from pipeline.mobilenet import fused_for_inference, load_teacher_mobilenet
 
     teacher = next((s for s in catalog.detectors.landmarkers if s.name == "tddfa_mb05"), None)
     if teacher is None:
@@ -453,7 +440,6 @@ def train_verifier_for_catalog(catalog, out_path, cfg: VerifierTrainConfig, *, d
     if dataset_ref is None:
         build(catalog)
     store, version = store_for_ref(catalog, dataset_ref)
-    from pipeline import shards
 
     version = shards.resolve_version(store, version)
     net = fused_for_inference(load_teacher_mobilenet(teacher.weights, weights_sha256=teacher.sha256))
