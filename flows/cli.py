@@ -31,16 +31,11 @@ def _build_in_process(catalog_path: str, scores_path: str | None, threads: int) 
     from concurrent.futures import ThreadPoolExecutor
 
     from flows.catalog import load_catalog
-    from pipeline import shards
     from pipeline.build import build
-    from pipeline.catalog import store_of
 
     catalog = load_catalog(catalog_path)
-    store = store_of(catalog)
-    scores = shards.read_table_file(store.fs, scores_path) if scores_path else None
     with ThreadPoolExecutor(threads) as pool:
-        version, plan = build(catalog, map_batches=pool.map, scores=scores,
-                              scores_for_version=store.scores_version(scores_path) if scores_path else None)
+        version, plan = build(catalog, map_batches=pool.map, scores_path=scores_path)
     created = version is not None and version != plan.parent
     return {"dataset": catalog.dataset, "version": version, "created": created,
             "processed": plan.new_items if created else 0}
@@ -177,29 +172,11 @@ def cmd_round(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from pipeline.catalog import load_catalog
-    from pipeline.detect.registry import build_face_detector, build_landmarker
-    from trainer.evaluate import StudentModel, TeacherModel, evaluate, format_result, load_eval_set, write_result
+    from flows.catalog import load_catalog
+    from trainer.evaluate import evaluate_checkpoint, format_result, write_result
 
-    catalog = load_catalog(args.catalog)
-    primary = catalog.detectors.landmarkers[0]
-    if primary.name != "tddfa_mb05":
-        raise ValueError(f"evaluate needs tddfa_mb05 as the catalog's primary landmarker, got {primary.name!r}")
-    # Evaluation is a measurement: full precision, whatever the catalog's chain runs at on a GPU.
-    teacher = build_landmarker(primary.model_copy(update={"precision": "fp32"}))
-    protocols = ("gt", "detector") if args.crops == "both" else (args.crops,)
-    detector = (build_face_detector(catalog.detectors.face.model_copy(update={"precision": "fp32"}))
-                if "detector" in protocols else None)
-    if args.checkpoint == "teacher":
-        model = TeacherModel(teacher)
-    else:
-        from trainer.checkpoint import load_predictor
-
-        model = StudentModel(load_predictor("teacher" if args.checkpoint == "untrained" else args.checkpoint,
-                                            device=args.device))
-    data = load_eval_set(args.data, limit=args.limit)
-    result = evaluate(model, data, teacher, detector, protocols)
-    result.update({"checkpoint": args.checkpoint, "data": str(args.data)})
+    result = evaluate_checkpoint(load_catalog(args.catalog).detectors, args.checkpoint, args.data,
+                                 crops=args.crops, limit=args.limit, device=args.device)
     print(format_result(result, f"{args.checkpoint} on {args.data}"))
     if args.json:
         print(f"wrote {write_result(result, args.json)}")

@@ -13,12 +13,13 @@ import pytest
 import torch
 import yaml
 
-from pipeline import build as build_module
+from pipeline import batch as batch_module
 from pipeline import shards
 from pipeline.build import build, store_of
 from pipeline.catalog import load_catalog
 from pipeline.quality import apply_rules
 from pipeline.shards import FEATURE_COLUMNS, SCORES_SCHEMA
+from pipeline.sources import list_items
 from pipeline.weights import ModelError
 from tests.badfiles import face_jpeg
 from tests.conftest import DATA, MODELS, WILD, copy_images, write_catalog
@@ -145,11 +146,11 @@ def test_a_model_failing_on_every_image_is_a_model_fault(tmp_path):
             raise RuntimeError("weights of the wrong architecture")
 
     rgb = np.zeros((64, 64, 3), np.uint8)
-    items = [shards_item for shards_item in build_module.list_items(catalog.sources[0])]
+    items = [shards_item for shards_item in list_items(catalog.sources[0])]
     decoded = [(item, f"id{i}", rgb) for i, item in enumerate(items)]
     quarantined = []
-    with pytest.raises(ModelError, match="every one of 3"):
-        build_module._label_isolating_failures(Broken(), catalog, decoded, lambda *a, **k: quarantined.append(a))
+    with pytest.raises(ModelError, match="every one of 3"):  # raised: no rows come back, none quarantined
+        quarantined = batch_module.label_items(Broken(), catalog, decoded)[1].quarantine
     assert quarantined == []
 
 
@@ -157,8 +158,8 @@ def test_images_quarantined_for_a_model_error_are_tried_again(tmp_path, monkeypa
     """v1: the chain fails on one image (a 'model error' quarantine row); v2 labels it."""
     path = _scene_catalog(tmp_path)
     catalog = load_catalog(path)
-    real = build_module.label_images
-    victim = np.asarray(build_module.decode_batch(
+    real = batch_module.label_images
+    victim = np.asarray(batch_module.decode_batch(
         [sorted((DATA / "aflw2000-dev").glob("*.jpg"))[1].read_bytes()], device=torch.device("cpu"),
         max_pixels=catalog.limits.max_pixels, min_side_px=catalog.limits.min_side_px)[0])
 
@@ -167,12 +168,12 @@ def test_images_quarantined_for_a_model_error_are_tried_again(tmp_path, monkeypa
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
         return real(chain, images, pre)
 
-    monkeypatch.setattr(build_module, "label_images", flaky)
+    monkeypatch.setattr(batch_module, "label_images", flaky)
     assert build(catalog)[0] == 1
     store = store_of(catalog)
     q1 = shards.read_side_table(store, 1, "quarantine").to_pandas()
     assert q1.reason.tolist() == ["model error"] and q1.retryable.all()
-    monkeypatch.setattr(build_module, "label_images", real)
+    monkeypatch.setattr(batch_module, "label_images", real)
     version, plan = build(catalog)
     assert version == 2 and plan.new_items == 1
     assert shards.read_side_table(store, 2, "quarantine").num_rows == 0
@@ -196,7 +197,7 @@ def test_a_changed_detector_chain_relabels_and_says_so(tmp_path, caplog):
     # Other weights: every image is labelled again, into a version of new labels only.
     _edit(path, lambda d: d["detectors"]["face"].update(weights=str(MODELS / "insightface-det" / "det_2.5g.onnx")))
     changed = load_catalog(path)
-    with caplog.at_level(logging.WARNING, logger="pipeline.build"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.plan"):
         version, plan = build(changed)
     assert version == 2 and plan.relabel and plan.new_items == 2
     assert "scrfd weights: 5e4447f50245 -> 041f73f47371" in plan.chain_change

@@ -131,6 +131,34 @@ def write_result(result: dict, path: str | Path) -> Path:
     return path
 
 
+def evaluate_checkpoint(detectors, checkpoint: str, data_dir: str | Path, *, crops: str = "both",
+                        limit: int | None = None, device: str = "auto") -> dict:
+    """`checkpoint` ('teacher': 3DDFA_V2 mb05 as the pipeline runs it; 'untrained': the 4-channel model at
+    step 0; or a checkpoint path) on a folder in the AFLW2000-3D layout, with crops from the reference
+    points (`gt`), from the catalog's face detector (`detector`) or `both`.
+
+    `detectors` is the catalog's chain: its primary landmarker must be the teacher (tddfa_mb05), which
+    draws the landmark map. A measurement runs at full precision, whatever the chain runs at on a GPU."""
+    from pipeline.detect.registry import build_face_detector, build_landmarker
+
+    primary = detectors.landmarkers[0]
+    if primary.name != "tddfa_mb05":
+        raise ValueError(f"evaluate needs tddfa_mb05 as the catalog's primary landmarker, got {primary.name!r}")
+    teacher = build_landmarker(primary.model_copy(update={"precision": "fp32"}))
+    protocols = PROTOCOLS if crops == "both" else (crops,)
+    detector = (build_face_detector(detectors.face.model_copy(update={"precision": "fp32"}))
+                if "detector" in protocols else None)
+    if checkpoint == "teacher":
+        model = TeacherModel(teacher)
+    else:
+        from trainer.checkpoint import load_predictor
+
+        model = StudentModel(load_predictor("teacher" if checkpoint == "untrained" else checkpoint, device=device))
+    result = evaluate(model, load_eval_set(data_dir, limit=limit), teacher, detector, protocols)
+    result.update({"checkpoint": checkpoint, "data": str(data_dir)})
+    return result
+
+
 def evaluate_version(predictor, store, version: int, batch_size: int = 128) -> dict | None:
     """The model's NME on a version's evaluation faces (`split == "eval"`, with reference labels), with
     the pseudo-labels' own NME on the same faces beside it; None when the version has no such face.
@@ -163,11 +191,11 @@ def evaluate_version(predictor, store, version: int, batch_size: int = 128) -> d
     yaw = np.asarray(faces.column("ref_pose").to_pylist(), np.float64)[:, 0]
     crops = np.stack([cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1]
                       for b in faces.column("crop").to_pylist()])
-    pseudo_crop = np.stack([apply_affine(p, a) for p, a in zip(pseudo_img, affines)])
+    pseudo_crop = apply_affine(pseudo_img, affines)
     points = []
     for i in range(0, n, batch_size):
         points.append(predictor.points(predictor.params(crops[i:i + batch_size], pseudo_crop[i:i + batch_size])))
-    model_img = np.stack([apply_affine(p, invert_affine(a)) for p, a in zip(np.concatenate(points), affines)])
+    model_img = apply_affine(np.concatenate(points), np.stack([invert_affine(a) for a in affines]))
     return {"faces": n, "split": "eval", "labelled_train_faces_skipped": skipped,
             "model": nme_table(nme_pct(model_img, ref), yaw),
             "pseudo_labels": nme_table(nme_pct(pseudo_img, ref), yaw)}

@@ -1,0 +1,227 @@
+"""Commit a build: the parent's faces (carried over, or re-decided) plus the batches' new ones become
+the next immutable version; its manifest, written last by atomic rename, is the commit point."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Iterable
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline import shards
+from pipeline.batch import BatchResult, decide, with_decisions
+from pipeline.catalog import Catalog, store_of
+from pipeline.plan import BuildPlan, chain_identity
+from pipeline.shards import IMAGES_SCHEMA, QUARANTINE_SCHEMA, Store, link_or_copy, read_table_file, write_atomic, write_table
+
+log = logging.getLogger(__name__)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _with_version(table: pa.Table, version: int) -> pa.Table:
+    col = table.schema.get_field_index("version")
+    return table.set_column(col, "version", pa.array([version] * table.num_rows, pa.int32()))
+
+
+def _round_in_effect(store: Store, version: int) -> tuple[int | None, pa.Table | None]:
+    """The trainer round whose weights `version`'s faces carry: the scores table folded by it or by its
+    nearest ancestor (versions that only add images or change rules keep the folded weights), or
+    (None, None). A re-labelled version carries no round."""
+    while version is not None:
+        manifest = shards.read_manifest(store, version)
+        if "scores" in manifest.get("tables", {}):
+            return version, shards.read_side_table(store, version, "scores")
+        if manifest.get("relabelled"):
+            return None, None
+        version = manifest.get("parent")
+    return None, None
+
+
+def summarize_counts(images: pa.Table, quarantine: pa.Table, faces_keep: list[bool],
+                     reasons: list[str | None]) -> dict:
+    status = Counter(images.column("status").to_pylist())
+    n_faces = images.column("n_faces").to_pylist()
+    ok = [n for n, s in zip(n_faces, images.column("status").to_pylist()) if s == "ok"]
+    return {
+        "images_seen": images.num_rows,
+        "images_decoded": status.get("ok", 0),
+        "images_quarantined": status.get("quarantined", 0),
+        "images_duplicate": status.get("duplicate", 0),
+        "images_with_faces": sum(1 for n in ok if n > 0),
+        "images_without_faces": sum(1 for n in ok if n == 0),
+        "faces": len(faces_keep),
+        "faces_kept": int(sum(faces_keep)),
+        "faces_dropped": len(faces_keep) - int(sum(faces_keep)),
+        "drop_reasons": dict(Counter(r.split(" ")[0] for r in reasons if r)),
+        "quarantine_reasons": dict(Counter(quarantine.column("reason").to_pylist())),
+    }
+
+
+@dataclass
+class _Version:
+    """What the version being committed holds so far."""
+
+    number: int
+    dir: str
+    shards: list[dict] = field(default_factory=list)  # manifest entries of its faces files
+    images: list[pa.Table] = field(default_factory=list)
+    quarantine: list[pa.Table] = field(default_factory=list)
+    keep: list[bool] = field(default_factory=list)
+    reasons: list[str | None] = field(default_factory=list)
+    seen_ids: set[str] = field(default_factory=set)  # images whose faces it holds
+    round_from: int | None = None
+
+    def add_faces(self, table: pa.Table) -> None:
+        self.keep += table.column("keep").to_pylist()
+        self.reasons += table.column("reject_reason").to_pylist()
+
+
+def _only_failed_retries(plan: BuildPlan, batch_images: list[pa.Table], redone: set[str],
+                         scores: pa.Table | None) -> bool:
+    """The build only retried quarantined items and every one failed again: nothing new to hold."""
+    return (plan.parent is not None and not plan.relabel and not plan.rules_changed and scores is None
+            and redone <= plan.retry_uris
+            and all(st == "quarantined" for t in batch_images for st in t.column("status").to_pylist()))
+
+
+def _carry_parent(store: Store, catalog: Catalog, plan: BuildPlan, new: _Version, redone: set[str],
+                  scores: pa.Table | None) -> None:
+    """The parent's ledger, quarantine and faces into `new`: faces files shared as they are, or
+    re-decided by the rules (changed rules, or a round's scores to fold)."""
+    fs = store.fs
+    pdir = store.version_dir(plan.parent)
+    images = shards.read_side_table(store, plan.parent, "images")
+    quarantine = shards.conform_quarantine(shards.read_side_table(store, plan.parent, "quarantine"))
+    if redone:  # read again by this build (a retry, a fixed file): the batches' rows replace these
+        retried = pa.array(sorted(redone), pa.string())
+        images = images.filter(pc.invert(pc.and_(pc.equal(images.column("status"), "quarantined"),
+                                                 pc.is_in(images.column("uri"), value_set=retried))))
+        quarantine = quarantine.filter(pc.invert(pc.is_in(quarantine.column("uri"), value_set=retried)))
+    new.images.append(images)
+    new.quarantine.append(quarantine)
+    new.seen_ids.update(x for x in images.column("image_id").to_pylist() if x)
+    rewrite = plan.rules_changed or scores is not None
+    fold = scores
+    if rewrite and scores is None:  # rules re-decided: the round folded earlier keeps its factor
+        new.round_from, fold = _round_in_effect(store, plan.parent)
+    for i, entry in enumerate(shards.read_manifest(store, plan.parent)["shards"]):
+        src = f"{pdir}/{entry['file']}"
+        if rewrite:
+            table = read_table_file(fs, src)
+            table = with_decisions(table, decide(table, catalog.rules))
+            if fold is not None:
+                from pipeline.rounds import fold_scores
+
+                table = fold_scores(table, fold)
+            new.shards.append(write_table(fs, f"{new.dir}/faces-v{new.number:04d}-{i:05d}.parquet", table))
+        else:
+            link_or_copy(fs, src, f"{new.dir}/{entry['file']}")
+            table = read_table_file(fs, src).select(["keep", "reject_reason"])
+            new.shards.append(dict(entry))
+        new.add_faces(table)
+
+
+def _add_batch(store: Store, staging: str, result: BatchResult, images: pa.Table, new: _Version) -> None:
+    """One batch's parts into `new`; faces of images it already holds (the parent's, an earlier
+    batch's) are dropped, so each image's faces appear once whatever order batches finished in."""
+    fs = store.fs
+    fresh_ids = set()
+    status = images.column("status").to_pylist()
+    for i, (image_id, st) in enumerate(zip(images.column("image_id").to_pylist(), status)):
+        if st == "ok" and image_id in new.seen_ids:
+            status[i] = "duplicate"  # seen in the parent or an earlier batch: its faces are there
+        elif image_id:
+            fresh_ids.add(image_id)
+    images = images.set_column(images.schema.get_field_index("status"), "status", pa.array(status, pa.string()))
+    new.images.append(_with_version(images, new.number))
+    new.quarantine.append(shards.conform_quarantine(
+        _with_version(read_table_file(fs, f"{staging}/{result.quarantine_file}"), new.number)))
+    if result.faces_file:
+        faces = read_table_file(fs, f"{staging}/{result.faces_file}")
+        dup = pa.array([i in new.seen_ids for i in faces.column("image_id").to_pylist()])
+        if any(dup.to_pylist()):
+            faces = faces.filter(pc.invert(dup))
+            new.shards.append(write_table(fs, f"{new.dir}/{result.faces_file}", faces))
+        else:
+            link_or_copy(fs, f"{staging}/{result.faces_file}", f"{new.dir}/{result.faces_file}")
+            with fs.open(f"{new.dir}/{result.faces_file}", "rb") as f:
+                data = f.read()
+            new.shards.append({"file": result.faces_file, "rows": faces.num_rows, "bytes": len(data),
+                               "sha256": shards.sha256_bytes(data)})
+        new.add_faces(faces)
+    new.seen_ids |= fresh_ids
+
+
+def commit_version(catalog: Catalog, plan: BuildPlan, results: Iterable[BatchResult],
+                   *, scores: pa.Table | None = None, note: str = "") -> int:
+    """Assemble a new immutable version from the parent and the batch parts; manifest written last.
+
+    Caller holds the DatasetLock. Faces of images the parent (or an earlier batch) already has are
+    dropped here, so each image's faces appear exactly once whatever order batches finished in.
+    Items read again (a retried or changed file) replace the parent's quarantine rows for their uri.
+    Returns the new version, or the parent when the build only retried quarantined items that all
+    failed again (nothing new to hold).
+    """
+    store = store_of(catalog)
+    fs = store.fs
+    latest = shards.latest_version(store)
+    if latest != plan.parent:
+        raise RuntimeError(f"{catalog.dataset}: v{latest} landed after this build was planned on v{plan.parent}; rerun")
+    staging = store.staging_dir(plan.staging_key)
+    results = sorted(results, key=lambda r: r.key)
+    batch_images = [read_table_file(fs, f"{staging}/{r.images_file}") for r in results]
+    redone = {u for t in batch_images for u in t.column("uri").to_pylist()}  # items read by this build
+    if _only_failed_retries(plan, batch_images, redone, scores):
+        log.info("%s: %d quarantined items tried again, all still failing: v%d stays the latest",
+                 catalog.dataset, len(redone), plan.parent)
+        if fs.exists(staging):
+            fs.rm(staging, recursive=True)
+        return plan.parent
+    new = _Version((latest or 0) + 1, store.version_dir((latest or 0) + 1))
+    if fs.exists(new.dir):  # a crashed commit: no manifest, so it never existed; start it over
+        fs.rm(new.dir, recursive=True)
+    fs.makedirs(new.dir, exist_ok=True)
+
+    if plan.parent is not None and not plan.relabel:  # a re-labelled version starts afresh
+        _carry_parent(store, catalog, plan, new, redone, scores)
+    for result, images in zip(results, batch_images):
+        _add_batch(store, staging, result, images, new)
+
+    images_all = pa.concat_tables(new.images) if new.images else IMAGES_SCHEMA.empty_table()
+    quarantine_all = pa.concat_tables(new.quarantine) if new.quarantine else QUARANTINE_SCHEMA.empty_table()
+    side = {"images": write_table(fs, f"{new.dir}/images.parquet", images_all),
+            "quarantine": write_table(fs, f"{new.dir}/quarantine.parquet", quarantine_all)}
+    if scores is not None:
+        side["scores"] = write_table(fs, f"{new.dir}/scores.parquet", scores)
+    manifest = {
+        "schema_version": shards.SCHEMA_VERSION,
+        "dataset": catalog.dataset,
+        "version": new.number,
+        "parent": plan.parent,
+        "created_at": _now(),
+        "note": note,
+        "catalog_path": catalog.path,
+        "catalog_hash": catalog.content_hash(),
+        "rules_hash": catalog.rules_hash(),
+        "detectors": chain_identity(catalog),
+        "counts": {**summarize_counts(images_all, quarantine_all, new.keep, new.reasons),
+                   "images_new": plan.new_items, "images_unchanged": plan.unchanged},
+        "shards": new.shards,
+        "tables": side,
+    }
+    if plan.relabel:
+        manifest["relabelled"] = plan.chain_change  # the parent's faces are not carried over
+    if new.round_from is not None:
+        manifest["round_weights_from"] = new.round_from  # the version whose folded scores.parquet was re-applied
+    write_atomic(fs, f"{new.dir}/{shards.MANIFEST}", json.dumps(manifest, indent=2).encode())  # the commit point
+    if fs.exists(staging):
+        fs.rm(staging, recursive=True)
+    return new.number
