@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 
 from pipeline import shards
-from pipeline.build import build, store_of
-from pipeline.catalog import load_catalog
+from pipeline.build import build
+from pipeline.catalog import load_catalog, store_of
 from pipeline.summary import version_summary
 from tests.badfiles import awkward_good_files, bad_files
 from tests.conftest import DATA, WILD, copy_images, write_catalog

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from pipeline import shards
-from pipeline.build import build, store_of
-from pipeline.catalog import load_catalog
+from pipeline.build import build
+from pipeline.catalog import load_catalog, store_of
 from tests.conftest import ROOT, WILD, copy_images, write_catalog
 
 BUILD = "import sys; from pipeline.build import build; from pipeline.catalog import load_catalog; build(load_catalog(sys.argv[1]))"

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline import shards
-from pipeline.build import store_of
-from pipeline.catalog import load_catalog
+from pipeline.catalog import load_catalog, store_of
 from tests.conftest import write_catalog
 
 

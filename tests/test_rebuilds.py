@@ -15,8 +15,8 @@ import yaml
 
 from pipeline import batch as batch_module
 from pipeline import shards
-from pipeline.build import build, store_of
-from pipeline.catalog import load_catalog
+from pipeline.build import build
+from pipeline.catalog import load_catalog, store_of
 from pipeline.quality import apply_rules
 from pipeline.shards import FEATURE_COLUMNS, SCORES_SCHEMA
 from pipeline.sources import list_items

@@ -19,8 +19,8 @@ import torch
 from fsspec.implementations.memory import MemoryFileSystem
 
 from pipeline import shards
-from pipeline.build import build, store_of
-from pipeline.catalog import CatalogError, load_catalog, parse_catalog
+from pipeline.build import build
+from pipeline.catalog import CatalogError, load_catalog, parse_catalog, store_of
 from tests.badfiles import face_jpeg
 from tests.conftest import ROOT, WILD, copy_images, write_catalog
 from tests.http_server import LocalServer

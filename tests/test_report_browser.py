@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from pipeline import shards
-from pipeline.build import build, store_of
-from pipeline.catalog import load_catalog
+from pipeline.build import build
+from pipeline.catalog import load_catalog, store_of
 from pipeline.report import render_report, write_report
 from tests.conftest import DATA, WILD, copy_images, write_catalog
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from pipeline import shards
-from pipeline.build import build, store_of
-from pipeline.catalog import load_catalog
+from pipeline.build import build
+from pipeline.catalog import load_catalog, store_of
 from tests.conftest import AFLW_DEV, DATA, MODELS, WILD, copy_images, write_catalog
 from trainer.config import TrainConfig
 from trainer.data import build_loader
