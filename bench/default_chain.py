@@ -24,8 +24,8 @@ import torch
 import yaml
 
 from common import emit, header
-from pipeline.build import build, store_of
-from pipeline.catalog import load_catalog
+from pipeline.build import build
+from pipeline.catalog import load_catalog, store_of
 from pipeline.decode import decode_image
 from pipeline.device_images import to_device
 from pipeline.gpu_decode import _nvjpeg, decode_device, nvjpeg_available
