@@ -87,7 +87,8 @@ class VerifierSpec(_Strict):
 
     weights: Path | None = None  # None: the verifier shipped with the package (pipeline/assets/verifier.pt)
     fuse: bool = True  # the face's label is the verifier-weighted fusion of the candidates (else the primary's)
-    tau_pct: float = Field(default=2.0, gt=0)  # softness of the per-point vote (pipeline/fusion.py)
+    # softness of the per-point vote (pipeline/fusion.py); None: the one the verifier was trained with
+    tau_pct: float | None = Field(default=None, gt=0)
 
 
 class DetectorChain(_Strict):

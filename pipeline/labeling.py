@@ -129,7 +129,7 @@ def _judge(chain: "Chain", faces: list[LabelledFace]) -> None:
     fused_all = []
     for face, cands, err in zip(faces, stacks, point_err):
         face.candidate_nme_pred = face_nme(torch.from_numpy(err)).numpy()
-        fused, weights = fuse(cands, err, chain.spec.verifier.tau_pct)
+        fused, weights = fuse(cands, err, chain.spec.verifier.tau_pct or verifier.tau_pct)
         face.fusion_weights = region_weights(weights)
         fused_all.append(fused)
     fused_err = verifier.score([inputs(f, fused[None]) for f, fused in zip(faces, fused_all)])

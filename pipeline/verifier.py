@@ -130,7 +130,8 @@ class Verifier:
     """The shipped verifier: the teacher's trunk (from the teacher weights) + the trained head."""
 
     def __init__(self, teacher_net: nn.Module, head: VerifierHead, *, device: torch.device | str = "cpu",
-                 batch_size: int = 256):
+                 batch_size: int = 256, tau_pct: float = 2.0):
+        self.tau_pct = tau_pct  # the fusion softness chosen when it was trained
         self.device = torch.device(device)
         self.trunk = teacher_net.eval().to(self.device)
         self.head = head.eval().to(self.device)
@@ -145,7 +146,8 @@ class Verifier:
         state = torch.load(path, map_location="cpu", weights_only=True)
         head = VerifierHead(**state["config"])
         head.load_state_dict(state["head"])
-        return cls(teacher_net, head, **kw)
+        tau = (state.get("meta", {}).get("report") or {}).get("tau_pct", 2.0)
+        return cls(teacher_net, head, tau_pct=tau, **kw)
 
     @torch.inference_mode()
     def maps(self, crops_rgb: np.ndarray) -> tuple[Tensor, Tensor]:

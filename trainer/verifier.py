@@ -37,7 +37,9 @@ PARTS = [list(range(17, 27)), list(range(36, 48)), list(range(27, 36)), list(ran
 
 @dataclass
 class VerifierTrainConfig:
-    epochs: int = 6
+    epochs: int = 15
+    feat: int = 48  # head size (pipeline.verifier.VerifierHead)
+    hidden: int = 96
     batch_faces: int = 48
     lr: float = 2e-3
     n_corrupt: int = 2  # corrupted labels per face and step
@@ -137,15 +139,23 @@ def corrupt(labels: Tensor, donors: Tensor, gen: torch.Generator) -> Tensor:
 
 
 def label_set(context: Tensor, gen: torch.Generator | None, n_corrupt: int) -> Tensor:
-    """[B, K, 68, 2] candidates -> [B, L, 68, 2] labels to learn from: the candidates, their median (a
-    fused label's kind), and `n_corrupt` corrupted copies of random candidates."""
+    """[B, K, 68, 2] candidates -> [B, L, 68, 2] labels to learn from: the candidates, their median and
+    a random per-region mixture of them (the kinds of label fusion makes), and `n_corrupt` corrupted
+    copies of random candidates."""
     b, k = context.shape[:2]
-    labels = [context[:, i] for i in range(k)] + [median_label(context)]
+    mix = torch.zeros(b, k, 68)
+    for ix in PARTS + [JAW]:
+        mix[:, :, ix] = torch.distributions.Dirichlet(torch.ones(k)).sample((b,))[:, :, None]
+    labels = [context[:, i] for i in range(k)] + [median_label(context), (mix[..., None] * context).sum(1)]
     for _ in range(n_corrupt):
         src = context[torch.arange(b), torch.randint(0, k, (b,), generator=gen)]
         donors = context[torch.randperm(b, generator=gen), 0]
         labels.append(corrupt(src, donors, gen))
     return torch.stack(labels, 1)
+
+
+def head_config(cfg: VerifierTrainConfig) -> dict:
+    return {"feat": cfg.feat, "hidden": cfg.hidden}
 
 
 def _run(head: VerifierHead, data: VerifierData, idx: Tensor, labels: Tensor, present: Tensor) -> Tensor:
@@ -157,7 +167,7 @@ def fit(data: VerifierData, idx: Tensor, cfg: VerifierTrainConfig) -> VerifierHe
     """Train a head on faces `idx`: per-point errors (log scale) and the face's NME."""
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    head = VerifierHead()
+    head = VerifierHead(**head_config(cfg))
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=1e-4)
     steps = cfg.epochs * math.ceil(len(idx) / cfg.batch_faces)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=steps)
@@ -288,14 +298,32 @@ def judge_labels(head: VerifierHead, data: VerifierData, idx: Tensor, tau: float
     return {"cand_points": cands, "cand_pred": pred, "fused": fused, "fused_pred": fused_pred}
 
 
-def cross_fitted_judgements(data: VerifierData, cfg: VerifierTrainConfig, tau: float) -> dict[str, Tensor]:
+def cross_fitted_judgements(data: VerifierData, heads: list[tuple[VerifierHead, Tensor]],
+                            tau: float) -> dict[str, Tensor]:
     """`judge_labels` for every face, each by the head of the fold that did not train on it."""
     out: dict[str, Tensor] = {}
-    for head, test_idx in cross_fit(data, cfg):
+    for head, test_idx in heads:
         part = judge_labels(head, data, test_idx, tau)
         for key, value in part.items():
             out.setdefault(key, torch.zeros(len(data.face_ids), *value.shape[1:]))[test_idx] = value
     return out
+
+
+TAUS_PCT = (0.25, 0.5, 1.0, 2.0, 4.0)
+
+
+def choose_tau(judged: dict[str, Tensor], nme_of, yaw: np.ndarray) -> tuple[float, dict]:
+    """The fusion softness with the lowest balanced NME of the fused labels on the (cross-fitted)
+    training faces, among those no yaw bin of which is worse than the first candidate's (the teacher)."""
+    teacher = _label_table(nme_of(judged["cand_points"][:, 0].numpy()), yaw)
+    tried = {}
+    for tau in TAUS_PCT:
+        w = np.stack([fusion_weights(p.numpy(), tau) for p in judged["cand_pred"]])
+        fused = (w[..., None] * judged["cand_points"].numpy()).sum(1)
+        tried[tau] = _label_table(nme_of(fused), yaw)
+    fair = [t for t in TAUS_PCT if all(f <= g for f, g in zip(tried[t]["bins"], teacher["bins"]))] or list(TAUS_PCT)
+    best = min(fair, key=lambda t: tried[t]["balanced"])
+    return best, {str(t): v for t, v in tried.items()}
 
 
 def calibrate_yaw_thresholds(pred_nme: np.ndarray, true_nme: np.ndarray, abs_yaw: np.ndarray, *,
@@ -376,17 +404,24 @@ def _bins(yaw):
 
 
 def train_verifier(store, version: int, teacher_net: torch.nn.Module, out_path, cfg: VerifierTrainConfig,
-                   tau: float) -> dict:
+                   tau: float | None = None) -> dict:
     """Cross-fitted report on the version's training faces with AFLW-21 references, the shipped head
     trained on all of them (with the rule's bounds calibrated on the cross-fitted predictions), and
     the shipped head judged on the evaluation split's 68-point references where the version has them."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    tau_from_data, tau = tau is None, tau or 2.0
     data, _ = load_faces(store, version, teacher_net, split="train", reference="aflw21")
     log.info("verifier: %d training faces with AFLW-21 references", len(data.face_ids))
-    judged = cross_fitted_judgements(data, cfg, tau)
+    heads = cross_fit(data, cfg)
     nme21 = lambda pts: np.asarray(measured_errors(torch.from_numpy(pts), data.ref21)[1])  # noqa: E731
     yaw, abs_yaw = data.yaw_ref.numpy(), np.abs(data.pose[:, 0].numpy())
+    judged = cross_fitted_judgements(data, heads, tau)
+    if tau_from_data:
+        tau, tried = choose_tau(judged, nme21, yaw)
+        log.info("fusion tau %.2f (balanced NME of the fused labels by tau: %s)", tau,
+                 {t: round(v["balanced"], 3) for t, v in tried.items()})
+        judged = cross_fitted_judgements(data, heads, tau)
     folds = fold_of(data.face_ids, cfg.folds)
     fused_pred_all = face_nme(judged["fused_pred"]).numpy()
     fused_nme_all = nme21(judged["fused"].numpy())
@@ -400,7 +435,8 @@ def train_verifier(store, version: int, teacher_net: torch.nn.Module, out_path, 
             keep_bounds[folds == k] = bounds
         return keep_bounds.mean(0)  # reported; the per-fold bounds decide below
 
-    report = {"faces": len(data.face_ids), "config": asdict(cfg), "tau_pct": tau, "version": version}
+    report = {"faces": len(data.face_ids), "config": asdict(cfg), "tau_pct": tau, "version": version,
+              "tau_tried": tried if tau_from_data else None}
     report["train_cross_fitted"] = judge_report(judged, nme21, yaw, abs_yaw, cross_validated_bounds)
     # The rule's outcome with per-fold bounds (the mean bounds above are for reading only).
     keep = np.zeros(len(folds), bool)
@@ -425,7 +461,7 @@ def train_verifier(store, version: int, teacher_net: torch.nn.Module, out_path, 
         report["eval_68"] = judge_report(judged_dev, nme68, dev.yaw_ref.numpy(), dev_abs_yaw,
                                          lambda pred, true: report["shipped_rule"]["max_by_yaw_bin"])
         report["eval_68"]["faces"] = len(dev.face_ids)
-    save_head(head, out_path, config={}, meta={"report": report, "context": list(CONTEXT)})
+    save_head(head, out_path, config=head_config(cfg), meta={"report": report, "context": list(CONTEXT)})
     return report
 
 
@@ -443,7 +479,6 @@ def train_verifier_for_catalog(catalog, out_path, cfg: VerifierTrainConfig, *, d
 
     version = shards.resolve_version(store, version)
     net = fused_for_inference(load_teacher_mobilenet(teacher.weights, weights_sha256=teacher.sha256))
-    tau = tau if tau is not None else (catalog.detectors.verifier.tau_pct if catalog.detectors.verifier else 2.0)
     return train_verifier(store, version, net, out_path, cfg, tau)
 
 
