@@ -26,3 +26,30 @@ def session(model: bytes | str, device: torch.device):
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # ORT's per-initializer warnings would drown the progress output
     return ort.InferenceSession(model, sess_options=opts, providers=providers_for(device))
+
+
+class OnnxRunner:
+    """One ONNX landmark network on either backend: `runner(x) -> first output as a host array`.
+
+    `torch`: the graph run in PyTorch on the device at `precision` (the GPU path, batched);
+    `onnxruntime`: an InferenceSession over the file, or over `session_model(path)` (a patched copy's
+    bytes, made only when this backend is used)."""
+
+    def __init__(self, path, device: torch.device, backend: str, precision: str, session_model=None):
+        from pipeline.device import autocast
+
+        self.device, self.backend, self.precision, self._autocast = device, backend, precision, autocast
+        if backend == "torch":
+            from pipeline.detect.onnx_torch import OnnxModule
+
+            self.net = OnnxModule(path).eval().to(device)
+        else:
+            self.session = session(session_model(path) if session_model is not None else str(path), device)
+            self.input_name = self.session.get_inputs()[0].name
+
+    def __call__(self, x):
+        if self.backend == "torch":
+            x = x if isinstance(x, torch.Tensor) else torch.from_numpy(x)
+            with torch.inference_mode(), self._autocast(self.device, self.precision):
+                return self.net(x.to(self.device))[0].float().cpu().numpy()
+        return self.session.run(None, {self.input_name: x})[0]

@@ -17,8 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.crops import roi_window
 from pipeline.detect.base import Landmarks
-from pipeline.detect.onnx_session import resolve_backend, session
-from pipeline.device import autocast, pick_device, resolve_precision
+from pipeline.detect.onnx_session import OnnxRunner, resolve_backend
+from pipeline.device import pick_device, resolve_precision
 from pipeline.device_images import as_numpy, crop_rois, is_tensor_batch
 from pipeline.weights import sha256_file, verified_path
 
@@ -87,20 +87,7 @@ class OpenSeeFaceLandmarker:
         self.device = pick_device(device)
         self.backend = resolve_backend(self.options.backend, self.device)
         self.precision = resolve_precision(precision, self.device, backend=self.backend)
-        if self.backend == "torch":
-            from pipeline.detect.onnx_torch import OnnxModule
-
-            self.net = OnnxModule(path).eval().to(self.device)
-        else:
-            self.session = session(str(path), self.device)
-            self.input_name = self.session.get_inputs()[0].name
-
-    def _run(self, x) -> np.ndarray:
-        if self.backend == "torch":
-            x = x if isinstance(x, torch.Tensor) else torch.from_numpy(x)
-            with torch.inference_mode(), autocast(self.device, self.precision):
-                return self.net(x.to(self.device))[0].float().cpu().numpy()
-        return self.session.run(None, {self.input_name: x})[0]
+        self._run = OnnxRunner(path, self.device, self.backend, self.precision, session_model=None)
 
     def _points(self, images: list, rois: list[tuple[int, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
         """68 image-pixel points and scores for each (image index, crop box)."""
