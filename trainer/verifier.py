@@ -16,6 +16,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -240,9 +241,9 @@ def load_faces(store, version: int, teacher_net: torch.nn.Module, *, split: str 
     column = "ref_points21" if reference == "aflw21" else "ref_landmarks"
     faces = shards.read_faces(store, version, columns=["face_id", "split", "source", "crop", "crop_affine",
                                                        "alt_landmarks", "pose", "ref_pose", column])
-    faces = faces.filter(pa_valid(faces, column))
+    faces = faces.filter(pc.is_valid(faces.column(column)))
     if split is not None:
-        faces = faces.filter(pa_equal(faces, "split", split))
+        faces = faces.filter(pc.equal(faces.column("split"), split))
     rows = faces.to_pylist()
     if not rows:
         raise ValueError(f"{store.dataset}@v{version} has no {split or ''} faces with {column}: build a catalog "
@@ -270,18 +271,6 @@ def load_faces(store, version: int, teacher_net: torch.nn.Module, *, split: str 
     data = VerifierData([r["face_id"] for r in rows], m30, m15, torch.from_numpy(context), torch.from_numpy(present),
                         torch.from_numpy(pose), torch.from_numpy(ref21), torch.from_numpy(ref_yaw))
     return data, {"ref68": refs if reference != "aflw21" else None, "source": [r["source"] for r in rows]}
-
-
-def pa_valid(table, column):
-    import pyarrow.compute as pc
-
-    return pc.is_valid(table.column(column))
-
-
-def pa_equal(table, column, value):
-    import pyarrow.compute as pc
-
-    return pc.equal(table.column(column), value)
 
 
 # --------------------------------------------------------------------------- judging the verifier
@@ -377,12 +366,20 @@ def _rule_outcome(keep: np.ndarray, nme: np.ndarray, yaw: np.ndarray) -> dict:
             "dropped_nme": float(nme[~keep].mean()) if (~keep).any() else None}
 
 
-def judge_report(judged: dict[str, Tensor], nme_of, yaw: np.ndarray, abs_yaw_teacher: np.ndarray,
-                 thresholds_for) -> dict:
+def rule_keeps(pred_nme: np.ndarray, abs_yaw: np.ndarray, bounds) -> np.ndarray:
+    """What `max_by_yaw_bin: bounds` keeps (pipeline.quality's rule; an unknown pose takes the loosest bound)."""
+    bins = yaw_bins(abs_yaw)
+    bound = np.asarray(bounds, np.float64)[np.maximum(bins, 0)]
+    bound[bins < 0] = max(bounds)
+    return pred_nme <= bound
+
+
+def judge_report(judged: dict[str, Tensor], nme_of, yaw: np.ndarray, rule) -> dict:
     """Candidates vs the fused label, the verifier's ROC-AUC, and the per-yaw-bin rule's outcome.
 
-    `nme_of(points [N, 68, 2]) -> [N]` measures against the references; `thresholds_for(fold or None)`
-    gives the rule's three bounds (the cross-fitted report calibrates them on the other folds)."""
+    `nme_of(points [N, 68, 2]) -> [N]` measures against the references; `rule(fused predicted NME,
+    fused measured NME) -> (keep, bounds)` decides the faces (the cross-fitted report fits each fold's
+    bounds on the other folds)."""
     out = {"candidates": {}}
     for k, name in enumerate(CONTEXT):
         nme = nme_of(judged["cand_points"][:, k].numpy())
@@ -393,14 +390,9 @@ def judge_report(judged: dict[str, Tensor], nme_of, yaw: np.ndarray, abs_yaw_tea
     fused_pred = face_nme(judged["fused_pred"]).numpy()
     out["fused"] = {**_label_table(fused_nme, yaw), "auc_8": roc_auc(fused_pred, fused_nme > 8),
                     "auc_5": roc_auc(fused_pred, fused_nme > 5)}
-    bounds = thresholds_for(fused_pred, fused_nme)
-    keep = fused_pred <= np.asarray(bounds)[np.maximum(_bins(abs_yaw_teacher), 0)]
+    keep, bounds = rule(fused_pred, fused_nme)
     out["rule"] = {"max_by_yaw_bin": [float(b) for b in bounds], **_rule_outcome(keep, fused_nme, yaw)}
     return out
-
-
-def _bins(yaw):
-    return yaw_bins(yaw)
 
 
 def train_verifier(store, version: int, teacher_net: torch.nn.Module, out_path, cfg: VerifierTrainConfig,
@@ -423,29 +415,23 @@ def train_verifier(store, version: int, teacher_net: torch.nn.Module, out_path, 
                  {t: round(v["balanced"], 3) for t, v in tried.items()})
         judged = cross_fitted_judgements(data, heads, tau)
     folds = fold_of(data.face_ids, cfg.folds)
-    fused_pred_all = face_nme(judged["fused_pred"]).numpy()
-    fused_nme_all = nme21(judged["fused"].numpy())
 
-    def cross_validated_bounds(pred, true):
-        # Each fold's bounds come from the other folds: the rule's outcome is measured on faces it was not fit on.
-        keep_bounds = np.zeros((len(pred), 3))
+    def cross_fitted_rule(pred, true):
+        # Each fold's bounds come from the other folds: the rule's outcome is measured on faces it was
+        # not fit on. The bounds reported are the folds' mean, for reading only.
+        keep, fold_bounds = np.zeros(len(pred), bool), []
         for k in range(cfg.folds):
-            other = folds != k
+            other, this = folds != k, folds == k
             bounds, _ = calibrate_yaw_thresholds(pred[other], true[other], abs_yaw[other])
-            keep_bounds[folds == k] = bounds
-        return keep_bounds.mean(0)  # reported; the per-fold bounds decide below
+            keep[this] = rule_keeps(pred[this], abs_yaw[this], bounds)
+            fold_bounds.append(bounds)
+        return keep, np.mean(fold_bounds, axis=0)
 
     report = {"faces": len(data.face_ids), "config": asdict(cfg), "tau_pct": tau, "version": version,
               "tau_tried": tried if tau_from_data else None}
-    report["train_cross_fitted"] = judge_report(judged, nme21, yaw, abs_yaw, cross_validated_bounds)
-    # The rule's outcome with per-fold bounds (the mean bounds above are for reading only).
-    keep = np.zeros(len(folds), bool)
-    for k in range(cfg.folds):
-        other = folds != k
-        bounds, _ = calibrate_yaw_thresholds(fused_pred_all[other], fused_nme_all[other], abs_yaw[other])
-        keep[folds == k] = fused_pred_all[folds == k] <= np.asarray(bounds)[np.maximum(_bins(abs_yaw[folds == k]), 0)]
-    report["train_cross_fitted"]["rule"].update(_rule_outcome(keep, fused_nme_all, yaw))
-    bounds, share = calibrate_yaw_thresholds(fused_pred_all, fused_nme_all, abs_yaw)
+    report["train_cross_fitted"] = judge_report(judged, nme21, yaw, cross_fitted_rule)
+    bounds, share = calibrate_yaw_thresholds(face_nme(judged["fused_pred"]).numpy(),
+                                             nme21(judged["fused"].numpy()), abs_yaw)
     report["shipped_rule"] = {"max_by_yaw_bin": [round(float(b), 2) for b in bounds], "good_kept_share": share}
 
     head = fit(data, torch.arange(len(data.face_ids)), cfg)
@@ -455,11 +441,10 @@ def train_verifier(store, version: int, teacher_net: torch.nn.Module, out_path, 
         dev = None
     if dev is not None:
         judged_dev = judge_labels(head, dev, torch.arange(len(dev.face_ids)), tau)
-        ref68 = torch.from_numpy(extra["ref68"]).numpy()
-        nme68 = lambda pts: nme_pct(pts, ref68)  # noqa: E731
+        shipped = report["shipped_rule"]["max_by_yaw_bin"]
         dev_abs_yaw = np.abs(dev.pose[:, 0].numpy())
-        report["eval_68"] = judge_report(judged_dev, nme68, dev.yaw_ref.numpy(), dev_abs_yaw,
-                                         lambda pred, true: report["shipped_rule"]["max_by_yaw_bin"])
+        report["eval_68"] = judge_report(judged_dev, lambda pts: nme_pct(pts, extra["ref68"]), dev.yaw_ref.numpy(),
+                                         lambda pred, true: (rule_keeps(pred, dev_abs_yaw, shipped), shipped))
         report["eval_68"]["faces"] = len(dev.face_ids)
     save_head(head, out_path, config=head_config(cfg), meta={"report": report, "context": list(CONTEXT)})
     return report
@@ -469,7 +454,6 @@ def train_verifier_for_catalog(catalog, out_path, cfg: VerifierTrainConfig, *, d
                               tau: float | None = None) -> dict:
     """The reproducible command: build the catalog's dataset in this process (candidates and references;
     nothing when it is up to date), then `train_verifier` on its latest (or the given) version."""
-
     teacher = next((s for s in catalog.detectors.landmarkers if s.name == "tddfa_mb05"), None)
     if teacher is None:
         raise ValueError("the verifier reads tddfa_mb05's features: the catalog's chain needs that landmarker")
