@@ -105,7 +105,7 @@ def _judge(chain: "Chain", faces: list[LabelledFace]) -> None:
     """Candidates -> verifier scores -> the fused label, for every face of the call in two batched
     verifier passes (the candidates, then the fused labels)."""
     from pipeline.crops import apply_affine
-    from pipeline.fusion import fuse, region_weights
+    from pipeline.fusion import fuse, region_weights, voters
     from pipeline.verifier import CONTEXT, VerifierInputs, face_nme
 
     verifier = chain.verifier
@@ -129,7 +129,8 @@ def _judge(chain: "Chain", faces: list[LabelledFace]) -> None:
     fused_all = []
     for face, cands, err in zip(faces, stacks, point_err):
         face.candidate_nme_pred = face_nme(torch.from_numpy(err)).numpy()
-        fused, weights = fuse(cands, err, chain.spec.verifier.tau_pct or verifier.tau_pct)
+        fused, weights = fuse(cands, err, chain.spec.verifier.tau_pct or verifier.tau_pct,
+                              voters([name for name, _ in face.candidates]))
         face.fusion_weights = region_weights(weights)
         fused_all.append(fused)
     fused_err = verifier.score([inputs(f, fused[None]) for f, fused in zip(faces, fused_all)])
@@ -148,21 +149,31 @@ def _mirror_boxes(boxes: np.ndarray, width: int) -> np.ndarray:
     return out
 
 
-def label_images(chain: Chain, images: list, pre_cropped: list[bool]) -> list[list[LabelledFace]]:
+def label_images(chain: Chain, images: list, pre_cropped: list[bool],
+                 boxes: list[np.ndarray | None] | None = None) -> list[list[LabelledFace]]:
     """Faces with labels for each image; batched across all images of the call.
 
     `images` are host arrays (the CPU path) or device tensors (the GPU path, `device_images`); the
     same steps run on either, and only the finished crops and points come back to the host.
+    `boxes[i]`, when given (an (n_i, 4) array of face boxes in image px), replaces detection (and the
+    pre-cropped box) for image i, one face per box with score 1: evaluation labels the reference's
+    face this way (trainer/evaluate.py). None, or a None entry, detects as usual.
     """
     sizes = [image_hw(img) for img in images]
+    given = boxes if boxes is not None else [None] * len(images)
+    if len(given) != len(images):
+        raise ValueError(f"boxes: {len(given)} entries for {len(images)} images")
     # 1. Boxes: one detector call over every image that needs detection.
     boxes: list[list[FaceBox]] = [[] for _ in images]
-    need = [i for i, pc in enumerate(pre_cropped) if not pc]
+    need = [i for i, pc in enumerate(pre_cropped) if not pc and given[i] is None]
     if need:
         for i, found in zip(need, chain.face_detector([images[i] for i in need])):
             boxes[i] = list(found)
     for i, pc in enumerate(pre_cropped):
-        if pc:
+        if given[i] is not None:
+            boxes[i] = [FaceBox(bbox=np.asarray(b, np.float32), score=1.0)
+                        for b in np.asarray(given[i], np.float32).reshape(-1, 4)]
+        elif pc:
             h, w = sizes[i]
             boxes[i] = [FaceBox(bbox=box_from_full_crop(w, h), score=1.0)]
     box_arrays = [np.array([b.bbox for b in bs], dtype=np.float32).reshape(-1, 4) for bs in boxes]

@@ -66,6 +66,7 @@ def chain_identity(catalog: Catalog) -> list[dict]:
     out = [dict(d, weights_sha256=(s.sha256 or KNOWN_SHA256.get(str(d["weights"]).rsplit("/", 1)[-1])))
            for d, s in zip(chain.identity(), [catalog.detectors.face, *catalog.detectors.landmarkers])]
     if catalog.detectors.verifier is not None:  # its weights decide the labels as much as a landmarker's
+        from pipeline.fusion import FUSION_RULE
         from pipeline.verifier import SHIPPED_WEIGHTS
         from pipeline.weights import sha256_file
 
@@ -73,7 +74,7 @@ def chain_identity(catalog: Catalog) -> list[dict]:
         path = spec.weights or SHIPPED_WEIGHTS
         out.append({"role": "verifier", "name": "verifier", "weights": str(path),
                     "weights_sha256": sha256_file(path) if Path(path).is_file() else None,
-                    "fuse": spec.fuse, "tau_pct": spec.tau_pct})
+                    "fuse": spec.fuse, "tau_pct": spec.tau_pct, "fusion": FUSION_RULE})
     return out
 
 
@@ -85,7 +86,7 @@ def chain_change(old: list[dict] | None, new: list[dict]) -> str:
 
     def key(d):  # the digest identifies the weights; the path only where no digest is known
         return (d.get("role"), d.get("name"), d.get("weights_sha256") or d.get("weights"), d.get("fuse"),
-                d.get("tau_pct"))
+                d.get("tau_pct"), d.get("fusion"))
 
     if [key(d) for d in old] == [key(d) for d in new]:
         return ""
@@ -93,6 +94,8 @@ def chain_change(old: list[dict] | None, new: list[dict]) -> str:
     for a, b in zip(old, new):
         if (a.get("role"), a.get("name")) != (b.get("role"), b.get("name")):
             changes.append(f"{a.get('role')} {a.get('name')} -> {b.get('name')}")
+        elif a.get("fusion") != b.get("fusion"):
+            changes.append(f"fusion rule {a.get('fusion')} -> {b.get('fusion')}")
         elif key(a) != key(b):
             short = lambda d: str(d.get("weights_sha256") or d.get("weights"))[:12]  # noqa: E731
             changes.append(f"{b.get('name')} weights: {short(a)} -> {short(b)}")

@@ -76,6 +76,24 @@ def test_fusion_is_a_per_point_soft_vote():
     assert region_weights(w).shape == (3, 5)
 
 
+def test_only_3d_contour_candidates_vote_on_the_jaw():
+    from pipeline.fusion import JAW, fuse, voters
+
+    names = ["tddfa_mb05", "tddfa_mb05.flip", "peppa68", "openseeface", "student:r1"]
+    mask = voters(names)
+    assert mask[[0, 1, 4]].all()  # 3DMM fits vote everywhere
+    assert not mask[2:4][:, JAW].any() and mask[2:4][:, 17:].all()  # 2D landmarkers: not on the jaw
+    assert voters(["peppa68", "openseeface"]).all()  # no 3D candidate: everyone votes rather than no one
+    rng = np.random.default_rng(1)
+    cands = rng.uniform(20, 100, (4, 68, 2)).astype(np.float32)
+    err = np.full((4, 68), 5.0)
+    err[2] = 0.5  # Peppa predicted best everywhere: it wins every point but the jaw's
+    fused, w = fuse(cands, err, tau=1.0, may_vote=voters(names[:4]))
+    np.testing.assert_allclose(fused[JAW], (cands[0, JAW] + cands[1, JAW]) / 2, atol=1e-4)
+    np.testing.assert_allclose(w[2, 17:], np.exp(-0.5) / (np.exp(-0.5) + 3 * np.exp(-5.0)), rtol=1e-5)
+    assert w[2:, JAW].max() == 0.0
+
+
 def test_rule_bounds_per_yaw_bin():
     from pipeline.catalog import DropRule, Rules
     from pipeline.quality import apply_rules

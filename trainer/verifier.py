@@ -24,7 +24,7 @@ from torch import Tensor
 from pipeline import shards
 from pipeline.build import build
 from pipeline.catalog import store_for_ref
-from pipeline.fusion import fusion_weights
+from pipeline.fusion import fusion_weights, voters
 from pipeline.landmarks import nme_pct, roc_auc, yaw_bins
 from pipeline.mobilenet import fused_for_inference, load_teacher_mobilenet
 from pipeline.references import AFLW21_FROM_68, aflw21_from_68
@@ -33,6 +33,7 @@ from pipeline.verifier import CONTEXT, VerifierHead, face_nme, group_matrix, pre
 log = logging.getLogger(__name__)
 
 JAW = list(range(17))
+JAW_VOTERS = voters(CONTEXT)  # the candidates are in CONTEXT order: 2D landmarkers do not vote on the jaw
 PARTS = [list(range(17, 27)), list(range(36, 48)), list(range(27, 36)), list(range(48, 68))]  # brows eyes nose mouth
 
 
@@ -281,7 +282,7 @@ def judge_labels(head: VerifierHead, data: VerifierData, idx: Tensor, tau: float
     cands = data.context[idx]
     pred = predict(head, data, idx, cands)  # [n, K, 68]
     pred = torch.where(data.present[idx][..., None], pred, torch.full_like(pred, 1e3))  # absent: never chosen
-    w = torch.from_numpy(np.stack([fusion_weights(p.numpy(), tau) for p in pred]))  # [n, K, 68]
+    w = torch.from_numpy(np.stack([fusion_weights(p.numpy(), tau, JAW_VOTERS) for p in pred]))  # [n, K, 68]
     fused = (w[..., None] * cands).sum(1)
     fused_pred = predict(head, data, idx, fused[:, None])[:, 0]
     return {"cand_points": cands, "cand_pred": pred, "fused": fused, "fused_pred": fused_pred}
@@ -307,7 +308,7 @@ def choose_tau(judged: dict[str, Tensor], nme_of, yaw: np.ndarray) -> tuple[floa
     teacher = _label_table(nme_of(judged["cand_points"][:, 0].numpy()), yaw)
     tried = {}
     for tau in TAUS_PCT:
-        w = np.stack([fusion_weights(p.numpy(), tau) for p in judged["cand_pred"]])
+        w = np.stack([fusion_weights(p.numpy(), tau, JAW_VOTERS) for p in judged["cand_pred"]])
         fused = (w[..., None] * judged["cand_points"].numpy()).sum(1)
         tried[tau] = _label_table(nme_of(fused), yaw)
     fair = [t for t in TAUS_PCT if all(f <= g for f, g in zip(tried[t]["bins"], teacher["bins"]))] or list(TAUS_PCT)

@@ -21,6 +21,10 @@ class Entry(NamedTuple):
     cls: str
     options: str  # the module's pydantic options model
     needs_weights: bool = True  # False: it finds its own weights (a hub cache, a model pack)
+    # Which jaw contour its 68 points follow: "3d" for a 3DMM fit (the projected contour of the 3D
+    # face, AFLW2000-3D's and 300W-LP's convention), "2d" for a 2D landmarker (the visible outline,
+    # a different curve beyond ~30 degrees of yaw). pipeline.fusion lets only one kind vote on the jaw.
+    contour: str = "2d"
 
 
 FACE_DETECTORS: dict[str, Entry] = {
@@ -28,13 +32,25 @@ FACE_DETECTORS: dict[str, Entry] = {
     "faceboxes": Entry("pipeline.detect.faceboxes", "FaceBoxesDetector", "FaceBoxesOptions"),
 }
 LANDMARKERS: dict[str, Entry] = {
-    "tddfa_mb05": Entry("pipeline.detect.tddfa", "TDDFALandmarker", "TDDFAOptions"),
+    "tddfa_mb05": Entry("pipeline.detect.tddfa", "TDDFALandmarker", "TDDFAOptions", contour="3d"),
     "peppa68": Entry("pipeline.detect.peppa", "PeppaLandmarker", "PeppaOptions"),
     "openseeface": Entry("pipeline.detect.openseeface", "OpenSeeFaceLandmarker", "OpenSeeFaceOptions"),
     "fan": Entry("pipeline.detect.fan", "FanLandmarker", "FanOptions", needs_weights=False),
     "insightface68": Entry("pipeline.detect.insightface68", "Insightface68Landmarker", "Insightface68Options",
                            needs_weights=False),
 }
+
+
+STUDENT_PREFIX = "student"  # a trainer round's model as a candidate ("student:r1"): a 3DMM fit too
+
+
+def contour_convention(candidate: str) -> str:
+    """'3d' or '2d' for a candidate label's name: a landmarker, its mirrored pass ('tddfa_mb05.flip'),
+    or a trainer round's student; unknown names count as '2d'."""
+    if candidate.startswith(STUDENT_PREFIX):
+        return "3d"
+    entry = LANDMARKERS.get(candidate.split(".", 1)[0])
+    return entry.contour if entry is not None else "2d"
 
 
 def known_names() -> list[str]:
