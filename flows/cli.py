@@ -173,11 +173,16 @@ def cmd_round(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from flows.catalog import load_catalog
-    from trainer.evaluate import evaluate_checkpoint, format_result, write_result
+    from trainer.evaluate import evaluate_checkpoint, format_comparison, format_result, write_result
 
+    maps = tuple(m.strip() for m in args.maps.split(",") if m.strip())
     result = evaluate_checkpoint(load_catalog(args.catalog).detectors, args.checkpoint, args.data,
-                                 crops=args.crops, limit=args.limit, device=args.device)
+                                 crops=args.crops, limit=args.limit, device=args.device, maps=maps,
+                                 baseline=args.baseline, resamples=args.resamples, seed=args.seed)
     print(format_result(result, f"{args.checkpoint} on {args.data}"))
+    if args.baseline:
+        print(format_result(result["baseline"], f"baseline {args.baseline}"))
+        print(format_comparison(result))
     if args.json:
         print(f"wrote {write_result(result, args.json)}")
     return 0
@@ -327,6 +332,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crops", choices=["gt", "detector", "both"], default="both")
     p.add_argument("--limit", type=int, default=None, help="first N images only")
     p.add_argument("--device", default="auto")
+    p.add_argument("--maps", "--map", dest="maps", default="fused",
+                   help="a student's landmark map(s), comma-separated, one evaluation each: fused (the "
+                        "curation chain's label), teacher (the teacher's points), zero (blank), shuffled "
+                        "(another image's fused points); the first one is compared with --baseline")
+    p.add_argument("--baseline", default=None,
+                   help="'teacher', 'untrained' or a path: evaluated on the same faces, with the paired "
+                        "bootstrap 95%% interval of (checkpoint - baseline) per protocol")
+    p.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and the shuffled map")
     p.add_argument("--json", default=None, help="write the full result (tables, CED, per image) here")
     p.set_defaults(fn=cmd_evaluate)
 

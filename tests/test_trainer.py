@@ -175,7 +175,10 @@ def test_evaluate_prints_the_same_table_for_teacher_and_untrained_model(tmp_path
         assert main(["evaluate", "--checkpoint", which, "--data", str(DATA / "aflw2000-dev"), "--limit", "16",
                      "--json", str(out), "--device", "cpu"]) == 0
         printed = capsys.readouterr().out
-        tables[which] = [line for line in printed.splitlines() if line.strip().startswith(("gt", "detector"))]
+        # Each row: crops, map (the teacher has none, the student the chain's fused label), numbers.
+        rows = [line.split() for line in printed.splitlines() if line.strip().startswith(("gt", "detector"))]
+        assert [r[1] for r in rows] == (["-", "-"] if which == "teacher" else ["fused", "fused"])
+        tables[which] = [r[:1] + r[2:] for r in rows]
         result = json.loads(out.read_text())
         assert result["protocols"]["gt"]["found"] == 16 and 2.0 < result["protocols"]["gt"]["balanced"] < 6.0
     assert len(tables["teacher"]) == 2 and tables["teacher"] == tables["untrained"]
