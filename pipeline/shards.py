@@ -70,6 +70,11 @@ FACES_SCHEMA = pa.schema(
         pa.field("ref_params", _fixed(62)),  # reference 3DMM params in the crop's frame
         pa.field("ref_pose", _fixed(3)),
         pa.field("ref_points21", _fixed(42)),  # AFLW's 21 reference points (x0, y0, ...; NaN: not annotated)
+        # A trainer round replaced the label (pipeline/rounds.py apply_relabels): which round, and why.
+        # Added after schema v2 was pinned, as nullable columns that read as null where a shard predates
+        # them (`conform_faces`), not as a schema bump: the plan re-labels every image on a bump.
+        pa.field("relabel_round", pa.int32()),
+        pa.field("relabel_reason", pa.string()),
     ]
 )
 
@@ -131,8 +136,40 @@ SCORES_SCHEMA = pa.schema(
         pa.field("critic_score", pa.float32(), nullable=False),
         pa.field("landmark_residual", pa.float32(), nullable=False),
         pa.field("new_weight", pa.float32(), nullable=False),
+        # The round's relabelling (trainer/rescore.py), all nullable: older scores files lack them
+        # (`conform_scores`), and a chain without a verifier leaves all but the student's points null.
+        pa.field("student_landmarks", _fixed(136)),  # the student's points (pass 1), image pixels
+        pa.field("student_nme_pred", pa.float32()),  # the verifier's predicted NME of the student's points
+        pa.field("label_nme_pred", pa.float32()),  # ... of the face's current label (same crop, same pass)
+        # ... of each candidate the round judged: the row's candidates (without earlier students), then the student
+        pa.field("candidate_nme_pred", pa.list_(pa.float32())),
+        pa.field("relabel_landmarks", _fixed(136)),  # the proposed new label, image pixels; null: no change
+        pa.field("relabel_nme_pred", pa.float32()),
+        pa.field("relabel_source", pa.string()),  # the new label's label_source, e.g. "fused+student:r1"
+        pa.field("relabel_reason", pa.string()),  # e.g. "fused with student:r1: predicted NME 5.10% -> 4.60%"
+        pa.field("relabel_fusion_weights", pa.list_(_fixed(5))),  # the new label's per-candidate region weights
     ]
 )
+
+
+def _conform(table: pa.Table, schema: pa.Schema, what: str) -> pa.Table:
+    """`table` in `schema`: nullable columns it lacks (written before they existed) read as null."""
+    for f in schema:
+        if f.name not in table.column_names:
+            if not f.nullable:
+                raise ValueError(f"{what}: column {f.name!r} is missing")
+            table = table.append_column(f, pa.nulls(table.num_rows, f.type))
+    return table.select(schema.names).cast(schema)
+
+
+def conform_scores(table: pa.Table) -> pa.Table:
+    """A scores table in today's SCORES_SCHEMA (older files lack the relabelling columns)."""
+    return _conform(table, SCORES_SCHEMA, "scores table")
+
+
+def conform_faces(table: pa.Table) -> pa.Table:
+    """A faces table in today's FACES_SCHEMA (shards written before `relabel_round` lack it)."""
+    return _conform(table, FACES_SCHEMA, "faces table")
 
 
 # ------------------------------------------------------------------------------------------ paths
@@ -323,11 +360,25 @@ def read_faces(store: Store, version: int | None = None, columns: list[str] | No
     tables = []
     for shard in manifest["shards"]:
         with store.fs.open(f"{vdir}/{shard['file']}", "rb") as f:
-            tables.append(pq.read_table(f, columns=columns, filters=filters))
+            tables.append(_read_shard(f, columns, filters))
     if not tables:
         schema = FACES_SCHEMA if columns is None else pa.schema([FACES_SCHEMA.field(c) for c in columns])
         return schema.empty_table()
-    return pa.concat_tables(tables)
+    # Shards linked from a parent may predate a nullable column: the union, missing values null.
+    return pa.concat_tables(tables, promote_options="default")
+
+
+def _read_shard(f, columns: list[str] | None, filters) -> pa.Table:
+    """One shard; asked-for FACES_SCHEMA columns the shard predates come back as nulls."""
+    if columns is None:
+        return pq.read_table(f, filters=filters)
+    names = set(pq.ParquetFile(f).schema_arrow.names)
+    f.seek(0)
+    absent = [c for c in columns if c not in names and c in FACES_SCHEMA.names and FACES_SCHEMA.field(c).nullable]
+    table = pq.read_table(f, columns=[c for c in columns if c not in absent], filters=filters)  # others: its error
+    for c in absent:
+        table = table.append_column(FACES_SCHEMA.field(c), pa.nulls(table.num_rows, FACES_SCHEMA.field(c).type))
+    return table.select(columns)
 
 
 def faces_schema(store: Store, version: int | None = None) -> pa.Schema:

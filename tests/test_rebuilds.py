@@ -48,10 +48,10 @@ def test_a_rules_only_rebuild_keeps_the_folded_round_weights(tmp_path):
     v1 = _faces(catalog, 1)
     new_weight = np.full(len(v1), 0.5, np.float32)
     new_weight[0] = 0.05
-    scores = pa.Table.from_pydict({
-        "face_id": v1.face_id.tolist(), "round": [1] * len(v1), "model_sha256": ["x" * 64] * len(v1),
-        "cycle_error": [1.0] * len(v1), "critic_score": [0.5] * len(v1), "landmark_residual": [1.0] * len(v1),
-        "new_weight": new_weight.tolist()}, schema=SCORES_SCHEMA)
+    scores = pa.Table.from_pylist([  # the round's columns only: the relabelling ones read as null
+        {"face_id": f, "round": 1, "model_sha256": "x" * 64, "cycle_error": 1.0, "critic_score": 0.5,
+         "landmark_residual": 1.0, "new_weight": float(w)} for f, w in zip(v1.face_id, new_weight)],
+        schema=SCORES_SCHEMA)
     assert build(catalog, scores=scores, scores_for_version=1)[0] == 2
     _edit(path, lambda d: d["rules"].update(min_weight=0.5))  # a weight rule changes, no image does
     changed = load_catalog(path)
