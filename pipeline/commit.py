@@ -38,7 +38,7 @@ def _round_in_effect(store: Store, version: int) -> tuple[int | None, pa.Table |
     while version is not None:
         manifest = shards.read_manifest(store, version)
         if "scores" in manifest.get("tables", {}):
-            return version, shards.read_side_table(store, version, "scores")
+            return version, shards.conform_scores(shards.read_side_table(store, version, "scores"))
         if manifest.get("relabelled"):
             return None, None
         version = manifest.get("parent")
@@ -78,6 +78,7 @@ class _Version:
     reasons: list[str | None] = field(default_factory=list)
     seen_ids: set[str] = field(default_factory=set)  # images whose faces it holds
     round_from: int | None = None
+    relabelled: int = 0  # faces whose label a folded round changed (vs the parent's label)
 
     def add_faces(self, table: pa.Table) -> None:
         self.keep += table.column("keep").to_pylist()
@@ -115,7 +116,12 @@ def _carry_parent(store: Store, catalog: Catalog, plan: BuildPlan, new: _Version
     for i, entry in enumerate(shards.read_manifest(store, plan.parent)["shards"]):
         src = f"{pdir}/{entry['file']}"
         if rewrite:
-            table = read_table_file(fs, src)
+            table = shards.conform_faces(read_table_file(fs, src))
+            if fold is not None:  # new labels first: the rules then judge the label the version will hold
+                from pipeline.rounds import apply_relabels
+
+                table, changed = apply_relabels(table, fold)
+                new.relabelled += changed
             table = with_decisions(table, decide(table, catalog.rules))
             if fold is not None:
                 from pipeline.rounds import fold_scores
@@ -172,6 +178,8 @@ def commit_version(catalog: Catalog, plan: BuildPlan, results: Iterable[BatchRes
     """
     store = store_of(catalog)
     fs = store.fs
+    if scores is not None:
+        scores = shards.conform_scores(scores)  # a file written before the relabelling columns
     latest = shards.latest_version(store)
     if latest != plan.parent:
         raise RuntimeError(f"{catalog.dataset}: v{latest} landed after this build was planned on v{plan.parent}; rerun")
@@ -213,12 +221,15 @@ def commit_version(catalog: Catalog, plan: BuildPlan, results: Iterable[BatchRes
         "rules_hash": catalog.rules_hash(),
         "detectors": chain_identity(catalog),
         "counts": {**summarize_counts(images_all, quarantine_all, new.keep, new.reasons),
-                   "images_new": plan.new_items, "images_unchanged": plan.unchanged},
+                   "images_new": plan.new_items, "images_unchanged": plan.unchanged,
+                   "faces_relabelled": new.relabelled},
         "shards": new.shards,
         "tables": side,
     }
     if plan.relabel:
         manifest["relabelled"] = plan.chain_change  # the parent's faces are not carried over
+    if scores is not None and scores.num_rows:
+        manifest["round_folded"] = sorted(pc.unique(scores.column("round")).to_pylist())  # the rounds it folds
     if new.round_from is not None:
         manifest["round_weights_from"] = new.round_from  # the version whose folded scores.parquet was re-applied
     write_atomic(fs, f"{new.dir}/{shards.MANIFEST}", json.dumps(manifest, indent=2).encode())  # the commit point

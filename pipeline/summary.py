@@ -137,6 +137,10 @@ def format_summary(summary: dict) -> str:
         f"  faces: {c['faces']} found in {c['images_with_faces']} images ({c['images_without_faces']} images with none); "
         f"kept {c['faces_kept']} ({summary['kept_fraction']:.1%}), dropped {c['faces_dropped']}",
     ]
+    if m.get("round_folded"):  # a trainer round's scores were folded into this version
+        rounds = ", ".join(f"r{r}" for r in m["round_folded"])
+        lines.append(f"  trainer round {rounds} folded: {c.get('faces_relabelled', 0)} faces relabelled "
+                     f"(their label_source says by what, relabel_reason why)")
     if c["quarantine_reasons"]:
         lines.append("  quarantine: " + ", ".join(f"{k} {v}" for k, v in sorted(c["quarantine_reasons"].items())))
     if c["drop_reasons"]:
