@@ -1,6 +1,10 @@
 """Rescoring: a trained model re-reads every face of a version and scores how much to trust its label.
 
 Per face: landmark residual (model vs pseudo-label), cycle error (2DASL's 2D->3D->2D cycle), critic score.
+Where the dataset's detector chain has a verifier, the round also relabels: the student's points join
+the face's candidates, the verifier judges them all, and when their fusion is predicted better than
+the current label by a margin the scores propose it as the face's new label (`Relabeller`); the next
+version takes it (pipeline/rounds.py `apply_relabels`).
 """
 
 from __future__ import annotations
@@ -15,9 +19,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.landmarks import roc_auc  # noqa: F401 - the metric lives with the other metrics
-from pipeline.crops import CROP_SIZE, apply_affine
+from dataclasses import dataclass
+
+from pipeline.catalog import DetectorChain
+from pipeline.crops import CROP_SIZE, apply_affine, invert_affine
 from pipeline.landmarks import nme_pct
-from pipeline.shards import SCORES_SCHEMA, Store, iter_face_batches, read_faces, resolve_version, write_table
+from pipeline.rounds import STUDENT_PREFIX, student_name
+from pipeline.shards import (SCORES_SCHEMA, Store, conform_scores, faces_schema, iter_face_batches, read_faces,
+                             resolve_version, write_table)
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +47,16 @@ RESIDUAL_SCALE_PCT = 4.0
 # the first default) for a critic that has shown it can tell.
 CRITIC_OK = 0.5
 CRITIC_FLOOR = 1.0
+
+# Relabelling: a proposed label replaces the current one only when the verifier predicts it better by
+# at least RELABEL_MIN_GAIN_PCT points of NME and by RELABEL_MIN_GAIN_REL of the current prediction.
+# The absolute floor is above the prediction's own noise: the same label re-judged on the stored JPEG
+# crop (the build judged the crop before encoding) moves by 0.016 points median, 0.056 at the 95th
+# percentile and 0.095 at most (200 wild crops, the bundled chain), so a smaller gain is noise. The
+# relative part keeps a label the verifier already finds poor from flipping to a near-equal one:
+# every change costs the next round a moving target.
+RELABEL_MIN_GAIN_PCT = 0.1
+RELABEL_MIN_GAIN_REL = 0.03
 
 
 def combine(residual_pct: np.ndarray, cycle_pct: np.ndarray, critic: np.ndarray, *,
@@ -77,7 +96,8 @@ def _decode_crops(blobs: list[bytes], face_ids: list[str]) -> tuple[np.ndarray, 
 
 
 def score_batch(predictor, crops_rgb: np.ndarray, pseudo_crop: np.ndarray) -> dict[str, np.ndarray]:
-    """The three raw scores for one batch: crops [B,120,120,3] RGB, pseudo-labels [B,68,2] crop px.
+    """The three raw scores (and pass 1's points) for one batch: crops [B,120,120,3] RGB, pseudo-labels
+    [B,68,2] crop px.
 
     Pass 1 draws the pseudo-label's map (what the trainer fed); its points Y give the residual.
     Pass 2 draws Y's map on the same crop (2DASL's cycle); its points X̂ vs the pseudo-label give the
@@ -90,21 +110,132 @@ def score_batch(predictor, crops_rgb: np.ndarray, pseudo_crop: np.ndarray) -> di
         "landmark_residual": np.asarray(nme_pct(points_y, pseudo_crop), dtype=np.float32),
         "cycle_error": np.asarray(nme_pct(points_x_hat, pseudo_crop), dtype=np.float32),
         "critic_score": np.asarray(predictor.critic_score(crops_rgb, params_1), dtype=np.float32),
+        "points": np.asarray(points_y, dtype=np.float32),  # the student's points, crop px
     }
 
 
-def rescore(predictor, store: Store, version: int, *, round_index: int, batch_size: int = 128) -> pa.Table:
+def _to_image(points_crop: np.ndarray, affines: np.ndarray) -> np.ndarray:
+    """[B, 68, 2] crop px -> image px, each face through the inverse of its own crop affine."""
+    return np.stack([apply_affine(p, invert_affine(a)) for p, a in zip(points_crop, affines)]) if len(points_crop) \
+        else np.zeros((0, 68, 2), np.float32)
+
+
+@dataclass
+class Relabeller:
+    """The chain's verifier judging the student as one more candidate: proposes new labels.
+
+    `fuse` follows the chain: a chain whose labels are fusions proposes the fusion of the face's
+    candidates with the student (the student as an extra candidate, the chain's tau); a chain that
+    keeps one candidate's points as the label proposes the student's own points."""
+
+    verifier: object  # pipeline.verifier.Verifier
+    tau_pct: float
+    fuse: bool
+    min_gain_pct: float = RELABEL_MIN_GAIN_PCT
+    min_gain_rel: float = RELABEL_MIN_GAIN_REL
+
+    @classmethod
+    def for_chain(cls, chain: DetectorChain | None) -> "Relabeller | None":
+        """The relabeller of a catalog's chain, or None when the chain has no verifier (no relabelling)."""
+        if chain is None or chain.verifier is None:
+            return None
+        from pipeline.labeling import get_chain  # the build's chain: the verifier over its tddfa_mb05 network
+
+        verifier = get_chain(chain).verifier
+        return cls(verifier, chain.verifier.tau_pct or verifier.tau_pct, chain.verifier.fuse)
+
+    def judge(self, crops: np.ndarray, ok: np.ndarray, labels: np.ndarray, candidates: list[list[tuple[str, np.ndarray]]],
+              student: np.ndarray, poses: np.ndarray, round_index: int) -> dict[str, list]:
+        """One batch, crop px throughout: crops [B,120,120,3], ok [B] (decoded), labels [B,68,2] the current
+        labels, candidates per face [(name, [68,2])] (earlier students left out), student [B,68,2], poses
+        [B,3]. Returns per-face lists (None where a face is not judged) for the relabelling columns."""
+        import torch
+
+        from pipeline.fusion import fuse, fusion_weights, region_weights, voters
+        from pipeline.verifier import CONTEXT, VerifierInputs, face_nme
+
+        n = len(labels)
+        out = {k: [None] * n for k in ("student_nme_pred", "label_nme_pred", "candidate_nme_pred", "relabel_crop",
+                                       "relabel_nme_pred", "relabel_source", "relabel_reason", "relabel_fusion_weights")}
+        todo = [i for i in range(n) if ok[i] and candidates[i] and np.isfinite(student[i]).all()]
+        if not todo:
+            return out
+
+        def inputs(i: int, judged: np.ndarray) -> VerifierInputs:
+            by_name = dict(candidates[i])
+            context = np.stack([by_name.get(c, candidates[i][0][1]) for c in CONTEXT])
+            return VerifierInputs(crop_rgb=crops[i], labels=judged, context=context,
+                                  present=np.array([c in by_name for c in CONTEXT]), pose_deg=poses[i])
+
+        def face_nmes(errs: list[np.ndarray]) -> list[np.ndarray]:  # one call: face_nme builds its matrix per call
+            flat = face_nme(torch.from_numpy(np.concatenate(errs))).numpy().astype(np.float64)
+            return np.split(flat, np.cumsum([len(e) for e in errs])[:-1])
+
+        name = student_name(round_index)
+        stacks = {i: np.stack([p for _, p in candidates[i]] + [student[i]]) for i in todo}  # K candidates + student
+        errs = self.verifier.score([inputs(i, np.concatenate([stacks[i], labels[i][None]])) for i in todo])
+        proposals = {}
+        for i, err, nme in zip(todo, errs, face_nmes(errs)):
+            out["candidate_nme_pred"][i] = nme[:-1].tolist()
+            out["student_nme_pred"][i], out["label_nme_pred"][i] = float(nme[-2]), float(nme[-1])
+            if self.fuse:  # the build's fusion rule (who votes on the jaw), the student a 3DMM fit
+                fused, weights = fuse(stacks[i], err[:-1], self.tau_pct, voters([n for n, _ in candidates[i]] + [name]))
+                proposals[i] = (fused, region_weights(weights))
+            else:  # the label is one candidate's points: the student's own are the proposal
+                weights = np.zeros_like(fusion_weights(err[:-1], self.tau_pct))
+                weights[-1] = 1.0
+                proposals[i] = (student[i], region_weights(weights))
+        if self.fuse:
+            fused_errs = self.verifier.score([inputs(i, proposals[i][0][None]) for i in todo])
+            proposed_nme = {i: float(nme[0]) for i, nme in zip(todo, face_nmes(fused_errs))}
+        else:
+            proposed_nme = {i: out["student_nme_pred"][i] for i in todo}
+        source = f"fused+{name}" if self.fuse else name
+        for i in todo:
+            current, proposed = out["label_nme_pred"][i], proposed_nme[i]
+            if not (np.isfinite(current) and np.isfinite(proposed)):
+                continue
+            if current - proposed >= max(self.min_gain_pct, self.min_gain_rel * current):
+                out["relabel_crop"][i] = proposals[i][0]
+                out["relabel_nme_pred"][i] = proposed
+                out["relabel_source"][i] = source
+                out["relabel_fusion_weights"][i] = proposals[i][1].tolist()
+                out["relabel_reason"][i] = (f"{'fused with' if self.fuse else 'replaced by'} {name}: "
+                                            f"predicted NME {current:.2f}% -> {proposed:.2f}%")
+        return out
+
+
+def _candidates(alt_column: list, affines: np.ndarray) -> list[list[tuple[str, np.ndarray]]]:
+    """The rows' candidates in crop px, without earlier rounds' students (a face judges one student)."""
+    out = []
+    for alts, affine in zip(alt_column, affines):
+        out.append([(a["name"], apply_affine(np.asarray(a["points"], np.float32).reshape(68, 2), affine))
+                    for a in (alts or []) if not a["name"].startswith(STUDENT_PREFIX)])
+    return out
+
+
+def rescore(predictor, store: Store, version: int, *, round_index: int, batch_size: int = 128,
+            chain: DetectorChain | None = None) -> pa.Table:
     """Score EVERY face of `store`@`version` (streamed, never loaded whole) -> a SCORES_SCHEMA table.
 
     Dropped and eval faces are scored too: a later round may bring a dropped face back, and reports
-    compare scores against reference labels on eval faces.
+    compare scores against reference labels on eval faces. With the catalog's detector `chain` and a
+    verifier in it, faces are also judged for relabelling (`Relabeller`); a relabelled face's residual,
+    cycle error, critic score and new weight are those of its new label, which is what the next
+    version weighs. Without a verifier the relabelling columns stay null (the student's points aside).
     """
     if batch_size < 1:
         raise ValueError(f"rescore: batch_size={batch_size} must be >= 1")
     version = resolve_version(store, version)
+    relabeller = Relabeller.for_chain(chain)
+    if relabeller is not None and "alt_landmarks" not in faces_schema(store, version).names:
+        log.warning("%s@v%d has no candidate columns (shard schema v1): scored without relabelling",
+                    store.dataset, version)
+        relabeller = None
+    columns = _COLUMNS + (["alt_landmarks", "pose"] if relabeller is not None else [])
     parts: list[pa.Table] = []
-    started, n_faces = time.perf_counter(), 0
-    for batch in iter_face_batches(store, version, columns=_COLUMNS, batch_size=batch_size):
+    started, n_faces, n_relabelled = time.perf_counter(), 0, 0
+    for batch in iter_face_batches(store, version, columns=columns, batch_size=batch_size):
         n = batch.num_rows
         if n == 0:
             continue
@@ -114,9 +245,26 @@ def rescore(predictor, store: Store, version: int, *, round_index: int, batch_si
         affines = np.asarray(batch.column("crop_affine").to_pylist(), dtype=np.float32).reshape(n, 6)
         pseudo = apply_affine(points_img, affines)  # image px -> crop px, each face through its own affine
         raw = score_batch(predictor, crops, pseudo)
+        student = raw.pop("points")  # pass 1's points: the student's own label for the face
+        judged = {}
+        if relabeller is not None:
+            poses = np.asarray([p if p is not None else [np.nan] * 3 for p in batch.column("pose").to_pylist()],
+                               np.float32)
+            judged = relabeller.judge(crops, decoded, pseudo, _candidates(batch.column("alt_landmarks").to_pylist(),
+                                                                          affines), student, poses, round_index)
+            changed = [i for i in range(n) if judged["relabel_crop"][i] is not None]
+            if changed:  # score the new labels: the next version weighs them, not the ones they replace
+                again = score_batch(predictor, crops[changed], np.stack([judged["relabel_crop"][i] for i in changed]))
+                for key in ("landmark_residual", "cycle_error", "critic_score"):
+                    raw[key][changed] = again[key]
+                n_relabelled += len(changed)
         for key in ("landmark_residual", "cycle_error"):
             raw[key] = np.where(decoded, raw[key], np.nan).astype(np.float32)
         weight = combine(raw["landmark_residual"], raw["cycle_error"], raw["critic_score"])
+        student_img = _to_image(student, affines).reshape(n, 136)
+        relabel_img = [None if p is None else _to_image(p[None], affines[i:i + 1]).reshape(136)
+                       for i, p in enumerate(judged.get("relabel_crop", [None] * n))]
+        nothing = [None] * n
         parts.append(pa.table({
             "face_id": pa.array(face_ids, pa.string()),
             "round": pa.array(np.full(n, round_index, np.int32)),
@@ -125,12 +273,18 @@ def rescore(predictor, store: Store, version: int, *, round_index: int, batch_si
             "critic_score": pa.array(raw["critic_score"]),
             "landmark_residual": pa.array(raw["landmark_residual"]),
             "new_weight": pa.array(weight),
+            "student_landmarks": [row.tolist() if ok else None for row, ok in zip(student_img, decoded)],
+            **{key: judged.get(key, nothing) for key in ("student_nme_pred", "label_nme_pred", "candidate_nme_pred")},
+            "relabel_landmarks": [None if p is None else p.tolist() for p in relabel_img],
+            **{key: judged.get(key, nothing) for key in ("relabel_nme_pred", "relabel_source", "relabel_reason",
+                                                          "relabel_fusion_weights")},
         }, schema=SCORES_SCHEMA))
         n_faces += n
     table = pa.concat_tables(parts) if parts else SCORES_SCHEMA.empty_table()
     elapsed = time.perf_counter() - started
-    log.info("rescored %s@v%d round %d: %d faces in %.1fs (%.0f faces/s)", store.dataset, version, round_index,
-             n_faces, elapsed, n_faces / max(elapsed, 1e-9))
+    log.info("rescored %s@v%d round %d: %d faces in %.1fs (%.0f faces/s), %d relabelled%s", store.dataset, version,
+             round_index, n_faces, elapsed, n_faces / max(elapsed, 1e-9), n_relabelled,
+             "" if relabeller is not None else " (no verifier in the chain: no relabelling)")
     return table
 
 
@@ -156,17 +310,18 @@ def read_scores(store: Store, version: int, round_index: int) -> pa.Table:
         raise FileNotFoundError(f"no scores for {store.dataset}@v{version} round {round_index} at {path}: "
                                 "run rescoring first")
     with store.fs.open(path, "rb") as f:
-        return pq.read_table(f).cast(SCORES_SCHEMA)
+        return conform_scores(pq.read_table(f))  # files written before the relabelling columns read as null
 
 
 def rescore_version(store: Store, version: int | None, checkpoint: str, *, round_index: int,
-                    device: str = "auto") -> tuple[int, str, pa.Table]:
+                    device: str = "auto", chain: DetectorChain | None = None) -> tuple[int, str, pa.Table]:
     """Score every face of `store`@`version` (None: the latest) with `checkpoint` ('teacher' or a path)
-    and write the round's scores file; returns (version, scores path, scores table)."""
+    and write the round's scores file; returns (version, scores path, scores table). With the catalog's
+    detector `chain` (and a verifier in it) the scores also propose new labels."""
     from trainer.checkpoint import load_predictor
 
     version = resolve_version(store, version)
-    table = rescore(load_predictor(checkpoint, device=device), store, version, round_index=round_index)
+    table = rescore(load_predictor(checkpoint, device=device), store, version, round_index=round_index, chain=chain)
     return version, write_scores(store, version, table, round_index), table
 
 
