@@ -1,4 +1,4 @@
-"""The `facecurate` command: build, datasets, show, train, rescore, round, evaluate, report, serve, server.
+"""The `facecurate` command: build, datasets, show, train, rescore, round, rounds, evaluate, report, serve, server.
 
 Each subcommand calls a flow or a library function; errors print one clear line and exit 2.
 """
@@ -125,15 +125,17 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _rescore(store, version: int | None, args):
-    """Score every face of store@version with --checkpoint and print the round; (version, path, table)."""
+def _rescore(catalog, store, version: int | None, args):
+    """Score (and, with a verifier in the catalog's chain, relabel) every face of store@version with
+    --checkpoint and print the round; (version, path, table)."""
     from trainer.rescore import rescore_version
 
     version, path, table = rescore_version(store, version, args.checkpoint, round_index=args.round,
-                                           device=args.device)
+                                           device=args.device, chain=catalog.detectors)
     weights = table.column("new_weight").to_numpy()
+    relabelled = table.num_rows - table.column("relabel_landmarks").null_count
     print(f"rescored {store.dataset}@v{version} round {args.round}: {table.num_rows} faces, "
-          f"mean new weight {weights.mean():.3f}, {(weights < 0.1).sum()} under 0.1 -> {path}")
+          f"mean new weight {weights.mean():.3f}, {(weights < 0.1).sum()} under 0.1, {relabelled} relabelled -> {path}")
     return version, path, table
 
 
@@ -142,8 +144,9 @@ def cmd_rescore(args) -> int:
     from pipeline.catalog import store_for_ref
     from trainer.rescore import judge_scores
 
-    store, version = store_for_ref(load_catalog(args.catalog), args.dataset)
-    version, _, scores = _rescore(store, version, args)
+    catalog = load_catalog(args.catalog)
+    store, version = store_for_ref(catalog, args.dataset)
+    version, _, scores = _rescore(catalog, store, version, args)
     report = judge_scores(store, version, scores, threshold_pct=args.bad_above)
     if report is not None and "auc" in report:  # 68-point reference labels ride along: judge the score
         aucs = ", ".join(f"{k} {v:.3f}" for k, v in report["auc"].items())
@@ -167,8 +170,23 @@ def cmd_round(args) -> int:
     from flows.catalog import load_catalog
     from pipeline.catalog import store_of
 
-    _, scores_path, _ = _rescore(store_of(load_catalog(args.catalog)), None, args)
+    catalog = load_catalog(args.catalog)
+    _, scores_path, _ = _rescore(catalog, store_of(catalog), None, args)
     return _build(args, scores_path)
+
+
+def cmd_rounds(args) -> int:
+    """Build if needed, then N times: train on the latest version, rescore and relabel it, fold it into the
+    next. One line per step; the last line is the final checkpoint's path alone (for scripts)."""
+    from flows.catalog import load_catalog
+    from flows.rounds import run_rounds
+
+    overrides = {name: value for name, value in (("max_steps", args.max_steps), ("batch_size", args.batch_size),
+                                                 ("device", args.device)) if value is not None}
+    checkpoint = run_rounds(load_catalog(args.catalog), args.rounds, overrides=overrides,
+                            say=lambda line: print(line, flush=True))
+    print(checkpoint)
+    return 0
 
 
 def cmd_evaluate(args) -> int:
@@ -324,6 +342,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None)
     in_process(p)
     p.set_defaults(fn=cmd_round)
+    p = with_catalog(sub.add_parser("rounds", help="N rounds in this process: train -> rescore/relabel -> next "
+                                                   "version; prints the final checkpoint last"))
+    p.add_argument("--rounds", type=int, default=2, help="rounds the latest version should hold (default 2)")
+    p.add_argument("--max-steps", type=int, default=None, help="training steps per round (default: catalog)")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the catalog's training section")
+    p.add_argument("--device", default=None, help="cpu | cuda | auto (default: the catalog's training section)")
+    p.set_defaults(fn=cmd_rounds)
 
     p = with_catalog(sub.add_parser("evaluate", help="AFLW2000-3D protocol on a folder of jpg + mat"))
     p.add_argument("--checkpoint", required=True,
