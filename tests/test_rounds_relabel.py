@@ -237,3 +237,28 @@ def test_rounds_command_runs_train_rescore_fold_and_resumes_without_duplicates(t
     assert any("finished earlier, reused" in line for line in out) and out[-1] == final
     assert shards.list_versions(store) == [1, 2, 3]
     assert (tmp_path / "out/faces/rounds/v0002/checkpoints/train_log.jsonl").read_text() == log_lines
+
+
+def test_scores_and_shards_written_before_the_relabelling_columns_still_read(corrupted, tmp_path):
+    """An old round's scores file (no relabelling columns) reads with them null and relabels nothing;
+    a version whose shards predate relabel_round (linked from an older parent) reads as one table."""
+    catalog, _, _ = corrupted
+    store = store_of(catalog)
+    faces = shards.conform_faces(shards.read_faces(store, 1))
+    old = pa.table({"face_id": faces.column("face_id"), "round": pa.array([9] * faces.num_rows, pa.int32()),
+                    "model_sha256": ["x" * 64] * faces.num_rows, "cycle_error": [1.0] * faces.num_rows,
+                    "critic_score": [0.5] * faces.num_rows, "landmark_residual": [1.0] * faces.num_rows,
+                    "new_weight": [0.5] * faces.num_rows})
+    shards.write_table(store.fs, store.scores_path(1, 9), old)
+    scores = read_scores(store, 1, 9)
+    assert scores.schema.equals(shards.SCORES_SCHEMA) and scores.column("relabel_landmarks").null_count == len(old)
+    assert apply_relabels(faces, scores) == (faces, 0)
+
+    mixed = shards.Store(str(tmp_path), "mixed")
+    vdir = mixed.version_dir(1)
+    entries = [shards.write_table(mixed.fs, f"{vdir}/faces-a.parquet", faces.drop_columns(["relabel_round", "relabel_reason"])),
+               shards.write_table(mixed.fs, f"{vdir}/faces-b.parquet", faces)]
+    shards.write_atomic(mixed.fs, f"{vdir}/{shards.MANIFEST}", json.dumps({"shards": entries}).encode())
+    both = shards.read_faces(mixed, 1)
+    assert both.num_rows == 2 * faces.num_rows and both.column("relabel_round").null_count == both.num_rows
+    assert shards.read_faces(mixed, 1, columns=["face_id", "relabel_reason"]).column_names == ["face_id", "relabel_reason"]
