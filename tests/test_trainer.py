@@ -222,10 +222,18 @@ def test_round_evaluation_on_reference_faces_matches_the_labels_for_the_teacher(
 
     dev = copy_images(tmp_path / "dev", "aflw2000-dev", AFLW_DEV[-4:], with_mat=True)
     labelled_train = copy_images(tmp_path / "train", "aflw2000-dev", AFLW_DEV[:2], with_mat=True)
-    catalog = load_catalog(write_catalog(tmp_path / "c.yaml", [
+    path = write_catalog(tmp_path / "c.yaml", [
         {"name": "dev", "kind": "folder", "path": str(dev), "labels": "mat", "split": "eval"},
         {"name": "train", "kind": "folder", "path": str(labelled_train), "labels": "mat", "split": "train"},
-    ], output_root=str(tmp_path / "out")))
+    ], output_root=str(tmp_path / "out"))
+    # The teacher's own labels (no fusion): the fused label beats the teacher (2.8% vs 3.2% here), so
+    # only the teacher's labels are what the untrained model must re-predict.
+    import yaml
+
+    data = yaml.safe_load(path.read_text())
+    data["detectors"]["verifier"] = {"fuse": False}
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    catalog = load_catalog(path)
     assert build(catalog)[0] == 1
     result = evaluate_version(load_predictor("teacher", device="cpu"), store_of(catalog), 1)
     assert result["faces"] == 4 and result["labelled_train_faces_skipped"] == 2 and result["split"] == "eval"
