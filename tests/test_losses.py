@@ -262,7 +262,7 @@ def test_landmark_map_pixels_by_hand():
     expected[0, 0, 5, 2] = 1.0  # (2.7, 5.2): row 5, column 2
     expected[0, 0, 7, 0] = 1.0  # (-3, 200) clipped to (0, 7)
     expected[0, 0, 0, 7] = 1.0  # (7.9, 0): row 0, column 7
-    expected[0, 0, 0, 0] = 1.0  # a missing point (NaN) lands on (0, 0)
+    # a missing point (NaN) is not drawn: (0, 0) stays -1
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
     assert landmark_map(torch.tensor([[[60.5, 30.25]]])).shape == (1, 1, 120, 120)
 

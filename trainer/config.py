@@ -25,6 +25,19 @@ class TrainConfig:
     num_workers: int = 2  # DataLoader workers; 0 decodes in the training process (exact-resume tests)
     shuffle_buffer: int = 2048  # rows held for the streaming shuffle (rows are JPEG bytes: ~5 kB each)
 
+    # ---- augmentation (trainer.augment): crops like the ones curation makes, and 2DASL's noisy map
+    augment: bool = True  # off: the stored crops and labels as they are, the map drawn from the label
+    aug_shift: float = 0.06  # roi centre jitter, fraction of its side (dev detector vs reference crops: std 0.02)
+    aug_scale: float = 0.12  # roi side x exp(U(-s, s)) (dev: std of the log ratio 0.04)
+    aug_rotate_deg: float = 12.0
+    aug_mirror: float = 0.5
+    aug_color: float = 0.3
+    aug_blur: float = 0.2
+    aug_occlude: float = 0.2
+    map_dropout: float = 0.15  # the whole map empty (what the zero-map ablation feeds)
+    map_point_dropout: float = 0.1
+    map_noise_pct: float = 1.5  # per-point noise of the map's points, % of face size
+
     # ---- model
     backbone: Literal["mobilenet", "resnet50"] = "mobilenet"  # mobilenet starts as the 3DDFA_V2 teacher
     map_points: Literal["18", "68"] = "18"  # points drawn into the landmark map (2DASL uses 18)
@@ -88,6 +101,17 @@ class TrainConfig:
     @property
     def bn_frozen(self) -> bool:
         return self.backbone == "mobilenet" if self.freeze_bn is None else self.freeze_bn
+
+    def augment_settings(self):
+        """The augmentation the data loader applies, or None when `augment` is off."""
+        from trainer.augment import AugmentSettings
+
+        if not self.augment:
+            return None
+        return AugmentSettings(shift=self.aug_shift, scale=self.aug_scale, rotate_deg=self.aug_rotate_deg,
+                               mirror=self.aug_mirror, color=self.aug_color, blur=self.aug_blur,
+                               occlude=self.aug_occlude, map_dropout=self.map_dropout,
+                               map_point_dropout=self.map_point_dropout, map_noise_pct=self.map_noise_pct)
 
     def loss_weights(self) -> dict[str, float]:
         return {name[2:]: getattr(self, name) for name in self.__dataclass_fields__ if name.startswith("w_")}

@@ -20,6 +20,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.crops import CROP_SIZE, apply_affine
 from pipeline.shards import Store, read_manifest
+from trainer.augment import AugmentSettings, noisy_map_points, sample_rng
+from trainer.augment import augment as augment_face
 
 log = logging.getLogger(__name__)
 
@@ -59,27 +61,40 @@ def _read_unit(store: Store, version: int, unit: tuple[str, int], columns: list[
         [], schema=table.schema)
 
 
-def _nan62(values: list[float] | None) -> tuple[torch.Tensor, bool]:
+def _nan62(values: np.ndarray | None) -> tuple[torch.Tensor, bool]:
     if values is None:
         return torch.full((62,), float("nan")), False
-    return torch.tensor(values, dtype=torch.float32), True
+    return torch.as_tensor(np.asarray(values, np.float32)), True
 
 
-def decode_row(row: dict[str, Any]) -> dict[str, Any]:
-    """A raw Parquet row -> one training sample (img RGB uint8 [3,120,120], points in crop px, ...)."""
+def decode_row(row: dict[str, Any], augment: AugmentSettings | None = None, seed: int = 0,
+               epoch: int = 0) -> dict[str, Any]:
+    """A raw Parquet row -> one training sample (img RGB uint8 [3,120,120], points in crop px, ...).
+
+    With `augment`, the crop, its label and its params move together (trainer.augment) and the map
+    points are the label with noise and dropped points (NaN: not drawn); without it the map points
+    are the label itself (rescoring, tests of the plain 2DASL step)."""
     bgr = cv2.imdecode(np.frombuffer(row["crop"], np.uint8), cv2.IMREAD_COLOR)
     if bgr is None or bgr.shape[:2] != (CROP_SIZE, CROP_SIZE):
         raise ValueError(f"face {row['face_id']}: crop is not a decodable {CROP_SIZE}x{CROP_SIZE} JPEG "
                          "(rebuild the version)")
-    rgb = np.ascontiguousarray(bgr[:, :, ::-1].transpose(2, 0, 1))
+    rgb = np.ascontiguousarray(bgr[:, :, ::-1])
     points_img = np.asarray(row["landmarks"], dtype=np.float32).reshape(68, 2)
-    params, has_params = _nan62(row["ref_params"])
-    teacher, has_teacher = _nan62(row["params_62"])
+    points = apply_affine(points_img, np.asarray(row["crop_affine"]))
+    params = [None if row[k] is None else np.asarray(row[k], np.float32) for k in ("ref_params", "params_62")]
+    map_pts = points
+    if augment is not None:
+        rng = sample_rng(seed, epoch, row["face_id"])
+        rgb, points, params, _ = augment_face(rgb, points, params, rng, augment)
+        map_pts = noisy_map_points(points, rng, augment)
+    ref_params, has_params = _nan62(params[0])
+    teacher, has_teacher = _nan62(params[1])
     return {
-        "img": torch.from_numpy(rgb),
-        "points": torch.from_numpy(apply_affine(points_img, np.asarray(row["crop_affine"]))),
+        "img": torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))),
+        "points": torch.from_numpy(points),
+        "map_points": torch.from_numpy(np.ascontiguousarray(map_pts, dtype=np.float32)),
         "weight": torch.tensor(float(row["weight"]), dtype=torch.float32),
-        "params": params,
+        "params": ref_params,
         "has_params": torch.tensor(has_params),
         "teacher_params": teacher,
         "has_teacher": torch.tensor(has_teacher),
@@ -110,8 +125,9 @@ class FaceStream(IterableDataset):
 
     def __init__(self, store: Store, version: int, *, shuffle: bool = True, seed: int = 0,
                  buffer_size: int = 2048, batch_size: int = 1, epoch: int = 0, skip_batches: int = 0,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, augment: AugmentSettings | None = None):
         super().__init__()
+        self.augment = augment
         self.rank, self.world_size = rank, world_size
         self.store, self.version = store, version
         self.shuffle, self.seed, self.buffer_size = shuffle, seed, buffer_size
@@ -149,7 +165,7 @@ class FaceStream(IterableDataset):
         skip = len(range(worker, self.skip_batches, n_workers)) * self.batch_size
         for i, row in enumerate(rows):
             if i >= skip:
-                yield decode_row(row)
+                yield decode_row(row, self.augment, self.seed, self.epoch)
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -165,7 +181,7 @@ def build_loader(cfg, store: Store, version: int, shuffle: bool = True, epoch: i
     several training processes, over this `rank`'s share of the row groups."""
     stream = FaceStream(store, version, shuffle=shuffle, seed=cfg.seed, buffer_size=cfg.shuffle_buffer,
                         batch_size=cfg.batch_size, epoch=epoch, skip_batches=skip_batches, rank=rank,
-                        world_size=world_size)
+                        world_size=world_size, augment=cfg.augment_settings())
     share = len(stream.units()[rank::world_size])
     workers = min(cfg.num_workers, max(share, 1))  # idle workers would only cost memory
     return DataLoader(stream, batch_size=cfg.batch_size, num_workers=workers, collate_fn=collate,

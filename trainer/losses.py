@@ -79,8 +79,9 @@ def wpdc_loss(pred_params: Tensor, target_params: Tensor, param_std: Tensor,
               points_fn: Callable[[Tensor], Tensor]) -> Tensor:
     """2DASL L_3d: sum_i w_i (α̂_i - α*_i)^2 on whitened params, w_i from landmark reprojection.
 
-    w_i = ||H(α* with coefficient i from α̂) - H(α*)|| / sum_j (same); H = `points_fn(params)[..., :2]`
-    (projected 68 points). Weights are detached (stop-grad), as in 3DDFA's WPDC.
+    w_i = ||H(α* with coefficient i from α̂) - H(α*)|| / sum_j (same); H = `points_fn(params)`, the 68
+    landmarks in 3D (x, y and depth, as 3DDFA's WPDC weighs vertices in 3D: with x, y alone the
+    depth row of the pose, params 8-11, would get weight 0). Weights are detached (stop-grad).
     pred_params, target_params: [B, 62] de-whitened; param_std: [62] (the whitening std).
     """
     if pred_params.shape[0] == 0:
@@ -91,8 +92,8 @@ def wpdc_loss(pred_params: Tensor, target_params: Tensor, param_std: Tensor,
         idx = torch.arange(n, device=pred.device)
         perturbed = target[:, None, :].repeat(1, n, 1)  # [B, 62, 62]: row i = α* with α̂_i
         perturbed[:, idx, idx] = pred
-        moved = points_fn(perturbed)[..., :2]  # [B, 62, 68, 2]
-        base = points_fn(target)[..., :2][:, None]  # [B, 1, 68, 2]
+        moved = points_fn(perturbed)  # [B, 62, 68, 3]
+        base = points_fn(target)[:, None]  # [B, 1, 68, 3]
         err = (moved - base).flatten(2).norm(dim=-1)  # [B, 62]
         weights = err / err.sum(-1, keepdim=True).clamp_min(1e-12)
     diff = (pred_params.float() - target_params.float()) / param_std.float()

@@ -31,12 +31,17 @@ def map_points(points68: Tensor, which: str = "18") -> Tensor:
 
 
 def landmark_map(points_crop: Tensor, size: int = CROP_SIZE) -> Tensor:
-    """[B, N, 2] crop px -> [B, 1, size, size]: +1 at floor(clip(p, 0, size-1)), -1 elsewhere (2DASL code)."""
-    pts = torch.nan_to_num(points_crop.detach().float(), nan=0.0).clamp(0, size - 1).floor().long()
+    """[B, N, 2] crop px -> [B, 1, size, size]: +1 at floor(clip(p, 0, size-1)), -1 elsewhere (2DASL code).
+
+    A point with a NaN coordinate is not drawn (a landmark the map does not give)."""
+    pts = points_crop.detach().float()
+    missing = ~torch.isfinite(pts).all(-1)  # [B, N]
+    pts = torch.nan_to_num(pts, nan=0.0).clamp(0, size - 1).floor().long()
     flat = pts[..., 1] * size + pts[..., 0]  # [B, N] (row = y, column = x)
-    out = torch.full((pts.shape[0], size * size), -1.0, device=pts.device)
+    flat = torch.where(missing, size * size, flat)  # one spare cell, cut off below
+    out = torch.full((pts.shape[0], size * size + 1), -1.0, device=pts.device)
     out.scatter_(1, flat, 1.0)
-    return out.view(-1, 1, size, size)
+    return out[:, :size * size].reshape(-1, 1, size, size)
 
 
 # ----------------------------------------------------------------------------------- ResNet-50

@@ -131,9 +131,12 @@ def compute_losses(batch: dict[str, Any], net: TwoDASLNet, encoder: Encoder, cri
     which = cfg.map_points
 
     # Pass 1: α̂ = F(I, map(X_2d)); Y_2d = Proj(α̂).  BFM maths and losses stay fp32 (outside autocast).
+    # The map shows the label's points with noise and gaps (trainer.augment); the consistency terms
+    # compare with the label's own points, so noise added to the input is not also a target.
     x2d = map_points(pseudo, which)
+    drawn = map_points(batch["map_points"].to(device), which) if "map_points" in batch else x2d
     with _autocast(device, amp):
-        params_1 = net(img, landmark_map(x2d))
+        params_1 = net(img, landmark_map(drawn))
     lmk3d_1 = to_points(params_1)  # [B, 68, 3]
     y2d = lmk3d_1[..., :2]
     # Pass 2: α̃ = F(I, map(Y_2d)) on the same image; the re-drawn map is a constant input.
