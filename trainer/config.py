@@ -41,6 +41,11 @@ class TrainConfig:
     # ---- model
     backbone: Literal["mobilenet", "resnet50"] = "mobilenet"  # mobilenet starts as the 3DDFA_V2 teacher
     map_points: Literal["18", "68"] = "18"  # points drawn into the landmark map (2DASL uses 18)
+    # The map's +-1 enters the network times this: Adam steps every weight by about lr whatever its
+    # gradient, so a scale k is a k-times learning rate for the map's filters (which start at zero,
+    # so step 0 is still the teacher). Measured on the CPU rounds (docs/rounds.md): 10 neither made
+    # the 80-step student read its map nor helped it; 1 is 2DASL's map.
+    map_scale: float = 1.0
     freeze_bn: bool | None = None  # BN in eval mode; None: frozen for mobilenet (keeps step 0 == teacher)
     teacher_weights: str = field(default_factory=lambda: _model_file("3ddfa_v2", "mb05_120x120.pth"))
     bfm_path: str = field(default_factory=lambda: _model_file("bfm", "bfm_68.npz"))

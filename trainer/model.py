@@ -120,15 +120,16 @@ class TwoDASLNet(nn.Module):
     """F(I, map) -> 62 de-whitened 3DMM params in the crop frame; the backbone predicts whitened ones."""
 
     def __init__(self, backbone: nn.Module, param_mean: np.ndarray | Tensor, param_std: np.ndarray | Tensor,
-                 map_points: str = "18"):
+                 map_points: str = "18", map_scale: float = 1.0):
         super().__init__()
         self.backbone = backbone
         self.map_points = str(map_points)
+        self.map_scale = float(map_scale)
         self.register_buffer("param_mean", torch.as_tensor(np.asarray(param_mean), dtype=torch.float32))
         self.register_buffer("param_std", torch.as_tensor(np.asarray(param_std), dtype=torch.float32))
 
     def forward(self, img_norm: Tensor, landmark_map: Tensor) -> Tensor:
-        x = torch.cat([img_norm, landmark_map.to(img_norm.dtype)], dim=1)
+        x = torch.cat([img_norm, landmark_map.to(img_norm.dtype) * self.map_scale], dim=1)
         x = x.contiguous(memory_format=torch.channels_last)
         return self.dewhiten(self.backbone(x).float())
 
@@ -211,7 +212,7 @@ class Critic(nn.Module):
 
 def build_model(cfg: TrainConfig) -> TwoDASLNet:
     mean, std = load_param_stats(cfg.param_stats_path)
-    net = TwoDASLNet(build_backbone(cfg.backbone, cfg.teacher_weights), mean, std, cfg.map_points)
+    net = TwoDASLNet(build_backbone(cfg.backbone, cfg.teacher_weights), mean, std, cfg.map_points, cfg.map_scale)
     return net.to(memory_format=torch.channels_last)
 
 
