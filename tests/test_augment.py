@@ -123,6 +123,15 @@ def test_landmark_map_leaves_missing_points_out():
     assert int((landmark_map(torch.full((1, 18, 2), float("nan"))) > 0).sum()) == 0
 
 
+def test_blob_map_is_dense_around_points_and_empty_elsewhere():
+    pts = torch.tensor([[[10.0, 20.0], [float("nan"), 5.0], [60.5, 80.0]]])
+    m = landmark_map(pts, sigma=2.0)[0, 0]
+    assert float(m[20, 10]) == pytest.approx(1.0) and float(m[80, 60]) == pytest.approx(np.exp(-0.25 / 8), rel=1e-5)
+    assert float(m[20, 12]) == pytest.approx(np.exp(-4 / 8), rel=1e-5)  # 2 px away: exp(-d^2 / 2 sigma^2)
+    assert float(m[0, 119]) == 0.0 and float(m.min()) >= 0.0
+    assert float(landmark_map(torch.full((1, 3, 2), float("nan")), sigma=2.0).abs().sum()) == 0.0
+
+
 def test_wpdc_weighs_depth(bfm):
     # Parameter 11 is the depth translation: it moves no projected x, y, so a 2D-only WPDC gave it
     # weight 0; in 3D it moves every landmark and gets weight.

@@ -46,6 +46,9 @@ class TrainConfig:
     # so step 0 is still the teacher). Measured on the CPU rounds (docs/rounds.md): 10 neither made
     # the 80-step student read its map nor helped it; 1 is 2DASL's map.
     map_scale: float = 1.0
+    # 0: 2DASL's single-pixel +-1 map; > 0: Gaussian blobs of this std (px) on 0, so the filters learn
+    # from the points alone. Measured on an 80-step CPU probe (sigma 2, scale 30): still not read.
+    map_sigma: float = 0.0
     freeze_bn: bool | None = None  # BN in eval mode; None: frozen for mobilenet (keeps step 0 == teacher)
     teacher_weights: str = field(default_factory=lambda: _model_file("3ddfa_v2", "mb05_120x120.pth"))
     bfm_path: str = field(default_factory=lambda: _model_file("bfm", "bfm_68.npz"))

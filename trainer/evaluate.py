@@ -94,15 +94,14 @@ class StudentModel:
 
 
 def blank_map_params(predictor, crops: np.ndarray) -> np.ndarray:
-    """[B,62] params with a map of no point (-1 everywhere, the background value): `Predictor.params`
-    draws at least the clipped points, so the blank map goes to the network directly."""
+    """[B,62] params with a map of no point (the map's background everywhere)."""
     import torch
 
     net, out = predictor.net, [np.zeros((0, 62), np.float32)]
     with torch.inference_mode():
         for i in range(0, len(crops), predictor.chunk):
             img = net.preprocess(crops[i:i + predictor.chunk], predictor.device)
-            blank = torch.full((img.shape[0], 1, img.shape[2], img.shape[3]), -1.0, device=img.device)
+            blank = net.draw_map(torch.full((img.shape[0], 1, 2), float("nan"), device=img.device))
             out.append(net(img, blank).float().cpu().numpy())
     return np.concatenate(out).astype(np.float32)
 

@@ -30,12 +30,24 @@ def map_points(points68: Tensor, which: str = "18") -> Tensor:
     return select_18(points68)
 
 
-def landmark_map(points_crop: Tensor, size: int = CROP_SIZE) -> Tensor:
-    """[B, N, 2] crop px -> [B, 1, size, size]: +1 at floor(clip(p, 0, size-1)), -1 elsewhere (2DASL code).
+def landmark_map(points_crop: Tensor, size: int = CROP_SIZE, sigma: float = 0.0) -> Tensor:
+    """[B, N, 2] crop px -> [B, 1, size, size].
 
+    sigma 0: 2DASL's map (its code): +1 at floor(clip(p, 0, size-1)), -1 elsewhere. sigma > 0: a
+    Gaussian blob of that std (px) at each point, peak 1, 0 elsewhere: a dense map whose filters learn
+    from the points alone (on 2DASL's map, -1 on all but N pixels, their gradient is mostly a bias's).
     A point with a NaN coordinate is not drawn (a landmark the map does not give)."""
     pts = points_crop.detach().float()
     missing = ~torch.isfinite(pts).all(-1)  # [B, N]
+    if sigma > 0:
+        grid = torch.arange(size, device=pts.device, dtype=torch.float32)
+        dx = grid[None, None, :] - torch.nan_to_num(pts[..., 0], nan=-1e4)[..., None]  # [B, N, size]
+        dy = grid[None, None, :] - torch.nan_to_num(pts[..., 1], nan=-1e4)[..., None]
+        gx, gy = torch.exp(-dx.square() / (2 * sigma**2)), torch.exp(-dy.square() / (2 * sigma**2))
+        blobs = gy[..., :, None] * gx[..., None, :]  # [B, N, size, size], separable
+        blobs = torch.where(missing[..., None, None], torch.zeros_like(blobs), blobs)
+        return blobs.amax(1, keepdim=True) if pts.shape[1] else torch.zeros(pts.shape[0], 1, size, size,
+                                                                               device=pts.device)
     pts = torch.nan_to_num(pts, nan=0.0).clamp(0, size - 1).floor().long()
     flat = pts[..., 1] * size + pts[..., 0]  # [B, N] (row = y, column = x)
     flat = torch.where(missing, size * size, flat)  # one spare cell, cut off below
@@ -120,11 +132,12 @@ class TwoDASLNet(nn.Module):
     """F(I, map) -> 62 de-whitened 3DMM params in the crop frame; the backbone predicts whitened ones."""
 
     def __init__(self, backbone: nn.Module, param_mean: np.ndarray | Tensor, param_std: np.ndarray | Tensor,
-                 map_points: str = "18", map_scale: float = 1.0):
+                 map_points: str = "18", map_scale: float = 1.0, map_sigma: float = 0.0):
         super().__init__()
         self.backbone = backbone
         self.map_points = str(map_points)
         self.map_scale = float(map_scale)
+        self.map_sigma = float(map_sigma)
         self.register_buffer("param_mean", torch.as_tensor(np.asarray(param_mean), dtype=torch.float32))
         self.register_buffer("param_std", torch.as_tensor(np.asarray(param_std), dtype=torch.float32))
 
@@ -141,7 +154,11 @@ class TwoDASLNet(nn.Module):
 
     def predict(self, img_norm: Tensor, points68: Tensor) -> Tensor:
         """Params from an image and its 68 crop-px points (the map is drawn from this net's map points)."""
-        return self(img_norm, landmark_map(map_points(points68, self.map_points)))
+        return self(img_norm, self.draw_map(map_points(points68, self.map_points)))
+
+    def draw_map(self, points: Tensor) -> Tensor:
+        """The 4th channel for points already selected ([B, N, 2] crop px; NaN = not drawn)."""
+        return landmark_map(points, sigma=self.map_sigma)
 
     @staticmethod
     def preprocess(crops_rgb_uint8: np.ndarray | Tensor, device: torch.device | str | None = None) -> Tensor:
@@ -212,7 +229,8 @@ class Critic(nn.Module):
 
 def build_model(cfg: TrainConfig) -> TwoDASLNet:
     mean, std = load_param_stats(cfg.param_stats_path)
-    net = TwoDASLNet(build_backbone(cfg.backbone, cfg.teacher_weights), mean, std, cfg.map_points, cfg.map_scale)
+    net = TwoDASLNet(build_backbone(cfg.backbone, cfg.teacher_weights), mean, std, cfg.map_points, cfg.map_scale,
+                     cfg.map_sigma)
     return net.to(memory_format=torch.channels_last)
 
 

@@ -29,7 +29,7 @@ from trainer.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpo
 from trainer.config import TrainConfig
 from trainer.data import batches_per_epoch, build_loader, count_train_rows
 from trainer.distributed import World
-from trainer.model import Critic, Encoder, TwoDASLNet, build_critic, build_model, landmark_map, map_points
+from trainer.model import Critic, Encoder, TwoDASLNet, build_critic, build_model, map_points
 
 log = logging.getLogger(__name__)
 LOG_FILE = "train_log.jsonl"
@@ -136,12 +136,12 @@ def compute_losses(batch: dict[str, Any], net: TwoDASLNet, encoder: Encoder, cri
     x2d = map_points(pseudo, which)
     drawn = map_points(batch["map_points"].to(device), which) if "map_points" in batch else x2d
     with _autocast(device, amp):
-        params_1 = net(img, landmark_map(drawn))
+        params_1 = net(img, net.draw_map(drawn))
     lmk3d_1 = to_points(params_1)  # [B, 68, 3]
     y2d = lmk3d_1[..., :2]
     # Pass 2: α̃ = F(I, map(Y_2d)) on the same image; the re-drawn map is a constant input.
     with _autocast(device, amp):
-        params_2 = net(img, landmark_map(map_points(y2d.detach(), which)))
+        params_2 = net(img, net.draw_map(map_points(y2d.detach(), which)))
     lmk3d_2 = to_points(params_2)
 
     terms: dict[str, torch.Tensor] = {
