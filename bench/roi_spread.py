@@ -16,7 +16,7 @@ from flows.catalog import load_catalog
 from pipeline.crops import roi_from_landmarks
 from pipeline.labeling import Chain
 from pipeline.settings import shared_root
-from trainer.evaluate import _chain_spec, load_eval_set, prepare_faces
+from trainer.evaluate import measurement_chain, load_eval_set, prepare_faces
 
 
 def main() -> None:
@@ -24,7 +24,7 @@ def main() -> None:
     ap.add_argument("--catalog", default="catalog.yaml")
     ap.add_argument("--data", default=str(shared_root() / "data" / "aflw2000-dev"))
     args = ap.parse_args()
-    chain = Chain(_chain_spec(load_catalog(args.catalog).detectors, "auto", with_labels=False))
+    chain = Chain(measurement_chain(load_catalog(args.catalog).detectors, "auto", with_labels=False))
     data = load_eval_set(args.data)
     faces = prepare_faces("detector", data, chain, with_labels=False)  # the crops `evaluate` scores
     found = faces.index

@@ -106,7 +106,7 @@ def _judge(chain: "Chain", faces: list[LabelledFace]) -> None:
     verifier passes (the candidates, then the fused labels)."""
     from pipeline.crops import apply_affine
     from pipeline.fusion import fuse, region_weights, voters
-    from pipeline.verifier import CONTEXT, VerifierInputs, face_nme
+    from pipeline.verifier import VerifierInputs, face_nme
 
     verifier = chain.verifier
     for face in faces:
@@ -116,13 +116,11 @@ def _judge(chain: "Chain", faces: list[LabelledFace]) -> None:
     import torch
 
     def inputs(face: LabelledFace, labels: np.ndarray) -> VerifierInputs:
-        by_name = dict(face.candidates)
-        present = np.array([n in by_name for n in CONTEXT])
-        context = np.stack([by_name.get(n, face.candidates[0][1]) for n in CONTEXT])
+        def to_crop(points: np.ndarray) -> np.ndarray:
+            return apply_affine(points.reshape(-1, 2), face.affine).reshape(points.shape)
+
         pose = face.primary.pose_deg if face.primary.pose_deg is not None else np.full(3, np.nan, np.float32)
-        return VerifierInputs(crop_rgb=face.crop_rgb, labels=apply_affine(labels.reshape(-1, 2), face.affine)
-                              .reshape(labels.shape), context=apply_affine(context.reshape(-1, 2), face.affine)
-                              .reshape(context.shape), present=present, pose_deg=pose)
+        return VerifierInputs.of(face.crop_rgb, to_crop(labels), [(n, to_crop(p)) for n, p in face.candidates], pose)
 
     stacks = [np.stack([p for _, p in face.candidates]) for face in faces]
     point_err = verifier.score([inputs(f, c) for f, c in zip(faces, stacks)])

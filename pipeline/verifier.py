@@ -125,6 +125,15 @@ class VerifierInputs:
     present: np.ndarray  # (K,) bool
     pose_deg: np.ndarray  # (3,) yaw, pitch, roll (NaN: unknown)
 
+    @classmethod
+    def of(cls, crop_rgb: np.ndarray, labels: np.ndarray, candidates: list[tuple[str, np.ndarray]],
+           pose_deg: np.ndarray) -> "VerifierInputs":
+        """A face's inputs from its named candidates [(name, (68, 2))], crop px: the context in CONTEXT
+        order, the first candidate standing in where one is absent."""
+        by_name = dict(candidates)
+        return cls(crop_rgb=crop_rgb, labels=labels, context=np.stack([by_name.get(n, candidates[0][1]) for n in CONTEXT]),
+                   present=np.array([n in by_name for n in CONTEXT]), pose_deg=pose_deg)
+
 
 class Verifier:
     """The shipped verifier: the teacher's trunk (from the teacher weights) + the trained head."""

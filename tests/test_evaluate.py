@@ -23,10 +23,10 @@ N = 8
 def chain():
     from pipeline.catalog import load_catalog
     from pipeline.labeling import get_chain
-    from trainer.evaluate import _chain_spec
+    from trainer.evaluate import measurement_chain
 
     # The chain exactly as `facecurate evaluate --device cpu` builds it (shared with the CLI test).
-    return get_chain(_chain_spec(load_catalog(ROOT / "catalog.yaml").detectors, "cpu", with_labels=True))
+    return get_chain(measurement_chain(load_catalog(ROOT / "catalog.yaml").detectors, "cpu", with_labels=True))
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline.crops import CROP_SIZE, apply_affine
 from pipeline.shards import Store, read_manifest
 from trainer.augment import AugmentSettings, noisy_map_points, sample_rng
-from trainer.augment import augment as augment_face
+from trainer.augment import augment as augment_face  # the name `augment` is the settings argument below
 
 log = logging.getLogger(__name__)
 

@@ -345,7 +345,7 @@ def write_result(result: dict, path: str | Path) -> Path:
     return path
 
 
-def _chain_spec(detectors, device: str, with_labels: bool):
+def measurement_chain(detectors, device: str, with_labels: bool):
     """The catalog's chain at full precision (a measurement, whatever the chain runs at on a GPU); with
     only the teacher and no verifier when no map needs the chain's labels (the crops are the same)."""
     def exact(spec):
@@ -380,7 +380,7 @@ def evaluate_checkpoint(detectors, checkpoint: str, data_dir: str | Path, *, cro
     names = [checkpoint] + ([baseline] if baseline else [])
     students = [n for n in names if n != "teacher"]
     with_labels = bool(students) and any(m in ("fused", "shuffled") for m in maps)
-    chain = get_chain(_chain_spec(detectors, device, with_labels))
+    chain = get_chain(measurement_chain(detectors, device, with_labels))
     teacher = chain.landmarkers[0]
     data = load_eval_set(data_dir, limit=limit)
     protocols = PROTOCOLS if crops == "both" else (crops,)

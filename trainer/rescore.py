@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -18,12 +19,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.landmarks import roc_auc  # noqa: F401 - the metric lives with the other metrics
-from dataclasses import dataclass
-
 from pipeline.catalog import DetectorChain
 from pipeline.crops import CROP_SIZE, apply_affine, invert_affine
-from pipeline.landmarks import nme_pct
+from pipeline.landmarks import nme_pct, roc_auc  # noqa: F401 - roc_auc lives with the other metrics
 from pipeline.rounds import STUDENT_PREFIX, student_name
 from pipeline.shards import (SCORES_SCHEMA, Store, conform_scores, faces_schema, iter_face_batches, read_faces,
                              resolve_version, write_table)
@@ -151,8 +149,8 @@ class Relabeller:
         [B,3]. Returns per-face lists (None where a face is not judged) for the relabelling columns."""
         import torch
 
-        from pipeline.fusion import fuse, fusion_weights, region_weights, voters
-        from pipeline.verifier import CONTEXT, VerifierInputs, face_nme
+        from pipeline.fusion import fuse, region_weights, voters
+        from pipeline.verifier import VerifierInputs, face_nme
 
         n = len(labels)
         out = {k: [None] * n for k in ("student_nme_pred", "label_nme_pred", "candidate_nme_pred", "relabel_crop",
@@ -162,10 +160,7 @@ class Relabeller:
             return out
 
         def inputs(i: int, judged: np.ndarray) -> VerifierInputs:
-            by_name = dict(candidates[i])
-            context = np.stack([by_name.get(c, candidates[i][0][1]) for c in CONTEXT])
-            return VerifierInputs(crop_rgb=crops[i], labels=judged, context=context,
-                                  present=np.array([c in by_name for c in CONTEXT]), pose_deg=poses[i])
+            return VerifierInputs.of(crops[i], judged, candidates[i], poses[i])
 
         def face_nmes(errs: list[np.ndarray]) -> list[np.ndarray]:  # one call: face_nme builds its matrix per call
             flat = face_nme(torch.from_numpy(np.concatenate(errs))).numpy().astype(np.float64)
@@ -182,7 +177,7 @@ class Relabeller:
                 fused, weights = fuse(stacks[i], err[:-1], self.tau_pct, voters([n for n, _ in candidates[i]] + [name]))
                 proposals[i] = (fused, region_weights(weights))
             else:  # the label is one candidate's points: the student's own are the proposal
-                weights = np.zeros_like(fusion_weights(err[:-1], self.tau_pct))
+                weights = np.zeros((len(stacks[i]), 68), np.float32)
                 weights[-1] = 1.0
                 proposals[i] = (student[i], region_weights(weights))
         if self.fuse:

@@ -134,7 +134,7 @@ def compute_losses(batch: dict[str, Any], net: TwoDASLNet, encoder: Encoder, cri
     # The map shows the label's points with noise and gaps (trainer.augment); the consistency terms
     # compare with the label's own points, so noise added to the input is not also a target.
     x2d = map_points(pseudo, which)
-    drawn = map_points(batch["map_points"].to(device), which) if "map_points" in batch else x2d
+    drawn = map_points(batch["map_points"].to(device), which)
     with _autocast(device, amp):
         params_1 = net(img, net.draw_map(drawn))
     lmk3d_1 = to_points(params_1)  # [B, 68, 3]

@@ -28,13 +28,13 @@ from pipeline.fusion import fusion_weights, voters
 from pipeline.landmarks import nme_pct, roc_auc, yaw_bins
 from pipeline.mobilenet import fused_for_inference, load_teacher_mobilenet
 from pipeline.references import AFLW21_FROM_68, aflw21_from_68
-from pipeline.verifier import CONTEXT, VerifierHead, face_nme, group_matrix, predict_points, save_head, trunk_maps
+from pipeline.verifier import CONTEXT, REGIONS, VerifierHead, face_nme, group_matrix, predict_points, save_head, trunk_maps
 
 log = logging.getLogger(__name__)
 
-JAW = list(range(17))
+JAW = REGIONS["jaw"]
 JAW_VOTERS = voters(CONTEXT)  # the candidates are in CONTEXT order: 2D landmarkers do not vote on the jaw
-PARTS = [list(range(17, 27)), list(range(36, 48)), list(range(27, 36)), list(range(48, 68))]  # brows eyes nose mouth
+PARTS = [REGIONS[k] for k in ("brows", "eyes", "nose", "mouth")]
 
 
 @dataclass
