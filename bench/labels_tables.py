@@ -25,6 +25,9 @@ def part(title: str, p: dict) -> None:
         b = t["bins"]
         print(f"| {name} | {_f(b[0])} | {_f(b[1])} | {_f(b[2])} | {_f(t['balanced'])} | {_f(t['mean'])} | "
               f"{t['over_8_pct']:.1f}% | {t['auc_8']:.3f} | {t['auc_5']:.3f} |")
+    if "head_auc_8" in p["fused"]:
+        print(f"\nThe fused label's ROC-AUC is the label score's (pipeline/label_score.py); the head's own figure "
+              f"for the fused label gives {p['fused']['head_auc_8']:.3f} (> 8%) and {p['fused']['head_auc_5']:.3f} (> 5%).")
     rule = p["rule"]
     bounds = ", ".join(f"{b:.2f}" for b in rule["max_by_yaw_bin"])
     print(f"\nRule `verifier_nme_pct` max by yaw bin [{bounds}]: keeps {_pct(rule['kept_share'])} of the faces; "

@@ -247,7 +247,8 @@ def cmd_verifier_train(args) -> int:
     from flows.catalog import load_catalog
     from trainer.verifier import VerifierTrainConfig, train_verifier_for_catalog
 
-    cfg = VerifierTrainConfig(epochs=args.epochs, folds=args.folds, seed=args.seed)
+    cfg = VerifierTrainConfig(epochs=args.epochs, folds=args.folds, seed=args.seed,
+                              **({"target_clean": args.target_clean} if args.target_clean else {}))
     report = train_verifier_for_catalog(load_catalog(args.catalog), args.out, cfg, dataset_ref=args.dataset)
     if args.json:
         with open(args.json, "w") as f:
@@ -379,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--target-clean", type=float, default=None,
+                   help="share of kept training labels under 8%% NME the rule's bounds aim at "
+                        "(default: trainer.verifier.VerifierTrainConfig's)")
     p.add_argument("--json", default=None, help="write the report (docs/labels.json) here")
     p.set_defaults(fn=cmd_verifier_train)
     p = with_catalog(sub.add_parser("browse", help="browse a version's faces in a local read-only web app"))

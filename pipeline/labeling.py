@@ -106,7 +106,7 @@ def _judge(chain: "Chain", faces: list[LabelledFace]) -> None:
     verifier passes (the candidates, then the fused labels)."""
     from pipeline.crops import apply_affine
     from pipeline.fusion import fuse, region_weights, voters
-    from pipeline.verifier import VerifierInputs, face_nme
+    from pipeline.verifier import VerifierInputs, context_nme, face_nme
 
     verifier = chain.verifier
     for face in faces:
@@ -131,13 +131,17 @@ def _judge(chain: "Chain", faces: list[LabelledFace]) -> None:
                               voters([name for name, _ in face.candidates]))
         face.fusion_weights = region_weights(weights)
         fused_all.append(fused)
-    fused_err = verifier.score([inputs(f, fused[None]) for f, fused in zip(faces, fused_all)])
-    for face, fused, err in zip(faces, fused_all, fused_err):
-        if chain.spec.verifier.fuse:
+    if chain.spec.verifier.fuse:
+        judged = [inputs(f, fused[None]) for f, fused in zip(faces, fused_all)]
+        head_nme = [float(face_nme(torch.from_numpy(err))[0]) for err in verifier.score(judged)]
+        for face, fused in zip(faces, fused_all):
             face.label, face.label_source = fused, "fused"
-            face.label_nme_pred = float(face_nme(torch.from_numpy(err))[0])
-        else:
-            face.label_nme_pred = float(face.candidate_nme_pred[0])
+    else:  # the label is the primary's points, already judged as a candidate
+        judged = [inputs(f, f.candidates[0][1][None]) for f in faces]
+        head_nme = [float(f.candidate_nme_pred[0]) for f in faces]
+    context = np.stack([context_nme([n for n, _ in f.candidates], f.candidate_nme_pred) for f in faces])
+    for face, nme in zip(faces, verifier.label_nme(judged, np.asarray(head_nme), context)):
+        face.label_nme_pred = float(nme)
 
 
 def _mirror_boxes(boxes: np.ndarray, width: int) -> np.ndarray:

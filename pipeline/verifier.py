@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.crops import CROP_SIZE
+from pipeline.label_score import LabelScore, score_features
 from pipeline.references import AFLW21_FROM_68
 
 log = logging.getLogger(__name__)
@@ -52,22 +53,32 @@ class VerifierHead(nn.Module):
     it runs once per face instead of once per label and point."""
 
     def __init__(self, map_channels: tuple[int, int] = (64, 128), feat: int = 32, n_context: int = len(CONTEXT),
-                 hidden: int = 64):
+                 hidden: int = 64, glob: int = 16, signed_geo: bool = True):
         super().__init__()
         self.proj30 = nn.Conv2d(map_channels[0], feat, 1)
         self.proj15 = nn.Conv2d(map_channels[1], feat, 1)
         self.point_embed = nn.Embedding(68, 16)
+        # The whole crop's look (blur, occlusion, resolution), pooled from the same maps: whether every
+        # candidate failed on a face shows in the image, not in where the candidates disagree.
+        self.glob = nn.Linear(sum(map_channels), glob) if glob else None
+        # signed_geo=False is the first shipped head's: its input ReLU also cut the negative half of
+        # every signed offset (kept so that head's file still loads as trained).
+        self.signed_geo = signed_geo
         geo = n_context * 3 + 2 + 3  # offsets to each context candidate + presence, offset to their median, pose
-        self.net = nn.Sequential(
-            nn.ReLU(), nn.Linear(2 * feat + geo + 16, hidden), nn.ReLU(), nn.Linear(hidden, 48), nn.ReLU(),
+        self.net = nn.Sequential(  # the Identity keeps the layers' state-dict names of the first head's files
+            nn.Identity(), nn.Linear(2 * feat + geo + 16 + glob, hidden), nn.ReLU(), nn.Linear(hidden, 48), nn.ReLU(),
             nn.Linear(48, 1))
         # Point errors talk to each other: a label's shape is wrong as a whole as often as point by point.
         self.face = nn.Sequential(nn.Linear(68, 64), nn.ReLU(), nn.Linear(64, 68))
 
-    def forward(self, feats: Tensor, geo: Tensor) -> Tensor:
+    def forward(self, feats: Tensor, geo: Tensor, glob: Tensor | None = None) -> Tensor:
+        """feats [B, 68, 2*feat] sampled maps, geo [B, 68, G] (`geometry`), glob [B, glob] (`global_features`)."""
         b = feats.shape[0]
         emb = self.point_embed.weight.unsqueeze(0).expand(b, -1, -1)
-        per_point = self.net(torch.cat([feats, geo, emb], -1)).squeeze(-1)  # [B, 68] log-error
+        parts = [F.relu(feats), geo if self.signed_geo else F.relu(geo), emb]
+        if self.glob is not None:
+            parts.append(glob[:, None, :].expand(b, 68, -1))
+        per_point = self.net(torch.cat(parts, -1)).squeeze(-1)  # [B, 68] log-error
         return F.softplus(per_point + self.face(per_point))  # [B, 68]
 
 
@@ -139,8 +150,9 @@ class Verifier:
     """The shipped verifier: the teacher's trunk (from the teacher weights) + the trained head."""
 
     def __init__(self, teacher_net: nn.Module, head: VerifierHead, *, device: torch.device | str = "cpu",
-                 batch_size: int = 256, tau_pct: float = 2.0):
+                 batch_size: int = 256, tau_pct: float = 2.0, label_score: LabelScore | None = None):
         self.tau_pct = tau_pct  # the fusion softness chosen when it was trained
+        self.label_score = label_score  # None: a file from before it, the head's own figure is the label's
         self.device = torch.device(device)
         self.trunk = teacher_net.eval().to(self.device)
         self.head = head.eval().to(self.device)
@@ -153,10 +165,10 @@ class Verifier:
             raise FileNotFoundError(f"verifier weights not found: {path} (train them with "
                                     f"`facecurate verifier-train`, or point `verifier.weights` at a file)")
         state = torch.load(path, map_location="cpu", weights_only=True)
-        head = VerifierHead(**state["config"])
+        head = VerifierHead(**{"glob": 0, "signed_geo": False, **state["config"]})  # a file from before those options
         head.load_state_dict(state["head"])
         tau = (state.get("meta", {}).get("report") or {}).get("tau_pct", 2.0)
-        return cls(teacher_net, head, tau_pct=tau, **kw)
+        return cls(teacher_net, head, tau_pct=tau, label_score=LabelScore.from_dict(state.get("label_score")), **kw)
 
     @torch.inference_mode()
     def maps(self, crops_rgb: np.ndarray) -> tuple[Tensor, Tensor]:
@@ -182,6 +194,24 @@ class Verifier:
         return out
 
 
+    def label_nme(self, faces: list[VerifierInputs], label_nme: np.ndarray, context_nme: np.ndarray) -> np.ndarray:
+        """The predicted NME (%) of each face's label: `label_score` over the head's figures for the label
+        (label_nme [N]) and for the face's CONTEXT candidates (context_nme [N, K], NaN where absent)."""
+        label_nme = np.asarray(label_nme, np.float64)
+        if self.label_score is None or not len(faces):
+            return label_nme
+        return self.label_score(score_features(label_nme, context_nme, np.stack([f.present for f in faces]),
+                                               np.stack([f.context for f in faces]),
+                                               np.stack([f.pose_deg for f in faces])))
+
+
+def context_nme(names: list[str], nme: np.ndarray) -> np.ndarray:
+    """Predicted NMEs of a face's named candidates ([K'] in `names` order) -> [len(CONTEXT)] in CONTEXT
+    order, NaN where a context candidate is absent."""
+    at = {n: i for i, n in enumerate(names)}
+    return np.array([nme[at[n]] if n in at else np.nan for n in CONTEXT], np.float64)
+
+
 def predict_points(head: VerifierHead, m30: Tensor, m15: Tensor, labels: Tensor, context: Tensor,
                    present: Tensor, pose: Tensor) -> Tensor:
     """The head on already computed maps, one face per map: labels [B, L, 68, 2] -> [B, L, 68] errors.
@@ -193,12 +223,14 @@ def predict_points(head: VerifierHead, m30: Tensor, m15: Tensor, labels: Tensor,
     feats = feats.reshape(b * n_labels, 68, -1)
     rep = lambda t: t.repeat_interleave(n_labels, 0)  # noqa: E731 - small per-face tensors only
     geo = geometry(labels.reshape(b * n_labels, 68, 2), rep(context), rep(present), rep(pose))
-    return head(feats, geo).reshape(b, n_labels, 68)
+    glob = F.relu(head.glob(torch.cat([m30.mean((2, 3)), m15.mean((2, 3))], -1))) if head.glob is not None else None
+    return head(feats, geo, rep(glob) if glob is not None else None).reshape(b, n_labels, 68)
 
 
-def save_head(head: VerifierHead, path: str | Path, config: dict, meta: dict) -> None:
+def save_head(head: VerifierHead, path: str | Path, config: dict, meta: dict,
+              label_score: LabelScore | None = None) -> None:
     buf = io.BytesIO()
     torch.save({"head": {k: v.half().float() for k, v in head.state_dict().items()}, "config": config,
-                "meta": meta}, buf)
+                "meta": meta, "label_score": label_score.to_dict() if label_score else None}, buf)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_bytes(buf.getvalue())

@@ -109,6 +109,32 @@ def test_rule_bounds_per_yaw_bin():
     assert out.reject_reason[4] == "verifier_nme_pct 9 > max 8 (yaw bin 60-90)"
 
 
+def test_label_score_learns_from_every_candidate_and_guesses_absent_ones_neutrally():
+    from pipeline.label_score import LabelScore, score_features
+
+    rng = np.random.default_rng(0)
+    n = 400
+    context = np.repeat(rng.uniform(20, 100, (n, 1, 68, 2)), 4, axis=1) + rng.normal(0, 1, (n, 4, 68, 2))
+    cand = rng.uniform(2, 10, (n, 4))
+    label = rng.uniform(2, 10, n)
+    pose = rng.uniform(-90, 90, (n, 3))
+    true = np.exp(0.2 * np.log(label) + 0.6 * np.log(cand[:, 0]) + 0.3)  # the teacher's figure says most
+    x = score_features(label, cand, np.ones((n, 4), bool), context, pose)
+    assert x.shape == (n, 1 + 4 + 6 + 3)
+    score = LabelScore.fit(x, true, alpha=1e-3)
+    assert np.allclose(score(x), true, rtol=1e-3)  # an exact log-linear relation is recovered
+    assert score.coef[1] > score.coef[0] > 0 and abs(score.coef[2]) < 1e-2
+    # a file round trip, and an absent candidate: its figure becomes the label's, its pairs the others' mean
+    again = LabelScore.from_dict(score.to_dict())
+    present = np.ones((1, 4), bool)
+    present[0, 3] = False
+    one = score_features(label[:1], np.array([[cand[0, 0], cand[0, 1], cand[0, 2], np.nan]]), present,
+                         context[:1], pose[:1])
+    assert np.isclose(one[0, 4], np.log(label[0])) and np.isfinite(again(one)).all()
+    pairs_with_absent = [2, 4, 5]  # (0,3), (1,3), (2,3) among the six pairs
+    assert np.allclose(one[0, 5 + np.array(pairs_with_absent)], np.log(np.exp(one[0, 5 + np.array([0, 1, 3])]).mean()))
+
+
 def test_aflw21_references_and_their_nme():
     from pipeline.references import aflw21_from_68, load_aflw21, nme21_pct
 
@@ -226,4 +252,6 @@ def test_verifier_train_command_end_to_end(tmp_path):
         assert set(part["candidates"]) == {"tddfa_mb05", "tddfa_mb05.flip", "peppa68", "openseeface"}
         assert np.isfinite(part["fused"]["mean"])
     assert len(report["shipped_rule"]["max_by_yaw_bin"]) == 3
-    Verifier.load(load_teacher_mobilenet(MODELS / "3ddfa_v2" / "mb05_120x120.pth"), out)
+    assert {"auc_8", "head_auc_8"} <= set(report["train_cross_fitted"]["fused"])
+    verifier = Verifier.load(load_teacher_mobilenet(MODELS / "3ddfa_v2" / "mb05_120x120.pth"), out)
+    assert verifier.label_score is not None and verifier.label_score.to_dict() == report["label_score"]

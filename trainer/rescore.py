@@ -150,7 +150,7 @@ class Relabeller:
         import torch
 
         from pipeline.fusion import fuse, region_weights, voters
-        from pipeline.verifier import VerifierInputs, face_nme
+        from pipeline.verifier import VerifierInputs, context_nme, face_nme
 
         n = len(labels)
         out = {k: [None] * n for k in ("student_nme_pred", "label_nme_pred", "candidate_nme_pred", "relabel_crop",
@@ -170,9 +170,15 @@ class Relabeller:
         stacks = {i: np.stack([p for _, p in candidates[i]] + [student[i]]) for i in todo}  # K candidates + student
         errs = self.verifier.score([inputs(i, np.concatenate([stacks[i], labels[i][None]])) for i in todo])
         proposals = {}
-        for i, err, nme in zip(todo, errs, face_nmes(errs)):
+        head_nmes = face_nmes(errs)
+        # The current label's predicted NME as the build gives it (the label score over every CONTEXT
+        # candidate's figure), so that it and the proposal's compare in the rules' own units.
+        context = {i: context_nme([n for n, _ in candidates[i]], nme[:-2]) for i, nme in zip(todo, head_nmes)}
+        label_nme = self.verifier.label_nme([inputs(i, labels[i][None]) for i in todo],
+                                            np.array([nme[-1] for nme in head_nmes]), np.stack([context[i] for i in todo]))
+        for i, err, nme, current in zip(todo, errs, head_nmes, label_nme):
             out["candidate_nme_pred"][i] = nme[:-1].tolist()
-            out["student_nme_pred"][i], out["label_nme_pred"][i] = float(nme[-2]), float(nme[-1])
+            out["student_nme_pred"][i], out["label_nme_pred"][i] = float(nme[-2]), float(current)
             if self.fuse:  # the build's fusion rule (who votes on the jaw), the student a 3DMM fit
                 fused, weights = fuse(stacks[i], err[:-1], self.tau_pct, voters([n for n, _ in candidates[i]] + [name]))
                 proposals[i] = (fused, region_weights(weights))
@@ -181,10 +187,12 @@ class Relabeller:
                 weights[-1] = 1.0
                 proposals[i] = (student[i], region_weights(weights))
         if self.fuse:
-            fused_errs = self.verifier.score([inputs(i, proposals[i][0][None]) for i in todo])
-            proposed_nme = {i: float(nme[0]) for i, nme in zip(todo, face_nmes(fused_errs))}
+            judged = [inputs(i, proposals[i][0][None]) for i in todo]
+            head_nme = np.array([nme[0] for nme in face_nmes(self.verifier.score(judged))])
         else:
-            proposed_nme = {i: out["student_nme_pred"][i] for i in todo}
+            judged = [inputs(i, student[i][None]) for i in todo]
+            head_nme = np.array([out["student_nme_pred"][i] for i in todo])
+        proposed_nme = dict(zip(todo, self.verifier.label_nme(judged, head_nme, np.stack([context[i] for i in todo]))))
         source = f"fused+{name}" if self.fuse else name
         for i in todo:
             current, proposed = out["label_nme_pred"][i], proposed_nme[i]

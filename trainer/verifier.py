@@ -25,6 +25,7 @@ from pipeline import shards
 from pipeline.build import build
 from pipeline.catalog import store_for_ref
 from pipeline.fusion import fusion_weights, voters
+from pipeline.label_score import LabelScore, score_features
 from pipeline.landmarks import nme_pct, roc_auc, yaw_bins
 from pipeline.mobilenet import fused_for_inference, load_teacher_mobilenet
 from pipeline.references import AFLW21_FROM_68, aflw21_from_68
@@ -42,12 +43,15 @@ class VerifierTrainConfig:
     epochs: int = 15
     feat: int = 48  # head size (pipeline.verifier.VerifierHead)
     hidden: int = 96
+    glob: int = 16  # pooled whole-crop features (pipeline.verifier.VerifierHead)
+    signed_geo: bool = True
     batch_faces: int = 48
     lr: float = 2e-3
     n_corrupt: int = 2  # corrupted labels per face and step
     absent_p: float = 0.15  # chance a context candidate is hidden (chains without it still work)
     folds: int = 5
     seed: int = 0
+    target_clean: float = 0.985  # the rule's bounds keep this share of kept labels under 8% (training split)
     threads: int = 0  # torch threads (0: leave as is)
 
 
@@ -157,7 +161,7 @@ def label_set(context: Tensor, gen: torch.Generator | None, n_corrupt: int) -> T
 
 
 def head_config(cfg: VerifierTrainConfig) -> dict:
-    return {"feat": cfg.feat, "hidden": cfg.hidden}
+    return {"feat": cfg.feat, "hidden": cfg.hidden, "glob": cfg.glob, "signed_geo": cfg.signed_geo}
 
 
 def _run(head: VerifierHead, data: VerifierData, idx: Tensor, labels: Tensor, present: Tensor) -> Tensor:
@@ -375,12 +379,22 @@ def rule_keeps(pred_nme: np.ndarray, abs_yaw: np.ndarray, bounds) -> np.ndarray:
     return pred_nme <= bound
 
 
-def judge_report(judged: dict[str, Tensor], nme_of, yaw: np.ndarray, rule) -> dict:
+def label_features(judged: dict[str, Tensor], data: VerifierData, idx: Tensor | None = None) -> np.ndarray:
+    """`score_features` of the fused labels of `judge_labels` (faces `idx` of `data`, all by default)."""
+    idx = torch.arange(len(data.face_ids)) if idx is None else idx
+    k = judged["cand_pred"].shape[1]
+    cand_nme = np.stack([face_nme(judged["cand_pred"][:, j]).numpy() for j in range(k)], 1)
+    return score_features(face_nme(judged["fused_pred"]).numpy(), cand_nme, data.present[idx].numpy(),
+                          data.context[idx].numpy(), data.pose[idx].numpy())
+
+
+def judge_report(judged: dict[str, Tensor], nme_of, yaw: np.ndarray, rule, label_nme: np.ndarray | None = None) -> dict:
     """Candidates vs the fused label, the verifier's ROC-AUC, and the per-yaw-bin rule's outcome.
 
     `nme_of(points [N, 68, 2]) -> [N]` measures against the references; `rule(fused predicted NME,
     fused measured NME) -> (keep, bounds)` decides the faces (the cross-fitted report fits each fold's
-    bounds on the other folds)."""
+    bounds on the other folds). `label_nme` is the fused labels' predicted NME as the build gives it
+    (the label score); the head's own figure is reported beside it as `head_auc_*`."""
     out = {"candidates": {}}
     for k, name in enumerate(CONTEXT):
         nme = nme_of(judged["cand_points"][:, k].numpy())
@@ -388,9 +402,11 @@ def judge_report(judged: dict[str, Tensor], nme_of, yaw: np.ndarray, rule) -> di
         out["candidates"][name] = {**_label_table(nme, yaw), "auc_8": roc_auc(pred, nme > 8),
                                    "auc_5": roc_auc(pred, nme > 5)}
     fused_nme = nme_of(judged["fused"].numpy())
-    fused_pred = face_nme(judged["fused_pred"]).numpy()
+    head_pred = face_nme(judged["fused_pred"]).numpy()
+    fused_pred = head_pred if label_nme is None else label_nme
     out["fused"] = {**_label_table(fused_nme, yaw), "auc_8": roc_auc(fused_pred, fused_nme > 8),
-                    "auc_5": roc_auc(fused_pred, fused_nme > 5)}
+                    "auc_5": roc_auc(fused_pred, fused_nme > 5), "head_auc_8": roc_auc(head_pred, fused_nme > 8),
+                    "head_auc_5": roc_auc(head_pred, fused_nme > 5)}
     keep, bounds = rule(fused_pred, fused_nme)
     out["rule"] = {"max_by_yaw_bin": [float(b) for b in bounds], **_rule_outcome(keep, fused_nme, yaw)}
     return out
@@ -416,6 +432,15 @@ def train_verifier(store, version: int, teacher_net: torch.nn.Module, out_path, 
                  {t: round(v["balanced"], 3) for t, v in tried.items()})
         judged = cross_fitted_judgements(data, heads, tau)
     folds = fold_of(data.face_ids, cfg.folds)
+    fused_true = nme21(judged["fused"].numpy())
+    # The label score learns from the cross-fitted head outputs (how the head errs on faces it did not
+    # train on); its own report is cross-fitted once more: each fold's faces scored by a fit on the others.
+    features = label_features(judged, data)
+    label_nme = np.zeros(len(fused_true))
+    for k in range(cfg.folds):
+        other, this = folds != k, folds == k
+        label_nme[this] = LabelScore.fit(features[other], fused_true[other])(features[this])
+    label_score = LabelScore.fit(features, fused_true)
 
     def cross_fitted_rule(pred, true):
         # Each fold's bounds come from the other folds: the rule's outcome is measured on faces it was
@@ -423,16 +448,15 @@ def train_verifier(store, version: int, teacher_net: torch.nn.Module, out_path, 
         keep, fold_bounds = np.zeros(len(pred), bool), []
         for k in range(cfg.folds):
             other, this = folds != k, folds == k
-            bounds, _ = calibrate_yaw_thresholds(pred[other], true[other], abs_yaw[other])
+            bounds, _ = calibrate_yaw_thresholds(pred[other], true[other], abs_yaw[other], target_clean=cfg.target_clean)
             keep[this] = rule_keeps(pred[this], abs_yaw[this], bounds)
             fold_bounds.append(bounds)
         return keep, np.mean(fold_bounds, axis=0)
 
     report = {"faces": len(data.face_ids), "config": asdict(cfg), "tau_pct": tau, "version": version,
-              "tau_tried": tried if tau_from_data else None}
-    report["train_cross_fitted"] = judge_report(judged, nme21, yaw, cross_fitted_rule)
-    bounds, share = calibrate_yaw_thresholds(face_nme(judged["fused_pred"]).numpy(),
-                                             nme21(judged["fused"].numpy()), abs_yaw)
+              "tau_tried": tried if tau_from_data else None, "label_score": label_score.to_dict()}
+    report["train_cross_fitted"] = judge_report(judged, nme21, yaw, cross_fitted_rule, label_nme)
+    bounds, share = calibrate_yaw_thresholds(label_score(features), fused_true, abs_yaw, target_clean=cfg.target_clean)
     report["shipped_rule"] = {"max_by_yaw_bin": [round(float(b), 2) for b in bounds], "good_kept_share": share}
 
     head = fit(data, torch.arange(len(data.face_ids)), cfg)
@@ -445,9 +469,11 @@ def train_verifier(store, version: int, teacher_net: torch.nn.Module, out_path, 
         shipped = report["shipped_rule"]["max_by_yaw_bin"]
         dev_abs_yaw = np.abs(dev.pose[:, 0].numpy())
         report["eval_68"] = judge_report(judged_dev, lambda pts: nme_pct(pts, extra["ref68"]), dev.yaw_ref.numpy(),
-                                         lambda pred, true: (rule_keeps(pred, dev_abs_yaw, shipped), shipped))
+                                         lambda pred, true: (rule_keeps(pred, dev_abs_yaw, shipped), shipped),
+                                         label_score(label_features(judged_dev, dev)))
         report["eval_68"]["faces"] = len(dev.face_ids)
-    save_head(head, out_path, config=head_config(cfg), meta={"report": report, "context": list(CONTEXT)})
+    save_head(head, out_path, config=head_config(cfg), meta={"report": report, "context": list(CONTEXT)},
+              label_score=label_score)
     return report
 
 
@@ -469,5 +495,5 @@ def train_verifier_for_catalog(catalog, out_path, cfg: VerifierTrainConfig, *, d
 
 __all__ = ["VerifierTrainConfig", "VerifierData", "CONTEXT", "teacher_maps", "measured_errors", "median_label",
            "corrupt", "label_set", "fit", "predict", "cross_fit", "fold_of", "load_faces", "judge_labels",
-           "cross_fitted_judgements", "calibrate_yaw_thresholds", "train_verifier", "judge_report",
+           "cross_fitted_judgements", "calibrate_yaw_thresholds", "label_features", "train_verifier", "judge_report",
            "train_verifier_for_catalog"]
