@@ -44,8 +44,11 @@ def main() -> None:
     report = json.loads(open(sys.argv[1]).read())
     print(f"{report['faces']} training faces, {report['config']['folds']} folds, fusion tau {report['tau_pct']}%")
     if report.get("tau_tried"):
-        print("balanced NME of the fused labels by tau (cross-fitted): " + ", ".join(
-            f"{t}: {v['balanced']:.3f}" for t, v in report["tau_tried"].items()))
+        print("\n| tau | fused balanced NME | mean | share > 8% | ROC-AUC > 8% / > 5% | rule keeps |\n|---|---|---|---|---|---|")
+        for t, v in report["tau_tried"].items():
+            auc = f"{v['auc_8']:.3f} / {v['auc_5']:.3f}" if "auc_8" in v else "-"
+            kept = _pct(v["kept_share"]) if "kept_share" in v else "-"
+            print(f"| {t} | {v['balanced']:.3f} | {v['mean']:.3f} | {v['over_8_pct']:.1f}% | {auc} | {kept} |")
     part("Training split, cross-fitted (AFLW's 21 points)", report["train_cross_fitted"])
     if "eval_68" in report:
         part(f"aflw2000-dev, evaluation only ({report['eval_68']['faces']} faces, 68 points)", report["eval_68"])

@@ -377,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_catalog(sub.add_parser("verifier-train", help="train the label verifier (cross-fitted report)"))
     p.add_argument("--dataset", default=None, help="NAME@vN to train from (default: build the catalog, use the latest)")
     p.add_argument("--out", default="pipeline/assets/verifier.pt", help="where the trained verifier goes")
-    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--target-clean", type=float, default=None,

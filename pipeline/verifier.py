@@ -53,7 +53,7 @@ class VerifierHead(nn.Module):
     it runs once per face instead of once per label and point."""
 
     def __init__(self, map_channels: tuple[int, int] = (64, 128), feat: int = 32, n_context: int = len(CONTEXT),
-                 hidden: int = 64, glob: int = 16, signed_geo: bool = True):
+                 hidden: int = 64, glob: int = 32, signed_geo: bool = True):
         super().__init__()
         self.proj30 = nn.Conv2d(map_channels[0], feat, 1)
         self.proj15 = nn.Conv2d(map_channels[1], feat, 1)

@@ -135,6 +135,18 @@ def test_label_score_learns_from_every_candidate_and_guesses_absent_ones_neutral
     assert np.allclose(one[0, 5 + np.array(pairs_with_absent)], np.log(np.exp(one[0, 5 + np.array([0, 1, 3])]).mean()))
 
 
+def test_fusion_softness_is_chosen_for_the_curated_dataset_not_the_mean():
+    """The tau whose rule keeps the most faces wins, unless one of its yaw bins is worse than the teacher's."""
+    from trainer.verifier import choose_tau
+
+    def outcome(bins, kept):
+        return {"table": {"bins": bins}, "keep": np.array([True] * kept + [False] * (100 - kept))}
+
+    teacher = [5.0, 5.5, 6.0]
+    outcomes = {0.25: outcome([4.3, 4.8, 5.4], 87), 1.0: outcome([4.4, 4.9, 5.5], 91), 4.0: outcome([4.6, 5.0, 6.1], 95)}
+    assert choose_tau(outcomes, teacher) == 1.0  # 4.0 keeps more, but its 60-90 bin is worse than the teacher's
+
+
 def test_aflw21_references_and_their_nme():
     from pipeline.references import aflw21_from_68, load_aflw21, nme21_pct
 
