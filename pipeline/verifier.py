@@ -72,7 +72,8 @@ class VerifierHead(nn.Module):
         self.face = nn.Sequential(nn.Linear(68, 64), nn.ReLU(), nn.Linear(64, 68))
 
     def forward(self, feats: Tensor, geo: Tensor, glob: Tensor | None = None) -> Tensor:
-        """feats [B, 68, 2*feat] sampled maps, geo [B, 68, G] (`geometry`), glob [B, glob] (`global_features`)."""
+        """feats [B, 68, 2*feat] sampled maps, geo [B, 68, G] (`geometry`), glob [B, glob] the crop's pooled
+        maps through `self.glob` (`predict_points` projects them once per face, not once per label)."""
         b = feats.shape[0]
         emb = self.point_embed.weight.unsqueeze(0).expand(b, -1, -1)
         parts = [F.relu(feats), geo if self.signed_geo else F.relu(geo), emb]

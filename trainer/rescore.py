@@ -173,9 +173,9 @@ class Relabeller:
         head_nmes = face_nmes(errs)
         # The current label's predicted NME as the build gives it (the label score over every CONTEXT
         # candidate's figure), so that it and the proposal's compare in the rules' own units.
-        context = {i: context_nme([n for n, _ in candidates[i]], nme[:-2]) for i, nme in zip(todo, head_nmes)}
+        context = np.stack([context_nme([n for n, _ in candidates[i]], nme[:-2]) for i, nme in zip(todo, head_nmes)])
         label_nme = self.verifier.label_nme([inputs(i, labels[i][None]) for i in todo],
-                                            np.array([nme[-1] for nme in head_nmes]), np.stack([context[i] for i in todo]))
+                                            np.array([nme[-1] for nme in head_nmes]), context)
         for i, err, nme, current in zip(todo, errs, head_nmes, label_nme):
             out["candidate_nme_pred"][i] = nme[:-1].tolist()
             out["student_nme_pred"][i], out["label_nme_pred"][i] = float(nme[-2]), float(current)
@@ -192,7 +192,7 @@ class Relabeller:
         else:
             judged = [inputs(i, student[i][None]) for i in todo]
             head_nme = np.array([out["student_nme_pred"][i] for i in todo])
-        proposed_nme = dict(zip(todo, self.verifier.label_nme(judged, head_nme, np.stack([context[i] for i in todo]))))
+        proposed_nme = dict(zip(todo, self.verifier.label_nme(judged, head_nme, context)))
         source = f"fused+{name}" if self.fuse else name
         for i in todo:
             current, proposed = out["label_nme_pred"][i], proposed_nme[i]

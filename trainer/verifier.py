@@ -375,13 +375,12 @@ def rule_keeps(pred_nme: np.ndarray, abs_yaw: np.ndarray, bounds) -> np.ndarray:
     return pred_nme <= bound
 
 
-def label_features(judged: dict[str, Tensor], data: VerifierData, idx: Tensor | None = None) -> np.ndarray:
-    """`score_features` of the fused labels of `judge_labels` (faces `idx` of `data`, all by default)."""
-    idx = torch.arange(len(data.face_ids)) if idx is None else idx
+def label_features(judged: dict[str, Tensor], data: VerifierData) -> np.ndarray:
+    """`score_features` of the fused labels of `judge_labels` over every face of `data`."""
     k = judged["cand_pred"].shape[1]
     cand_nme = np.stack([face_nme(judged["cand_pred"][:, j]).numpy() for j in range(k)], 1)
-    return score_features(face_nme(judged["fused_pred"]).numpy(), cand_nme, data.present[idx].numpy(),
-                          data.context[idx].numpy(), data.pose[idx].numpy())
+    return score_features(face_nme(judged["fused_pred"]).numpy(), cand_nme, data.present.numpy(),
+                          data.context.numpy(), data.pose.numpy())
 
 
 def judge_report(judged: dict[str, Tensor], nme_of, yaw: np.ndarray, rule, label_nme: np.ndarray | None = None) -> dict:
