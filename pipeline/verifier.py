@@ -53,7 +53,7 @@ class VerifierHead(nn.Module):
     it runs once per face instead of once per label and point."""
 
     def __init__(self, map_channels: tuple[int, int] = (64, 128), feat: int = 32, n_context: int = len(CONTEXT),
-                 hidden: int = 64, glob: int = 32, signed_geo: bool = True):
+                 hidden: int = 64, glob: int = 32, signed_geo: bool = True, visibility: bool = True):
         super().__init__()
         self.proj30 = nn.Conv2d(map_channels[0], feat, 1)
         self.proj15 = nn.Conv2d(map_channels[1], feat, 1)
@@ -70,17 +70,24 @@ class VerifierHead(nn.Module):
             nn.Linear(48, 1))
         # Point errors talk to each other: a label's shape is wrong as a whole as often as point by point.
         self.face = nn.Sequential(nn.Linear(68, 64), nn.ReLU(), nn.Linear(64, 68))
+        # Whether an annotator would mark the point (logit): the measured NME averages over the marked
+        # points only and is normalised by their box, so a face with few marked points (self-occluded,
+        # hidden by hair, hands, glasses) measures a higher NME for the same label (docs/labels.md).
+        self.vis = nn.Linear(48, 1) if visibility else None
 
-    def forward(self, feats: Tensor, geo: Tensor, glob: Tensor | None = None) -> Tensor:
+    def forward(self, feats: Tensor, geo: Tensor, glob: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """feats [B, 68, 2*feat] sampled maps, geo [B, 68, G] (`geometry`), glob [B, glob] the crop's pooled
-        maps through `self.glob` (`predict_points` projects them once per face, not once per label)."""
+        maps through `self.glob` (`predict_points` projects them once per face, not once per label).
+        Returns the per-point errors [B, 68] and, when the head has them, visibility logits [B, 68]."""
         b = feats.shape[0]
         emb = self.point_embed.weight.unsqueeze(0).expand(b, -1, -1)
         parts = [F.relu(feats), geo if self.signed_geo else F.relu(geo), emb]
         if self.glob is not None:
             parts.append(glob[:, None, :].expand(b, 68, -1))
-        per_point = self.net(torch.cat(parts, -1)).squeeze(-1)  # [B, 68] log-error
-        return F.softplus(per_point + self.face(per_point))  # [B, 68]
+        hidden = self.net[:-1](torch.cat(parts, -1))
+        per_point = self.net[-1](hidden).squeeze(-1)  # [B, 68] log-error
+        vis = self.vis(hidden).squeeze(-1) if self.vis is not None else None
+        return F.softplus(per_point + self.face(per_point)), vis
 
 
 def trunk_maps(net: nn.Module, crops_bgr_norm: Tensor) -> tuple[Tensor, Tensor]:
@@ -120,6 +127,11 @@ def geometry(label: Tensor, context: Tensor, present: Tensor, pose_deg: Tensor) 
              (torch.nan_to_num(pose_deg, nan=0.0) / 90.0)[:, None, :].expand(b, 68, 3)]
     scale = [10.0] * (2 * k) + [1.0] * k + [10.0] * 2 + [1.0] * 3  # offsets are a few % of the face
     return torch.cat(parts, -1) * torch.tensor(scale, device=label.device)
+
+
+def visibility21(vis_logits: Tensor) -> Tensor:
+    """[B, 68] visibility logits -> [B, 21] probability that AFLW's annotators marked each of their points."""
+    return torch.sigmoid(vis_logits @ group_matrix(AFLW21_FROM_68).to(vis_logits).T)
 
 
 def face_nme(per_point: Tensor) -> Tensor:
@@ -166,7 +178,7 @@ class Verifier:
             raise FileNotFoundError(f"verifier weights not found: {path} (train them with "
                                     f"`facecurate verifier-train`, or point `verifier.weights` at a file)")
         state = torch.load(path, map_location="cpu", weights_only=True)
-        head = VerifierHead(**{"glob": 0, "signed_geo": False, **state["config"]})  # a file from before those options
+        head = VerifierHead(**{"glob": 0, "signed_geo": False, "visibility": False, **state["config"]})  # older files
         head.load_state_dict(state["head"])
         tau = (state.get("meta", {}).get("report") or {}).get("tau_pct", 2.0)
         return cls(teacher_net, head, tau_pct=tau, label_score=LabelScore.from_dict(state.get("label_score")), **kw)
@@ -190,10 +202,28 @@ class Verifier:
                                  for f in chunk]))
             per_point = predict_points(self.head, m30, m15, labels, t(np.stack([f.context for f in chunk])),
                                        torch.as_tensor(np.stack([f.present for f in chunk]), device=self.device),
-                                       t(np.stack([f.pose_deg for f in chunk]))).cpu().numpy()
+                                       t(np.stack([f.pose_deg for f in chunk])))[0].cpu().numpy()
             out.extend(p[:len(f.labels)] for p, f in zip(per_point, chunk))
         return out
 
+
+    @torch.inference_mode()
+    def visibility(self, faces: list[VerifierInputs]) -> np.ndarray | None:
+        """[N, 21] the chance that each AFLW point of each face would be marked by an annotator, read at the
+        first context candidate's points (the teacher's); None for a head without that output."""
+        if self.head.vis is None:
+            return None
+        out = []
+        for start in range(0, len(faces), self.batch_size):
+            chunk = faces[start:start + self.batch_size]
+            m30, m15 = self.maps(np.stack([f.crop_rgb for f in chunk]))
+            t = lambda a: torch.as_tensor(np.asarray(a, np.float32), device=self.device)  # noqa: E731
+            context = t(np.stack([f.context for f in chunk]))
+            _, vis = predict_points(self.head, m30, m15, context[:, :1], context,
+                                    torch.as_tensor(np.stack([f.present for f in chunk]), device=self.device),
+                                    t(np.stack([f.pose_deg for f in chunk])))
+            out.append(visibility21(vis[:, 0]).cpu().numpy())
+        return np.concatenate(out).astype(np.float64) if out else np.zeros((0, 21))
 
     def label_nme(self, faces: list[VerifierInputs], label_nme: np.ndarray, context_nme: np.ndarray) -> np.ndarray:
         """The predicted NME (%) of each face's label: `label_score` over the head's figures for the label
@@ -201,9 +231,12 @@ class Verifier:
         label_nme = np.asarray(label_nme, np.float64)
         if self.label_score is None or not len(faces):
             return label_nme
+        visibility = self.visibility(faces) if self.label_score.uses_visibility else None
+        if self.label_score.uses_visibility and visibility is None:
+            raise ValueError("the verifier file's label score reads marked-point chances its head does not give")
         return self.label_score(score_features(label_nme, context_nme, np.stack([f.present for f in faces]),
                                                np.stack([f.context for f in faces]),
-                                               np.stack([f.pose_deg for f in faces])))
+                                               np.stack([f.pose_deg for f in faces]), visibility))
 
 
 def context_nme(names: list[str], nme: np.ndarray) -> np.ndarray:
@@ -214,8 +247,9 @@ def context_nme(names: list[str], nme: np.ndarray) -> np.ndarray:
 
 
 def predict_points(head: VerifierHead, m30: Tensor, m15: Tensor, labels: Tensor, context: Tensor,
-                   present: Tensor, pose: Tensor) -> Tensor:
-    """The head on already computed maps, one face per map: labels [B, L, 68, 2] -> [B, L, 68] errors.
+                   present: Tensor, pose: Tensor) -> tuple[Tensor, Tensor | None]:
+    """The head on already computed maps, one face per map: labels [B, L, 68, 2] -> [B, L, 68] errors
+    and [B, L, 68] visibility logits (None for a head without them).
 
     Every label of a face samples that face's maps (no copy of the maps per label)."""
     b, n_labels = labels.shape[:2]
@@ -225,7 +259,8 @@ def predict_points(head: VerifierHead, m30: Tensor, m15: Tensor, labels: Tensor,
     rep = lambda t: t.repeat_interleave(n_labels, 0)  # noqa: E731 - small per-face tensors only
     geo = geometry(labels.reshape(b * n_labels, 68, 2), rep(context), rep(present), rep(pose))
     glob = F.relu(head.glob(torch.cat([m30.mean((2, 3)), m15.mean((2, 3))], -1))) if head.glob is not None else None
-    return head(feats, geo, rep(glob) if glob is not None else None).reshape(b, n_labels, 68)
+    err, vis = head(feats, geo, rep(glob) if glob is not None else None)
+    return err.reshape(b, n_labels, 68), vis.reshape(b, n_labels, 68) if vis is not None else None
 
 
 def save_head(head: VerifierHead, path: str | Path, config: dict, meta: dict,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -135,6 +137,30 @@ def test_label_score_learns_from_every_candidate_and_guesses_absent_ones_neutral
     assert np.allclose(one[0, 5 + np.array(pairs_with_absent)], np.log(np.exp(one[0, 5 + np.array([0, 1, 3])]).mean()))
 
 
+def test_marked_box_ratio_follows_the_points_an_annotator_would_mark():
+    """The label score's visibility feature: the box of the points likely marked over the box of all 21.
+    All marked: 1; only one half of the face: smaller; fewer than two: every point counts."""
+    from pipeline.label_score import LabelScore, marked_box_ratio, score_features
+
+    grid = np.stack(np.meshgrid(np.linspace(0, 100, 7), np.linspace(0, 100, 3)), -1).reshape(21, 2)[None]
+    left = (grid[0, :, 0] <= 50).astype(float)[None]
+    assert np.isclose(marked_box_ratio(grid, np.ones((1, 21)))[0], 1.0)
+    assert np.isclose(marked_box_ratio(grid, left)[0], np.sqrt(0.5))  # half the width, the whole height
+    one = np.zeros((1, 21))
+    one[0, 3] = 0.9
+    assert np.isclose(marked_box_ratio(grid, one)[0], 1.0)
+    # the feature is the last column, read where the score says so; old files' scores say not
+    rng = np.random.default_rng(1)
+    context = rng.uniform(20, 100, (5, 4, 68, 2))
+    args = (rng.uniform(2, 9, 5), rng.uniform(2, 9, (5, 4)), np.ones((5, 4), bool), context, np.zeros((5, 3)))
+    plain, with_vis = score_features(*args), score_features(*args, visibility=np.full((5, 21), 0.9))
+    assert with_vis.shape[1] == plain.shape[1] + 1 and np.allclose(with_vis[:, :-1], plain)
+    assert np.allclose(with_vis[:, -1], 0.0)  # every point likely marked: log ratio 0
+    old = LabelScore.fit(plain, rng.uniform(2, 9, 5)).to_dict()
+    del old["uses_visibility"]
+    assert LabelScore.from_dict(old).uses_visibility is False
+
+
 def test_fusion_softness_is_chosen_for_the_curated_dataset_not_the_mean():
     """The tau whose rule keeps the most faces wins, unless one of its yaw bins is worse than the teacher's."""
     from trainer.verifier import choose_tau
@@ -207,6 +233,17 @@ def test_shipped_verifier_prefers_the_right_label_on_the_same_image(shipped_veri
         inputs += [alone(crop, pts), alone(crop, pts + 0.12 * np.sqrt(span[0] * span[1]))]
     pred = np.array([float(face_nme(torch.from_numpy(p))[0]) for p in shipped_verifier.score(inputs)]).reshape(-1, 2)
     assert (pred[:, 1] > pred[:, 0]).mean() >= 0.9, pred
+    # Its marked-point chances rank the points AFLW's annotators marked above those they left out
+    # (hidden by the head's turn, hair, hands). These crops are among its training faces: this checks
+    # that the output reads the right points, not how well it generalises (docs/labels.md has that).
+    from pipeline.landmarks import roc_auc
+    from pipeline.references import load_aflw21
+
+    refs = load_aflw21(str(DATA / "aflw-wild-crops-refs.npz"))
+    marked = np.stack([np.isfinite(refs[Path(n).stem][0]).all(-1) for n in names])
+    chances = shipped_verifier.visibility(inputs[::2])
+    assert chances.shape == (len(names), 21) and ((chances >= 0) & (chances <= 1)).all()
+    assert roc_auc(chances.ravel(), marked.ravel()) > 0.8
 
 
 def test_build_keeps_candidates_verifier_scores_and_the_fused_label(small_catalog):
@@ -267,3 +304,4 @@ def test_verifier_train_command_end_to_end(tmp_path):
     assert {"auc_8", "head_auc_8"} <= set(report["train_cross_fitted"]["fused"])
     verifier = Verifier.load(load_teacher_mobilenet(MODELS / "3ddfa_v2" / "mb05_120x120.pth"), out)
     assert verifier.label_score is not None and verifier.label_score.to_dict() == report["label_score"]
+    assert verifier.label_score.uses_visibility and verifier.head.vis is not None

@@ -29,7 +29,8 @@ from pipeline.label_score import LabelScore, score_features
 from pipeline.landmarks import nme_pct, roc_auc, yaw_bins
 from pipeline.mobilenet import fused_for_inference, load_teacher_mobilenet
 from pipeline.references import AFLW21_FROM_68, aflw21_from_68
-from pipeline.verifier import CONTEXT, REGIONS, VerifierHead, face_nme, group_matrix, predict_points, save_head, trunk_maps
+from pipeline.verifier import (CONTEXT, REGIONS, VerifierHead, face_nme, group_matrix, predict_points, save_head,
+                               trunk_maps, visibility21)
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,8 @@ class VerifierTrainConfig:
     hidden: int = 96
     glob: int = 32  # pooled whole-crop features (pipeline.verifier.VerifierHead)
     signed_geo: bool = True
+    visibility: bool = True  # also learn which AFLW points the annotators marked (pipeline.verifier.VerifierHead)
+    vis_weight: float = 0.1
     batch_faces: int = 48
     lr: float = 2e-3
     n_corrupt: int = 2  # corrupted labels per face and step
@@ -161,10 +164,12 @@ def label_set(context: Tensor, gen: torch.Generator | None, n_corrupt: int) -> T
 
 
 def head_config(cfg: VerifierTrainConfig) -> dict:
-    return {"feat": cfg.feat, "hidden": cfg.hidden, "glob": cfg.glob, "signed_geo": cfg.signed_geo}
+    return {"feat": cfg.feat, "hidden": cfg.hidden, "glob": cfg.glob, "signed_geo": cfg.signed_geo,
+            "visibility": cfg.visibility}
 
 
-def _run(head: VerifierHead, data: VerifierData, idx: Tensor, labels: Tensor, present: Tensor) -> Tensor:
+def _run(head: VerifierHead, data: VerifierData, idx: Tensor, labels: Tensor,
+         present: Tensor) -> tuple[Tensor, Tensor | None]:
     return predict_points(head, data.m30[idx].float(), data.m15[idx].float(), labels, data.context[idx], present,
                           data.pose[idx])
 
@@ -187,11 +192,18 @@ def fit(data: VerifierData, idx: Tensor, cfg: VerifierTrainConfig) -> VerifierHe
             present = (torch.rand(len(batch), data.context.shape[1], generator=gen) > cfg.absent_p) & data.present[batch]
             present[:, 0] = data.present[batch, 0]  # the teacher's label is always the trunk's
             n_labels = labels.shape[1]
-            pred = _run(head, data, batch, labels, present).reshape(-1, 68) @ g21.T  # [B*L, 21]
+            point_err, vis = _run(head, data, batch, labels, present)
+            pred = point_err.reshape(-1, 68) @ g21.T  # [B*L, 21]
             err, nme = measured_errors(labels.reshape(-1, 68, 2), data.ref21[batch].repeat_interleave(n_labels, 0))
             seen = ~torch.isnan(err)
             loss = F.smooth_l1_loss(torch.log1p(pred[seen]), torch.log1p(err[seen])) + \
                 F.smooth_l1_loss(torch.log1p(pred.mean(1)), torch.log1p(nme))
+            if vis is not None:  # read at the candidates' points, where the landmarks are (not the corrupted copies)
+                k = data.context.shape[1]
+                marked = ~torch.isnan(data.ref21[batch]).any(-1)  # [B, 21]
+                logits = vis[:, :k] @ g21.T  # [B, K, 21]
+                loss = loss + cfg.vis_weight * F.binary_cross_entropy_with_logits(
+                    logits, marked[:, None, :].expand_as(logits).float())
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -205,9 +217,22 @@ def fit(data: VerifierData, idx: Tensor, cfg: VerifierTrainConfig) -> VerifierHe
 def predict(head: VerifierHead, data: VerifierData, idx: Tensor, labels: Tensor, batch: int = 128) -> Tensor:
     """Predicted point errors [n, L, 68] of labels [n, L, 68, 2] on faces `idx`, every context present
     as the data says."""
-    out = [_run(head, data, idx[s:s + batch], labels[s:s + batch], data.present[idx[s:s + batch]])
+    out = [_run(head, data, idx[s:s + batch], labels[s:s + batch], data.present[idx[s:s + batch]])[0]
            for s in range(0, len(idx), batch)]
     return torch.cat(out) if out else torch.zeros(0, labels.shape[1], 68)
+
+
+@torch.no_grad()
+def predict_visibility(head: VerifierHead, data: VerifierData, idx: Tensor, batch: int = 128) -> Tensor | None:
+    """[n, 21] the chance each AFLW point is marked, read at the first candidate's (the teacher's) points,
+    as `pipeline.verifier.Verifier.visibility` reads it; None for a head without that output."""
+    if head.vis is None:
+        return None
+    out = []
+    for s in range(0, len(idx), batch):
+        part = idx[s:s + batch]
+        out.append(visibility21(_run(head, data, part, data.context[part][:, :1], data.present[part])[1][:, 0]))
+    return torch.cat(out) if out else torch.zeros(0, 21)
 
 
 def fold_of(face_ids: list[str], folds: int) -> np.ndarray:
@@ -289,7 +314,11 @@ def judge_labels(head: VerifierHead, data: VerifierData, idx: Tensor, tau: float
     w = torch.from_numpy(np.stack([fusion_weights(p.numpy(), tau, JAW_VOTERS) for p in pred]))  # [n, K, 68]
     fused = (w[..., None] * cands).sum(1)
     fused_pred = predict(head, data, idx, fused[:, None])[:, 0]
-    return {"cand_points": cands, "cand_pred": pred, "fused": fused, "fused_pred": fused_pred}
+    out = {"cand_points": cands, "cand_pred": pred, "fused": fused, "fused_pred": fused_pred}
+    vis = predict_visibility(head, data, idx)
+    if vis is not None:
+        out["visibility"] = vis
+    return out
 
 
 def cross_fitted_judgements(data: VerifierData, heads: list[tuple[VerifierHead, Tensor]],
@@ -379,8 +408,9 @@ def label_features(judged: dict[str, Tensor], data: VerifierData) -> np.ndarray:
     """`score_features` of the fused labels of `judge_labels` over every face of `data`."""
     k = judged["cand_pred"].shape[1]
     cand_nme = np.stack([face_nme(judged["cand_pred"][:, j]).numpy() for j in range(k)], 1)
+    vis = judged.get("visibility")
     return score_features(face_nme(judged["fused_pred"]).numpy(), cand_nme, data.present.numpy(),
-                          data.context.numpy(), data.pose.numpy())
+                          data.context.numpy(), data.pose.numpy(), None if vis is None else vis.numpy())
 
 
 def judge_report(judged: dict[str, Tensor], nme_of, yaw: np.ndarray, rule, label_nme: np.ndarray | None = None) -> dict:
@@ -458,7 +488,7 @@ def train_verifier(store, version: int, teacher_net: torch.nn.Module, out_path, 
     else:
         tried, chosen = None, outcome(tau)
     judged, fused_true, features = chosen["judged"], chosen["true"], chosen["features"]
-    label_score = LabelScore.fit(features, fused_true)
+    label_score = LabelScore.fit(features, fused_true, uses_visibility="visibility" in judged)
 
     report = {"faces": len(data.face_ids), "config": asdict(cfg), "tau_pct": tau, "version": version,
               "tau_tried": tried, "label_score": label_score.to_dict()}
