@@ -60,14 +60,17 @@ def test_untrained_four_channel_model_is_the_teacher():
         ref = load_mat_reference(DATA / "aflw2000-dev" / f"{stem}.mat", image_height=img.shape[0])
         crops.append(crop_roi(img, roi_from_landmarks(ref.landmarks_68)))
     crops = np.stack(crops)
-    net = build_model(TrainConfig(backbone="mobilenet")).eval()
+    net = build_model(TrainConfig(backbone="mobilenet", map_fusion="early")).eval()
+    late = build_model(TrainConfig(backbone="mobilenet")).eval()
     teacher = load_teacher_mobilenet(MODELS / "3ddfa_v2/mb05_120x120.pth").eval()
     x = net.preprocess(crops)
-    maps = torch.where(torch.rand(6, 1, 120, 120) > 0.99, 1.0, -1.0)  # any map: its filters are zero
+    points = torch.rand(6, 68, 2) * 119  # any map: its filters are zero
     with torch.no_grad():
-        ours = net.whiten(net(x, maps))  # compared whitened: shape params reach 1e5 in BFM units
+        ours = net.whiten(net(x, points))  # compared whitened: shape params reach 1e5 in BFM units
+        image_estimate = late.whiten(late.run(x, points).params_image)  # before the label is read
         theirs = teacher(x)
     torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(image_estimate, theirs, atol=2e-5, rtol=1e-5)
     # The labelling path folds BN into the convs: the same outputs, up to float rounding.
     from pipeline.mobilenet import fused_for_inference
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
@@ -49,6 +49,8 @@ class AugmentSettings:
     blur: float = 0.2  # probability of a Gaussian blur or a down-and-up resize (low-resolution faces)
     occlude: float = 0.2  # probability of a random box over part of the face
     map_dropout: float = 0.15  # probability that the map carries no points at all
+    map_candidate: float = 0.3  # probability that the map is another landmarker's points for the face
+    map_corrupt: float = 0.35  # probability that the map is the label corrupted (`corrupt_label`)
     map_point_dropout: float = 0.1  # probability of each map point missing
     map_noise_pct: float = 1.5  # per-point Gaussian noise of the map, % of the face size (sqrt(w*h))
 
@@ -133,9 +135,11 @@ def _occlude(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def augment(img: np.ndarray, points: np.ndarray, params: list[np.ndarray | None], rng: np.random.Generator,
-            s: AugmentSettings) -> tuple[np.ndarray, np.ndarray, list[np.ndarray | None], bool]:
+            s: AugmentSettings, others: list[np.ndarray] | None = None
+            ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray | None], bool]:
     """One face: RGB crop [120,120,3], label [68,2] crop px, params (each 62 or None) ->
-    the augmented (crop, label, params, mirrored). Params of a mirrored face become None."""
+    the augmented (crop, label, params, mirrored). Params of a mirrored face become None. `others`
+    (more [68,2] point sets of the face, e.g. its candidates) are moved in place the same way."""
     m = np.hstack([np.eye(2), np.zeros((2, 1))])
     if s.shift or s.scale or s.rotate_deg:
         m = similarity(rng, s)
@@ -148,6 +152,9 @@ def augment(img: np.ndarray, points: np.ndarray, params: list[np.ndarray | None]
         img = cv2.warpAffine(img, full, (CROP_SIZE, CROP_SIZE), flags=cv2.INTER_LINEAR,
                              borderMode=cv2.BORDER_REPLICATE)
     points = transform_points(points, full)
+    for k, other in enumerate(others or []):
+        moved = transform_points(other, full)
+        others[k] = moved[FLIP_68] if mirrored else moved
     if mirrored:
         points = points[FLIP_68]  # the left eye of the mirrored face is the right eye of the face
         params = [None for _ in params]
@@ -172,6 +179,85 @@ def noisy_map_points(points: np.ndarray, rng: np.random.Generator, s: AugmentSet
         span = out.max(0) - out.min(0)
         size = math.sqrt(max(float(span[0] * span[1]), 1.0))
         out += rng.normal(0.0, s.map_noise_pct / 100.0 * size, size=out.shape).astype(np.float32)
+    if s.map_point_dropout:
+        out[rng.random(len(out)) < s.map_point_dropout] = np.nan
+    return out
+
+
+# 68-point regions the corruptions move (iBUG order).
+_JAW = np.arange(0, 17)
+_EYES = (np.r_[17:22, 36:42], np.r_[22:27, 42:48])  # a brow with its eye
+_NOSE = np.arange(27, 36)
+_MOUTH = np.arange(48, 68)
+CORRUPTIONS = ("jaw", "eye", "nose", "mouth", "shift", "scale", "rotate", "swap")
+
+
+def _size(points: np.ndarray) -> float:
+    span = np.nanmax(points, 0) - np.nanmin(points, 0)
+    return math.sqrt(max(float(span[0] * span[1]), 1.0))
+
+
+def corrupt_label(points: np.ndarray, rng: np.random.Generator, kind: str | None = None) -> np.ndarray:
+    """The label with one kind of error real landmarkers make, at a random strength (fractions of face size):
+    the jaw pulled off the face (bent toward one side or widened), one eye with its brow, the nose or
+    the mouth moved, the whole label shifted / scaled / rotated, or its left and right swapped."""
+    kind = kind or CORRUPTIONS[int(rng.integers(len(CORRUPTIONS)))]
+    out = points.astype(np.float32).copy()
+    size, centre = _size(points), points.mean(0)
+
+    def move(idx: np.ndarray, lo: float, hi: float) -> None:
+        angle = rng.uniform(0, 2 * math.pi)
+        out[idx] += rng.uniform(lo, hi) * size * np.array([math.cos(angle), math.sin(angle)], np.float32)
+
+    if kind == "jaw":
+        if rng.random() < 0.5:  # bent: a smooth bump along the contour, peaking at a random jaw point
+            peak = rng.integers(0, 17)
+            bump = np.exp(-0.5 * ((np.arange(17) - peak) / rng.uniform(2.0, 5.0)) ** 2)[:, None]
+            angle = rng.uniform(0, 2 * math.pi)
+            out[_JAW] += bump * rng.uniform(0.06, 0.25) * size * np.array([math.cos(angle), math.sin(angle)],
+                                                                           np.float32)
+        else:  # too wide or too narrow a face outline
+            out[_JAW] = centre + (out[_JAW] - centre) * rng.uniform(0.75, 1.3)
+    elif kind == "eye":
+        move(_EYES[int(rng.integers(2))], 0.04, 0.15)
+    elif kind == "nose":
+        move(_NOSE, 0.04, 0.15)
+    elif kind == "mouth":
+        if rng.random() < 0.5:
+            move(_MOUTH, 0.04, 0.15)
+        else:  # opened or closed
+            mc = out[_MOUTH].mean(0)
+            out[_MOUTH, 1] = mc[1] + (out[_MOUTH, 1] - mc[1]) * rng.uniform(0.4, 2.0)
+    elif kind == "shift":
+        move(np.arange(68), 0.04, 0.2)
+    elif kind == "scale":
+        out = centre + (out - centre) * math.exp(rng.uniform(0.08, 0.3) * rng.choice([-1, 1]))
+    elif kind == "rotate":
+        t = math.radians(rng.uniform(6, 25) * rng.choice([-1, 1]))
+        rot = np.array([[math.cos(t), -math.sin(t)], [math.sin(t), math.cos(t)]], np.float32)
+        out = (out - centre) @ rot.T + centre
+    elif kind == "swap":
+        out = out[FLIP_68]  # the right eye labelled left: positions kept, names swapped
+    else:
+        raise ValueError(f"corruption {kind!r}: expected one of {CORRUPTIONS}")
+    return out.astype(np.float32)
+
+
+def choose_map(points: np.ndarray, candidates: list[np.ndarray], rng: np.random.Generator,
+               s: AugmentSettings) -> np.ndarray:
+    """The label the student is given for a face whose best label is `points`: none at all, another
+    landmarker's points (`candidates`), the label corrupted, or the label with noise and gaps; the
+    student is trained to answer `points` whichever it gets, so it learns to correct its label."""
+    u = rng.random()
+    if u < s.map_dropout:
+        return np.full_like(points, np.nan, dtype=np.float32)
+    u -= s.map_dropout
+    if u < s.map_candidate and candidates:
+        out = candidates[int(rng.integers(len(candidates)))].astype(np.float32).copy()
+    elif u < s.map_candidate + s.map_corrupt:
+        out = corrupt_label(points, rng)
+    else:
+        return noisy_map_points(points, rng, replace(s, map_dropout=0.0))
     if s.map_point_dropout:
         out[rng.random(len(out)) < s.map_point_dropout] = np.nan
     return out

@@ -140,6 +140,32 @@ class Predictor:
         return landmarks_3d(p, self.bfm)[..., :2].float().cpu().numpy()
 
     @torch.inference_mode()
+    def read_labels(self, crops: np.ndarray, labels_crop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The student given each face's label: ([B,62] its answer, [B] the self-critic's chance that the
+        label is right). A 2DASL critic (on params, no label) scores the answer instead; NaN without one."""
+        from trainer.model import LabelCritic
+
+        if not isinstance(self.critic, LabelCritic):
+            params = self.params(crops, labels_crop)
+            return params, self.critic_score(crops, params)
+        crops, labels = np.asarray(crops), np.asarray(labels_crop, dtype=np.float32)
+        params, scores = [np.zeros((0, 62), np.float32)], [np.zeros(0, np.float32)]
+        for i in range(0, len(crops), self.chunk):
+            img = self.net.preprocess(crops[i:i + self.chunk], self.device)
+            label = torch.from_numpy(labels[i:i + self.chunk]).to(self.device)
+            out = self.net.run(img, label)
+            project = self._project
+            logit = self.critic(out.features, label, project(out.params_image), project(out.params))
+            params.append(out.params.float().cpu().numpy())
+            scores.append(torch.sigmoid(logit).float().cpu().numpy())
+        return np.concatenate(params).astype(np.float32), np.concatenate(scores).astype(np.float32)
+
+    def _project(self, params: torch.Tensor) -> torch.Tensor:
+        from pipeline.bfm import landmarks_3d
+
+        return landmarks_3d(params, self.bfm)[..., :2]
+
+    @torch.inference_mode()
     def critic_score(self, crops: np.ndarray, params: np.ndarray) -> np.ndarray:
         """[B] sigmoid(D(E(crop), whitened params)) in [0, 1]; NaN without a critic (the teacher)."""
         crops = np.asarray(crops)
@@ -162,14 +188,15 @@ def load_predictor(spec: str, device: str = "auto") -> Predictor:
 
     dev = pick_device(device)
     if spec == "teacher":
-        cfg = TrainConfig(backbone="mobilenet")
+        cfg = TrainConfig(backbone="mobilenet", map_fusion="early")  # the image alone: exactly the teacher
         sha = verified_path(cfg.teacher_weights, what="teacher weights")  # refuses a tampered file
         from pipeline.weights import sha256_file
 
         net = build_model(cfg).to(dev)
         return Predictor(net, None, None, load_bfm(cfg.bfm_path, device=dev), sha256_file(sha), dev)
     state = load_checkpoint(spec)
-    cfg = TrainConfig.from_dict(state["config"])
+    # Checkpoints written before the label reader existed are early-fusion students.
+    cfg = TrainConfig.from_dict({"map_fusion": "early", **state["config"]})
     net = build_model(cfg)
     net.load_state_dict(state["model"])
     encoder, critic = build_critic(cfg)

@@ -23,6 +23,10 @@ class TrainConfig:
     dataset_root: str = "out/datasets"  # the store root (path or fsspec URL), catalog.yaml's output_root
     dataset: str = "faces"  # 'name@vN' ('faces@v3'); a bare name means the latest version
     num_workers: int = 2  # DataLoader workers; 0 decodes in the training process (exact-resume tests)
+    # Cross-fitting: train without the faces of fold `holdout_fold` of `folds` (trainer.data.fold_of), so
+    # the model's scores of those faces are out of sample; -1 trains on every face.
+    holdout_fold: int = -1
+    folds: int = 2
     shuffle_buffer: int = 2048  # rows held for the streaming shuffle (rows are JPEG bytes: ~5 kB each)
 
     # ---- augmentation (trainer.augment): crops like the ones curation makes, and 2DASL's noisy map
@@ -34,7 +38,11 @@ class TrainConfig:
     aug_color: float = 0.3
     aug_blur: float = 0.2
     aug_occlude: float = 0.2
+    # Which label the student is given (trainer.augment.choose_map): it must learn to correct labels that
+    # can be wrong, so the map is the target with noise only part of the time.
     map_dropout: float = 0.15  # the whole map empty (what the zero-map ablation feeds)
+    map_candidate: float = 0.3  # another landmarker's points for the face (a real, independent error)
+    map_corrupt: float = 0.35  # the label corrupted (jaw, an eye, the mouth, whole-label moves, L/R swap)
     map_point_dropout: float = 0.1
     map_noise_pct: float = 1.5  # per-point noise of the map's points, % of face size
 
@@ -49,6 +57,12 @@ class TrainConfig:
     # 0: 2DASL's single-pixel +-1 map; > 0: Gaussian blobs of this std (px) on 0, so the filters learn
     # from the points alone. Measured on an 80-step CPU probe (sigma 2, scale 30): still not read.
     map_sigma: float = 0.0
+    # 'late' (default): the label's 68 points are fitted under a learned per-point trust after the
+    # backbone (trainer.model.LabelReader), so the student reads its label from the first step;
+    # 'early': 2DASL's 4th channel alone (what a GPU run of the paper's ResNet-50 from scratch uses).
+    map_fusion: Literal["late", "early"] = "late"
+    reader_steps: int = 2  # Gauss-Newton steps of the reader's fit
+    reader_lr: float = 1e-3  # the reader's and the label critic's own learning rate (they start fresh)
     freeze_bn: bool | None = None  # BN in eval mode; None: frozen for mobilenet (keeps step 0 == teacher)
     teacher_weights: str = field(default_factory=lambda: _model_file("3ddfa_v2", "mb05_120x120.pth"))
     bfm_path: str = field(default_factory=lambda: _model_file("bfm", "bfm_68.npz"))
@@ -88,14 +102,18 @@ class TrainConfig:
     # 2DASL L_2d-con: the map points drawn into the input map vs the same points of the projection
     # of pass 1 (uniform per-landmark weights v_i; face-size normalised).
     w_con2d: float = 1.0
-    # 2DASL L_3d-con: 3D landmarks of pass 1 vs pass 2 (re-fed with pass 1's projected map).
-    w_con3d: float = 1.0
+    # 2DASL L_3d-con: 3D landmarks of pass 1 vs pass 2 (re-fed with pass 1's projected map). Small: a
+    # student that ignores its map meets it exactly, so at full weight it pays to ignore the map.
+    w_con3d: float = 0.1
     # 2DASL L_cyc: the input map points vs the projection of pass 2's landmarks.
     w_cyc: float = 1.0
     # 2DASL L_sc, generator side: BCE(D(E(img), params), real); small, it is only a prior.
     w_critic: float = 1e-3
     # 2DASL L_3d (WPDC-like, landmark-reprojection weighted) on rows with trusted ref_params.
     w_params: float = 1.0
+    # The image's own estimate (before the label is read) vs the label, as lmk2d: a student given no
+    # map, or a map it does not trust, still answers from the image (late fusion only).
+    w_image: float = 0.5
     # Anchor: MSE of whitened params to the teacher's params_62, on rows without trusted params;
     # stands in for L_3d when the version has no reference labels (keeps the student near the teacher).
     w_anchor: float = 0.1
@@ -106,12 +124,17 @@ class TrainConfig:
         self.map_points = str(self.map_points)  # JSON/YAML may give 18 as an int
         if self.map_points not in ("18", "68"):
             raise ConfigError("map_points", f"{self.map_points!r} is not '18' or '68'")
+        if self.map_fusion not in ("late", "early"):
+            raise ConfigError("map_fusion", f"{self.map_fusion!r} is not 'late' or 'early'")
         if self.batch_size < 1:
             raise ConfigError("batch_size", f"{self.batch_size} must be >= 1")
 
     @property
     def bn_frozen(self) -> bool:
         return self.backbone == "mobilenet" if self.freeze_bn is None else self.freeze_bn
+
+    def holdout(self) -> tuple[int, int] | None:
+        return None if self.holdout_fold < 0 else (self.holdout_fold, self.folds)
 
     def augment_settings(self):
         """The augmentation the data loader applies, or None when `augment` is off."""
@@ -122,6 +145,7 @@ class TrainConfig:
         return AugmentSettings(shift=self.aug_shift, scale=self.aug_scale, rotate_deg=self.aug_rotate_deg,
                                mirror=self.aug_mirror, color=self.aug_color, blur=self.aug_blur,
                                occlude=self.aug_occlude, map_dropout=self.map_dropout,
+                               map_candidate=self.map_candidate, map_corrupt=self.map_corrupt,
                                map_point_dropout=self.map_point_dropout, map_noise_pct=self.map_noise_pct)
 
     def loss_weights(self) -> dict[str, float]:

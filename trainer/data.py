@@ -20,27 +20,38 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.crops import CROP_SIZE, apply_affine
 from pipeline.shards import Store, read_manifest
-from trainer.augment import AugmentSettings, noisy_map_points, sample_rng
+from trainer.augment import AugmentSettings, choose_map, sample_rng
 from trainer.augment import augment as augment_face  # the name `augment` is the settings argument below
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["face_id", "split", "keep", "weight", "crop", "landmarks", "crop_affine", "params_62", "ref_params"]
+COLUMNS = ["face_id", "split", "keep", "weight", "crop", "landmarks", "crop_affine", "params_62", "ref_params",
+           "alt_landmarks"]  # the face's candidates: real wrong labels for the student to correct
 TRAIN_SPLIT = "train"
 
 
-def _train_mask(batch: pa.RecordBatch) -> pa.Array:
+def fold_of(face_id: str, folds: int) -> int:
+    """A face's cross-fitting fold, from its image's content hash (every face of an image in one fold)."""
+    return int(face_id[:8], 16) % folds
+
+
+def _train_mask(batch: pa.RecordBatch, holdout: tuple[int, int] | None = None) -> pa.Array:
     # 'eval' rows (reference sources) must never reach the optimiser; dropped faces carry weight 0.
     mask = pc.and_(pc.equal(batch.column("split"), TRAIN_SPLIT), batch.column("keep"))
-    return pc.and_(mask, pc.greater(batch.column("weight"), 0.0))
+    mask = pc.and_(mask, pc.greater(batch.column("weight"), 0.0))
+    if holdout is not None:  # cross-fitting: the held-out fold's faces are scored, never trained on
+        fold, folds = holdout
+        out = pa.array([fold_of(f, folds) != fold for f in batch.column("face_id").to_pylist()], pa.bool_())
+        mask = pc.and_(mask, out)
+    return mask
 
 
-def count_train_rows(store: Store, version: int) -> int:
-    """Rows a training epoch sees (reads only the three filter columns)."""
+def count_train_rows(store: Store, version: int, holdout: tuple[int, int] | None = None) -> int:
+    """Rows a training epoch sees (reads only the filter columns)."""
     total = 0
     for unit in _row_groups(store, version):
-        total += int(pc.sum(_train_mask(_read_unit(store, version, unit, ["split", "keep", "weight"]))
-                            .cast(pa.int64())).as_py() or 0)
+        cols = _read_unit(store, version, unit, ["face_id", "split", "keep", "weight"])
+        total += int(pc.sum(_train_mask(cols, holdout).cast(pa.int64())).as_py() or 0)
     return total
 
 
@@ -85,14 +96,17 @@ def decode_row(row: dict[str, Any], augment: AugmentSettings | None = None, seed
     map_pts = points
     if augment is not None:
         rng = sample_rng(seed, epoch, row["face_id"])
-        rgb, points, params, _ = augment_face(rgb, points, params, rng, augment)
-        map_pts = noisy_map_points(points, rng, augment)
+        candidates = [apply_affine(np.asarray(a["points"], np.float32).reshape(68, 2), np.asarray(row["crop_affine"]))
+                      for a in (row.get("alt_landmarks") or [])]
+        rgb, points, params, _ = augment_face(rgb, points, params, rng, augment, others=candidates)
+        map_pts = choose_map(points, candidates, rng, augment)
     ref_params, has_params = _nan62(params[0])
     teacher, has_teacher = _nan62(params[1])
     return {
         "img": torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))),
         "points": torch.from_numpy(points),
         "map_points": torch.from_numpy(np.ascontiguousarray(map_pts, dtype=np.float32)),
+        "map_nme": torch.tensor(_map_nme(map_pts, points), dtype=torch.float32),
         "weight": torch.tensor(float(row["weight"]), dtype=torch.float32),
         "params": ref_params,
         "has_params": torch.tensor(has_params),
@@ -100,6 +114,20 @@ def decode_row(row: dict[str, Any], augment: AugmentSettings | None = None, seed
         "has_teacher": torch.tensor(has_teacher),
         "face_id": row["face_id"],
     }
+
+
+def _map_nme(map_pts: np.ndarray, label: np.ndarray) -> float:
+    """NME (%) of the given map against the label over the map's points; NaN for an empty map."""
+    present = np.isfinite(map_pts).all(-1)
+    if not present.any():
+        return float("nan")
+    err = np.linalg.norm(map_pts[present] - label[present], axis=-1).mean()
+    return float(100.0 * err / _box_size(label))
+
+
+def _box_size(points: np.ndarray) -> float:
+    span = points.max(0) - points.min(0)
+    return math.sqrt(max(float(span[0] * span[1]), 1.0))
 
 
 def _shuffled(rows: Iterator[dict], buffer_size: int, rng: random.Random) -> Iterator[dict]:
@@ -125,8 +153,10 @@ class FaceStream(IterableDataset):
 
     def __init__(self, store: Store, version: int, *, shuffle: bool = True, seed: int = 0,
                  buffer_size: int = 2048, batch_size: int = 1, epoch: int = 0, skip_batches: int = 0,
-                 rank: int = 0, world_size: int = 1, augment: AugmentSettings | None = None):
+                 rank: int = 0, world_size: int = 1, augment: AugmentSettings | None = None,
+                 holdout: tuple[int, int] | None = None):
         super().__init__()
+        self.holdout = holdout
         self.augment = augment
         self.rank, self.world_size = rank, world_size
         self.store, self.version = store, version
@@ -143,9 +173,13 @@ class FaceStream(IterableDataset):
         return self._units
 
     def _rows(self, units: list[tuple[str, int]]) -> Iterator[dict]:
+        from pipeline.shards import faces_schema
+
+        present = set(faces_schema(self.store, self.version).names)
+        columns = [c for c in COLUMNS if c in present]  # versions before the candidate columns still train
         for unit in units:
-            batch = _read_unit(self.store, self.version, unit, COLUMNS)
-            yield from batch.filter(_train_mask(batch)).to_pylist()
+            batch = _read_unit(self.store, self.version, unit, columns)
+            yield from batch.filter(_train_mask(batch, self.holdout)).to_pylist()
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -181,7 +215,7 @@ def build_loader(cfg, store: Store, version: int, shuffle: bool = True, epoch: i
     several training processes, over this `rank`'s share of the row groups."""
     stream = FaceStream(store, version, shuffle=shuffle, seed=cfg.seed, buffer_size=cfg.shuffle_buffer,
                         batch_size=cfg.batch_size, epoch=epoch, skip_batches=skip_batches, rank=rank,
-                        world_size=world_size, augment=cfg.augment_settings())
+                        world_size=world_size, augment=cfg.augment_settings(), holdout=cfg.holdout())
     share = len(stream.units()[rank::world_size])
     workers = min(cfg.num_workers, max(share, 1))  # idle workers would only cost memory
     return DataLoader(stream, batch_size=cfg.batch_size, num_workers=workers, collate_fn=collate,

@@ -101,7 +101,7 @@ def blank_map_params(predictor, crops: np.ndarray) -> np.ndarray:
     with torch.inference_mode():
         for i in range(0, len(crops), predictor.chunk):
             img = net.preprocess(crops[i:i + predictor.chunk], predictor.device)
-            blank = net.draw_map(torch.full((img.shape[0], 1, 2), float("nan"), device=img.device))
+            blank = torch.full((img.shape[0], 68, 2), float("nan"), device=img.device)  # no point given
             out.append(net(img, blank).float().cpu().numpy())
     return np.concatenate(out).astype(np.float32)
 

@@ -122,3 +122,15 @@ def critic_losses(d_real: Tensor, d_fake: Tensor) -> tuple[Tensor, Tensor]:
               + F.binary_cross_entropy_with_logits(d_fake.float(), zeros_fake.float()))
     loss_g = F.binary_cross_entropy_with_logits(d_fake.float(), torch.ones_like(d_fake).float())
     return loss_d, loss_g
+
+
+def label_goodness(map_nme_pct: Tensor, good_pct: float = 3.0, bad_pct: float = 8.0) -> Tensor:
+    """The label critic's soft target from the given label's NME (%) against the best label: 1 at or
+    under `good_pct` (the noise of a clean label), 0 at or over `bad_pct` (the "bad label" line the
+    reports use), linear between; NaN (an empty map) stays NaN."""
+    return ((bad_pct - map_nme_pct) / (bad_pct - good_pct)).clamp(0.0, 1.0)
+
+
+def label_critic_loss(logits: Tensor, target: Tensor) -> Tensor:
+    """BCE of the label critic's logits against soft targets in [0, 1]."""
+    return F.binary_cross_entropy_with_logits(logits.float(), target.float())

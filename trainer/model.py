@@ -5,6 +5,8 @@ Backbones: 3DDFA_V2's MobileNetV1-0.5 (starts as the teacher) or 2DASL's ResNet-
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -119,32 +121,151 @@ class ResNet50(nn.Module):
         layers += [Bottleneck(width * Bottleneck.expansion, width) for _ in range(blocks - 1)]
         return nn.Sequential(*layers)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def features(self, x: Tensor) -> Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+        return torch.flatten(self.avgpool(x), 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.features(x))
 
 
 # ---------------------------------------------------------------------------------- regressor
 
 
+def _pooled_features_dim(backbone: nn.Module) -> int:
+    head = _head(backbone)
+    return head.in_features
+
+
+def _head(backbone: nn.Module) -> nn.Linear:
+    """The backbone's params layer: MobileNetV1's fc_param (it also carries fc_lm) or ResNet-50's fc."""
+    return backbone.fc_param if hasattr(backbone, "fc_param") else backbone.fc
+
+
+class LabelReader(nn.Module):
+    """Late fusion of the label's 68 points: a trusted, regularised 3DMM fit of the label.
+
+    From the image the backbone gives params w_img (whitened). The reader then takes `steps` Gauss-Newton
+    steps of the weighted fit  min_d  sum_i c_i ||P(w + d)_i - label_i||^2 / size^2 + lambda ||d||^2 ,
+    P the BFM projection of the 68 points; the per-point trust c_i in (0, 1) is what it learns, from the
+    image's pooled features and the label's residual against the current fit. lambda (learned) keeps
+    the fit near the image's own estimate where trust is low; a missing point (NaN) has trust 0.
+
+    Why late and analytic: the early 4th channel starts at zero filters and a few hundred CPU steps at a
+    fine-tuning learning rate never make it matter (docs/rounds.md), while here the fit reads the label
+    from step 0 and training has only to learn *where to trust it*, a 68-way gate rather than a new
+    input for the whole network.
+    """
+
+    def __init__(self, feat_dim: int, bfm_path: str, param_mean: Tensor, param_std: Tensor, steps: int = 2,
+                 hidden: int = 256):
+        super().__init__()
+        from pipeline.bfm import load_bfm
+
+        bfm = load_bfm(bfm_path)
+        # Loaded from the BFM file at build time, not stored in checkpoints (the file is sha256-checked).
+        self.register_buffer("u", bfm.u.view(68, 3), persistent=False)
+        self.register_buffer("w_shp", bfm.w_shp.view(68, 3, -1), persistent=False)
+        self.register_buffer("w_exp", bfm.w_exp.view(68, 3, -1), persistent=False)
+        self.register_buffer("mean", torch.as_tensor(param_mean, dtype=torch.float32), persistent=False)
+        self.register_buffer("std", torch.as_tensor(param_std, dtype=torch.float32), persistent=False)
+        self.steps = int(steps)
+        self.trust = nn.Sequential(nn.Linear(feat_dim + 68 * 3, hidden), nn.ReLU(inplace=True),
+                                   nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 68))
+        nn.init.zeros_(self.trust[-1].weight)
+        nn.init.constant_(self.trust[-1].bias, 0.0)  # trust 0.5 everywhere at step 0
+        self.log_prior = nn.Parameter(torch.tensor(-3.0))  # lambda = e^-3 ~ 0.05 (normalised units)
+
+    def vertices(self, params: Tensor) -> Tensor:
+        """[B, 62] de-whitened -> [B, 68, 3] BFM points before the pose."""
+        return self.u + torch.einsum("pdk,bk->bpd", self.w_shp, params[:, 12:52]) \
+            + torch.einsum("pdk,bk->bpd", self.w_exp, params[:, 52:62])
+
+    def project(self, w: Tensor) -> Tensor:
+        """Whitened [B, 62] -> [B, 68, 2] crop px (pipeline.bfm.landmarks_3d's convention)."""
+        p = w * self.std + self.mean
+        pose = p[:, :12].view(-1, 3, 4)
+        pts = self.vertices(p) @ pose[:, :2, :3].transpose(1, 2) + pose[:, None, :2, 3]
+        return torch.stack([pts[..., 0] - 1, CROP_SIZE - pts[..., 1]], dim=-1)
+
+    def jacobian(self, w: Tensor) -> Tensor:
+        """d project / d w, analytic: [B, 68, 2, 62] (x is linear in pose row 0, y in row 1; both
+        bilinear in the pose and the shape / expression coefficients)."""
+        p = w * self.std + self.mean
+        pose = p[:, :12].view(-1, 3, 4)
+        v = self.vertices(p)
+        b = w.shape[0]
+        jac = w.new_zeros(b, 68, 2, 62)
+        jac[:, :, 0, 0:3] = v
+        jac[:, :, 0, 3] = 1.0
+        jac[:, :, 1, 4:7] = -v
+        jac[:, :, 1, 7] = -1.0
+        for row, sign in ((0, 1.0), (1, -1.0)):
+            jac[:, :, row, 12:52] = sign * torch.einsum("bd,pdk->bpk", pose[:, row, :3], self.w_shp)
+            jac[:, :, row, 52:62] = sign * torch.einsum("bd,pdk->bpk", pose[:, row, :3], self.w_exp)
+        return jac * self.std
+
+    def forward(self, w_img: Tensor, features: Tensor, points68: Tensor) -> Tensor:
+        present = torch.isfinite(points68).all(-1)  # [B, 68]
+        label = torch.nan_to_num(points68.float(), nan=0.0)
+        w = w_img.float()
+        prior = torch.exp(self.log_prior) * torch.eye(62, device=w.device)
+        for _ in range(self.steps):
+            fit = self.project(w)
+            size = _face_size(fit).detach()[:, None, None]
+            residual = (label - fit) / size * present[..., None]  # [B, 68, 2], normalised
+            c = torch.sigmoid(self.trust(torch.cat([features.float(), residual.flatten(1), present.float()], 1)))
+            c = c * present
+            jac = (self.jacobian(w) / size[..., None]).flatten(1, 2)  # [B, 136, 62]
+            cw = c.repeat_interleave(2, dim=1)[..., None]  # [B, 136, 1]
+            lhs = jac.transpose(1, 2) @ (cw * jac) + prior
+            rhs = jac.transpose(1, 2) @ (cw * residual.flatten(1)[..., None])
+            w = w + torch.linalg.solve(lhs, rhs).squeeze(-1)
+        return w
+
+
+def _face_size(points: Tensor) -> Tensor:
+    wh = points.amax(-2) - points.amin(-2)
+    return (wh[..., 0] * wh[..., 1]).clamp_min(1.0).sqrt()
+
+
+@dataclass
+class StudentOutput:
+    params: Tensor  # [B, 62] de-whitened: the student's answer (the label read and corrected)
+    params_image: Tensor  # [B, 62] de-whitened: the image's own estimate, before the label is read
+    features: Tensor  # [B, F] the backbone's pooled features
+
+
 class TwoDASLNet(nn.Module):
-    """F(I, map) -> 62 de-whitened 3DMM params in the crop frame; the backbone predicts whitened ones."""
+    """F(I, label) -> 62 de-whitened 3DMM params in the crop frame; the backbone predicts whitened ones.
+
+    The label enters twice: drawn into 2DASL's 4th channel (early fusion, `map_points` of it) and, with a
+    `reader` (late fusion), as its 68 points fitted under a learned per-point trust (`LabelReader`)."""
 
     def __init__(self, backbone: nn.Module, param_mean: np.ndarray | Tensor, param_std: np.ndarray | Tensor,
-                 map_points: str = "18", map_scale: float = 1.0, map_sigma: float = 0.0):
+                 map_points: str = "18", map_scale: float = 1.0, map_sigma: float = 0.0,
+                 reader: LabelReader | None = None):
         super().__init__()
         self.backbone = backbone
         self.map_points = str(map_points)
         self.map_scale = float(map_scale)
         self.map_sigma = float(map_sigma)
+        self.reader = reader
         self.register_buffer("param_mean", torch.as_tensor(np.asarray(param_mean), dtype=torch.float32))
         self.register_buffer("param_std", torch.as_tensor(np.asarray(param_std), dtype=torch.float32))
 
-    def forward(self, img_norm: Tensor, landmark_map: Tensor) -> Tensor:
-        x = torch.cat([img_norm, landmark_map.to(img_norm.dtype) * self.map_scale], dim=1)
-        x = x.contiguous(memory_format=torch.channels_last)
-        return self.dewhiten(self.backbone(x).float())
+    def run(self, img_norm: Tensor, points68: Tensor) -> StudentOutput:
+        """Every output of one pass: crops (preprocessed) and the label's 68 crop-px points (NaN: absent)."""
+        drawn = self.draw_map(map_points(points68, self.map_points))
+        x = torch.cat([img_norm, drawn.to(img_norm.dtype) * self.map_scale], dim=1)
+        features = self.backbone.features(x.contiguous(memory_format=torch.channels_last))
+        w_img = _head(self.backbone)(features).float()
+        w = w_img if self.reader is None else self.reader(w_img, features, points68.to(w_img.device))
+        return StudentOutput(self.dewhiten(w), self.dewhiten(w_img), features.float())
+
+    def forward(self, img_norm: Tensor, points68: Tensor) -> Tensor:
+        return self.run(img_norm, points68).params
 
     def whiten(self, params: Tensor) -> Tensor:
         return (params.float() - self.param_mean) / self.param_std
@@ -153,8 +274,8 @@ class TwoDASLNet(nn.Module):
         return params_whitened.float() * self.param_std + self.param_mean
 
     def predict(self, img_norm: Tensor, points68: Tensor) -> Tensor:
-        """Params from an image and its 68 crop-px points (the map is drawn from this net's map points)."""
-        return self(img_norm, self.draw_map(map_points(points68, self.map_points)))
+        """Params from an image and its 68 crop-px points."""
+        return self(img_norm, points68)
 
     def draw_map(self, points: Tensor) -> Tensor:
         """The 4th channel for points already selected ([B, N, 2] crop px; NaN = not drawn)."""
@@ -224,16 +345,50 @@ class Critic(nn.Module):
         return self.net(torch.cat([z, params_whitened.to(z.dtype)], dim=1)).squeeze(1)
 
 
+class LabelCritic(nn.Module):
+    """The self-critic that judges a label: (the student's features, the label) -> a logit, sigmoid =
+    the chance the label is right.
+
+    It reads the label through what the student made of it: the label's residual against the image's
+    own estimate and against the student's corrected answer (both / face size), and which points are
+    present. Trained on pairs whose negatives are wrong labels (other landmarkers' points, corruptions),
+    so its output is a per-face score of the label (2DASL's critic saw only the model's own params).
+    The features are detached: the critic judges, it does not train the regressor."""
+
+    def __init__(self, feat_dim: int, hidden: int = 256):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(feat_dim + 68 * 5, hidden), nn.LeakyReLU(0.2, inplace=True),
+                                 nn.Linear(hidden, hidden), nn.LeakyReLU(0.2, inplace=True), nn.Linear(hidden, 1))
+
+    def forward(self, features: Tensor, label: Tensor, image_points: Tensor, answer_points: Tensor) -> Tensor:
+        present = torch.isfinite(label).all(-1)
+        lab = torch.nan_to_num(label.float(), nan=0.0)
+        size = _face_size(image_points).detach()[:, None, None]
+        r_img = (lab - image_points.detach()) / size * present[..., None]
+        r_out = (lab - answer_points.detach()) / size * present[..., None]
+        x = torch.cat([features.detach().float(), r_img.flatten(1), r_out.flatten(1), present.float()], 1)
+        return self.net(x).squeeze(1)
+
+
 # ------------------------------------------------------------------------------------ building
 
 
 def build_model(cfg: TrainConfig) -> TwoDASLNet:
     mean, std = load_param_stats(cfg.param_stats_path)
-    net = TwoDASLNet(build_backbone(cfg.backbone, cfg.teacher_weights), mean, std, cfg.map_points, cfg.map_scale,
-                     cfg.map_sigma)
+    backbone = build_backbone(cfg.backbone, cfg.teacher_weights)
+    reader = None
+    if cfg.map_fusion == "late":
+        reader = LabelReader(_pooled_features_dim(backbone), cfg.bfm_path, torch.as_tensor(mean),
+                             torch.as_tensor(std), steps=cfg.reader_steps)
+    net = TwoDASLNet(backbone, mean, std, cfg.map_points, cfg.map_scale, cfg.map_sigma, reader=reader)
     return net.to(memory_format=torch.channels_last)
 
 
-def build_critic(cfg: TrainConfig) -> tuple[Encoder, Critic]:
+def build_critic(cfg: TrainConfig) -> tuple[nn.Module, nn.Module]:
+    """(E, D). Late fusion: the label critic reads the student's own features, so E has nothing to do
+    (an empty module keeps the checkpoint layout); early: 2DASL's E and D on params."""
+    if cfg.map_fusion == "late":
+        feat_dim = 2048 if cfg.backbone == "resnet50" else 512
+        return nn.Identity(), LabelCritic(feat_dim)
     encoder = Encoder(width=cfg.encoder_width)
     return encoder, Critic(encoder.z_dim)

@@ -101,13 +101,13 @@ def score_batch(predictor, crops_rgb: np.ndarray, pseudo_crop: np.ndarray) -> di
     Pass 2 draws Y's map on the same crop (2DASL's cycle); its points X̂ vs the pseudo-label give the
     cycle error. Both are NME % normalised by sqrt(w*h) of the pseudo-label's box.
     """
-    params_1 = predictor.params(crops_rgb, pseudo_crop)
+    params_1, critic = predictor.read_labels(crops_rgb, pseudo_crop)
     points_y = predictor.points(params_1)
     points_x_hat = predictor.points(predictor.params(crops_rgb, points_y))
     return {
         "landmark_residual": np.asarray(nme_pct(points_y, pseudo_crop), dtype=np.float32),
         "cycle_error": np.asarray(nme_pct(points_x_hat, pseudo_crop), dtype=np.float32),
-        "critic_score": np.asarray(predictor.critic_score(crops_rgb, params_1), dtype=np.float32),
+        "critic_score": np.asarray(critic, dtype=np.float32),
         "points": np.asarray(points_y, dtype=np.float32),  # the student's points, crop px
     }
 

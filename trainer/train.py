@@ -29,7 +29,7 @@ from trainer.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpo
 from trainer.config import TrainConfig
 from trainer.data import batches_per_epoch, build_loader, count_train_rows
 from trainer.distributed import World
-from trainer.model import Critic, Encoder, TwoDASLNet, build_critic, build_model, map_points
+from trainer.model import TwoDASLNet, build_critic, build_model, map_points
 
 log = logging.getLogger(__name__)
 LOG_FILE = "train_log.jsonl"
@@ -47,13 +47,22 @@ class TrainResult:
 # ------------------------------------------------------------------------------------ building
 
 
-def build_optimizers(cfg: TrainConfig, net: TwoDASLNet, encoder: Encoder,
-                     critic: Critic) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
-    """AdamW for the regressor; Adam with beta1 0.5 for the critic side, the usual GAN setting (the
-    critic's target moves as F trains)."""
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    opt_critic = torch.optim.Adam(list(encoder.parameters()) + list(critic.parameters()), lr=cfg.critic_lr,
+def build_optimizers(cfg: TrainConfig, net: TwoDASLNet, encoder: torch.nn.Module,
+                     critic: torch.nn.Module) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+    """AdamW for the regressor: the backbone at the fine-tuning rate, the label reader (new, small) at its
+    own; Adam with beta1 0.5 for the critic side, the usual GAN setting (the critic's target moves as F
+    trains). Each group keeps its `base_lr`; the schedule scales it."""
+    reader = [p for n, p in net.named_parameters() if n.startswith("reader.")]
+    rest = [p for n, p in net.named_parameters() if not n.startswith("reader.")]
+    groups = [{"params": rest, "lr": cfg.lr, "base_lr": cfg.lr}]
+    if reader:
+        groups.append({"params": reader, "lr": cfg.reader_lr, "base_lr": cfg.reader_lr})
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    critic_lr = cfg.reader_lr if cfg.map_fusion == "late" else cfg.critic_lr
+    opt_critic = torch.optim.Adam(list(encoder.parameters()) + list(critic.parameters()), lr=critic_lr,
                                   betas=(0.5, 0.999))
+    for group in opt_critic.param_groups:
+        group["base_lr"] = critic_lr
     return opt, opt_critic
 
 
@@ -117,32 +126,35 @@ def _autocast(device: torch.device, enabled: bool):
 # ----------------------------------------------------------------------------------- one step
 
 
-def compute_losses(batch: dict[str, Any], net: TwoDASLNet, encoder: Encoder, critic: Critic, bfm,
-                   cfg: TrainConfig, amp: bool) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
+def compute_losses(batch: dict[str, Any], net: TwoDASLNet, encoder: torch.nn.Module, critic: torch.nn.Module,
+                   bfm, cfg: TrainConfig, amp: bool) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
     """2DASL's iteration on one batch -> (generator total, critic loss or None, every term as floats)."""
     device = net.param_mean.device
     img = net.preprocess(batch["img"], device)
-    pseudo = batch["points"].to(device)  # [B, 68, 2] the teacher's noisy 68 points, crop px
+    pseudo = batch["points"].to(device)  # [B, 68, 2] the face's best label (the target), crop px
     weight = batch["weight"].to(device)
     trusted = batch["has_params"].to(device)
     params_ref = batch["params"].to(device)
     teacher = batch["teacher_params"].to(device)
+    given = batch["map_points"].to(device)  # [B, 68, 2] the label the student is given (NaN: absent)
     to_points = partial(landmarks_3d, bfm=bfm)
     which = cfg.map_points
 
-    # Pass 1: α̂ = F(I, map(X_2d)); Y_2d = Proj(α̂).  BFM maths and losses stay fp32 (outside autocast).
-    # The map shows the label's points with noise and gaps (trainer.augment); the consistency terms
-    # compare with the label's own points, so noise added to the input is not also a target.
+    # Pass 1: α̂ = F(I, X_given); Y_2d = Proj(α̂).  BFM maths and losses stay fp32 (outside autocast).
+    # The given label may be noisy, another landmarker's or corrupted (trainer.augment.choose_map); every
+    # term compares with the face's best label, so the student learns to correct what it is given.
     x2d = map_points(pseudo, which)
-    drawn = map_points(batch["map_points"].to(device), which)
     with _autocast(device, amp):
-        params_1 = net(img, net.draw_map(drawn))
+        out_1 = net.run(img, given)
+    params_1 = out_1.params
     lmk3d_1 = to_points(params_1)  # [B, 68, 3]
     y2d = lmk3d_1[..., :2]
-    # Pass 2: α̃ = F(I, map(Y_2d)) on the same image; the re-drawn map is a constant input.
+    # Pass 2: α̃ = F(I, Y_2d) on the same image: the student's answer given back to it as its label.
     with _autocast(device, amp):
-        params_2 = net(img, net.draw_map(map_points(y2d.detach(), which)))
+        params_2 = net(img, y2d.detach())
     lmk3d_2 = to_points(params_2)
+    late = net.reader is not None
+    image_points = to_points(out_1.params_image)[..., :2]
 
     terms: dict[str, torch.Tensor] = {
         "lmk2d": losses.landmark_2d_loss(y2d, pseudo, weight),
@@ -150,15 +162,27 @@ def compute_losses(batch: dict[str, Any], net: TwoDASLNet, encoder: Encoder, cri
         "con3d": losses.consistency_3d_loss(lmk3d_1, lmk3d_2),
         "cyc": losses.cycle_loss(x2d, map_points(lmk3d_2[..., :2], which), face_weight=weight),
         "params": losses.wpdc_loss(params_1[trusted], params_ref[trusted], net.param_std, to_points),
-        "anchor": losses.anchor_loss(net.whiten(params_1[~trusted]), net.whiten(teacher[~trusted])),
+        # Late fusion: the anchor holds the image's own estimate near the teacher; the reader is free.
+        "anchor": losses.anchor_loss(net.whiten((out_1.params_image if late else params_1)[~trusted]),
+                                     net.whiten(teacher[~trusted])),
     }
+    if late:
+        terms["image"] = losses.landmark_2d_loss(image_points, pseudo, weight)
 
-    # Self-critic. Real pairs: (E(J), α*) for rows with trusted params; without any in the batch the
-    # teacher's params stand in as "real" (so D judges drift from the teacher's labelling: an
-    # adversarial form of the anchor). Fake pairs: (E(I), α̂) for the other rows (all rows if none).
     loss_d = None
     terms["critic_g"] = params_1.sum() * 0.0
-    if cfg.w_critic > 0:
+    if late:
+        # The label critic: (image, given label) pairs, real when the label is close to the best one.
+        # Not adversarial: it judges labels and does not train the regressor (its inputs are detached).
+        target = losses.label_goodness(batch["map_nme"].to(device))
+        rows = torch.isfinite(target)
+        if bool(rows.any()):
+            logits = critic(out_1.features[rows], given[rows], image_points[rows], y2d[rows])
+            loss_d = losses.label_critic_loss(logits, target[rows])
+    elif cfg.w_critic > 0:
+        # 2DASL's self-critic. Real pairs: (E(J), α*) for rows with trusted params; without any in the
+        # batch the teacher's params stand in as "real" (D judges drift from the teacher's labelling).
+        # Fake pairs: (E(I), α̂) for the other rows (all rows if none).
         has_teacher = batch["has_teacher"].to(device)
         real_rows, real_params = (trusted, params_ref) if bool(trusted.any()) else (has_teacher, teacher)
         fake_rows = ~trusted if bool((~trusted).any()) else torch.ones_like(trusted)
@@ -178,7 +202,7 @@ def compute_losses(batch: dict[str, Any], net: TwoDASLNet, encoder: Encoder, cri
     return total, loss_d, logged
 
 
-def train_step(batch: dict[str, Any], net: TwoDASLNet, encoder: Encoder, critic: Critic, bfm,
+def train_step(batch: dict[str, Any], net: TwoDASLNet, encoder: torch.nn.Module, critic: torch.nn.Module, bfm,
                cfg: TrainConfig, opt: torch.optim.Optimizer, opt_critic: torch.optim.Optimizer,
                amp: bool, world: World | None = None) -> dict[str, float]:
     """One forward, two backward passes restricted with `inputs=`: the total trains F only, loss_D
@@ -223,7 +247,7 @@ def _train(cfg: TrainConfig, world: World) -> TrainResult:
     name, wanted = parse_ref(cfg.dataset)
     store = Store(cfg.dataset_root, name)
     version = resolve_version(store, wanted)
-    n_rows = count_train_rows(store, version)
+    n_rows = count_train_rows(store, version, cfg.holdout())
     if n_rows == 0:
         raise ValueError(f"{name}@v{version}: no training faces (split 'train', keep, weight > 0)")
     per_epoch = batches_per_epoch(n_rows, cfg.batch_size * world.size)
@@ -288,8 +312,9 @@ def _train(cfg: TrainConfig, world: World) -> TrainResult:
             loader = build_loader(cfg, store, version, epoch=epoch, skip_batches=batch_in_epoch,
                                   rank=world.rank, world_size=world.size)
             for batch in loader:
+                factor = lr_factor(cfg, step, total_steps)
                 for group in opt.param_groups:
-                    group["lr"] = cfg.lr * lr_factor(cfg, step, total_steps)
+                    group["lr"] = group.get("base_lr", cfg.lr) * factor
                 set_train_mode(net, cfg.bn_frozen)
                 encoder.train()
                 critic.train()

@@ -1,0 +1,138 @@
+"""Does the student read the label it is given? Cross-fitted on a version's wild crops (AFLW-21 references).
+
+For each fold k, the checkpoint trained without fold k (`facecurate train --holdout-fold k`) reads every
+face of fold k with the face's own label as its map; the references are never read by the trainer. Per
+face: the label's NME and the student's answer's NME against the references (does it refine the label?),
+the answer given another face's label or none (the map ablation), and the trainer's two judgements of
+the label: its cycle error (label -> answer -> answer again, 2DASL's 2D->3D->2D) and its self-critic.
+Their ROC-AUC at "label NME > 8%" / "> 5%", alone and added to the verifier's predicted NME (a logistic
+fit on one fold, scored on the other).
+
+Usage: .venv/bin/python bench/label_reading.py --dataset wild@v1 --checkpoints CK_FOLD0 CK_FOLD1 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import cv2
+import numpy as np
+import pyarrow.compute as pc
+
+from pipeline.crops import apply_affine, invert_affine
+from pipeline.landmarks import nme_pct, roc_auc, yaw_bins
+from pipeline.references import nme21_pct
+from pipeline.shards import Store, parse_ref, read_faces, resolve_version
+from trainer.checkpoint import load_predictor
+from trainer.data import fold_of
+from trainer.evaluate import blank_map_params, derangement
+
+THRESHOLDS = (8.0, 5.0)
+
+
+def logistic_fit(x: np.ndarray, y: np.ndarray, ridge: float = 1e-3, iters: int = 50) -> np.ndarray:
+    """Weights of a ridge-regularised logistic regression (Newton's method); x gets a bias column."""
+    xb = np.hstack([x, np.ones((len(x), 1))])
+    w = np.zeros(xb.shape[1])
+    for _ in range(iters):
+        p = 1.0 / (1.0 + np.exp(-xb @ w))
+        grad = xb.T @ (p - y) + ridge * w
+        hess = (xb * (p * (1 - p))[:, None]).T @ xb + ridge * np.eye(len(w))
+        w -= np.linalg.solve(hess, grad)
+    return w
+
+
+def cross_fitted_logit(x: np.ndarray, y: np.ndarray, folds: np.ndarray) -> np.ndarray:
+    """Out-of-fold scores of a logistic fit on standardised features."""
+    out = np.zeros(len(x))
+    for k in np.unique(folds):
+        fit, held = folds != k, folds == k
+        mu, sd = x[fit].mean(0), x[fit].std(0) + 1e-9
+        w = logistic_fit((x[fit] - mu) / sd, y[fit].astype(float))
+        out[held] = np.hstack([(x[held] - mu) / sd, np.ones((held.sum(), 1))]) @ w
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dataset", default="wild@v1")
+    ap.add_argument("--root", default="out/datasets")
+    ap.add_argument("--checkpoints", nargs="+", required=True, help="one per fold, in fold order")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    folds_n = len(args.checkpoints)
+
+    name, version = parse_ref(args.dataset)
+    store = Store(args.root, name)
+    version = resolve_version(store, version)
+    faces = read_faces(store, version, columns=["face_id", "crop", "crop_affine", "landmarks", "ref_points21",
+                                                "yaw_deg", "verifier_nme_pct"])
+    faces = faces.filter(pc.is_valid(faces.column("ref_points21")))
+    n = faces.num_rows
+    label = np.asarray(faces.column("landmarks").to_pylist(), np.float32).reshape(n, 68, 2)
+    affine = np.asarray(faces.column("crop_affine").to_pylist(), np.float32).reshape(n, 6)
+    ref = np.asarray(faces.column("ref_points21").to_pylist(), np.float64).reshape(n, 21, 2)
+    bins = yaw_bins(faces.column("yaw_deg").to_numpy(zero_copy_only=False))
+    verifier = faces.column("verifier_nme_pct").to_numpy(zero_copy_only=False).astype(np.float64)
+    fold = np.array([fold_of(f, folds_n) for f in faces.column("face_id").to_pylist()])
+    crops = np.stack([cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1]
+                      for b in faces.column("crop").to_pylist()])
+    back = np.stack([invert_affine(a) for a in affine])
+    label_crop = np.stack([apply_affine(p, a) for p, a in zip(label, affine)])
+
+    answer = np.zeros_like(label_crop)
+    cycle_pts = np.zeros_like(label_crop)
+    shuffled = np.zeros_like(label_crop)
+    blank = np.zeros_like(label_crop)
+    critic = np.full(n, np.nan)
+    for k, spec in enumerate(args.checkpoints):
+        idx = np.flatnonzero(fold == k)
+        model = load_predictor(spec, device="cpu")
+        params, critic[idx] = model.read_labels(crops[idx], label_crop[idx])
+        answer[idx] = model.points(params)
+        cycle_pts[idx] = model.points(model.params(crops[idx], answer[idx]))
+        other = label_crop[idx][derangement(len(idx), seed=k)]
+        shuffled[idx] = model.points(model.params(crops[idx], other))
+        blank[idx] = model.points(blank_map_params(model, crops[idx]))
+
+    def to_image(points_crop: np.ndarray) -> np.ndarray:
+        return np.stack([apply_affine(p, b) for p, b in zip(points_crop, back)])
+
+    def nme21(points_crop: np.ndarray) -> np.ndarray:
+        return nme21_pct(to_image(points_crop), ref)
+
+    def by_bin(v: np.ndarray) -> dict:
+        return {"bins": [round(float(np.nanmean(v[bins == b])), 3) for b in range(3)],
+                "mean": round(float(np.nanmean(v)), 3),
+                "balanced": round(float(np.mean([np.nanmean(v[bins == b]) for b in range(3)])), 3)}
+
+    label_nme = nme21(label_crop)
+    residual = nme_pct(answer, label_crop)
+    cycle = nme_pct(cycle_pts, label_crop)
+    result = {"dataset": f"{name}@v{version}", "faces": n, "checkpoints": args.checkpoints,
+              "nme21": {"label": by_bin(label_nme), "answer_given_label": by_bin(nme21(answer)),
+                        "answer_given_other_label": by_bin(nme21(shuffled)), "answer_given_none": by_bin(nme21(blank))},
+              "auc": {}}
+    logit = lambda p: np.log(np.clip(p, 1e-6, 1 - 1e-6) / np.clip(1 - p, 1e-6, 1))  # noqa: E731
+    for t in THRESHOLDS:
+        bad = label_nme > t
+        feats_v = np.log(verifier)[:, None]
+        feats_all = np.column_stack([np.log(verifier), np.log(cycle + 1e-3), np.log(residual + 1e-3), logit(critic)])
+        result["auc"][f"gt_{t:g}"] = {
+            "bad": int(bad.sum()),
+            "cycle_error": round(roc_auc(cycle, bad), 4),
+            "residual": round(roc_auc(residual, bad), 4),
+            "one_minus_critic": round(roc_auc(1 - critic, bad), 4),
+            "verifier": round(roc_auc(verifier, bad), 4),
+            "verifier_refit": round(roc_auc(cross_fitted_logit(feats_v, bad, fold), bad), 4),
+            "verifier_plus_trainer": round(roc_auc(cross_fitted_logit(feats_all, bad, fold), bad), 4),
+        }
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.json:
+        open(args.json, "w").write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
