@@ -83,7 +83,7 @@ class LabelScore:
 
     @classmethod
     def fit(cls, features: np.ndarray, true_nme: np.ndarray, alpha: float = 1.0,
-            uses_visibility: bool = False) -> "LabelScore":
+            uses_visibility: bool = False) -> LabelScore:
         """Ridge on log NME (closed form; `alpha` on the standardised features)."""
         x = np.asarray(features, np.float64)
         mean, std = x.mean(0), x.std(0) + 1e-6
@@ -101,5 +101,5 @@ class LabelScore:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict | None) -> "LabelScore | None":
+    def from_dict(cls, d: dict | None) -> LabelScore | None:
         return cls(**d) if d else None

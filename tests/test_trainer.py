@@ -51,8 +51,8 @@ def _cfg(catalog, tmp_path, **kw) -> TrainConfig:
 def test_untrained_four_channel_model_is_the_teacher():
     from pipeline.crops import crop_roi, roi_from_landmarks
     from pipeline.decode import decode_image
-    from pipeline.references import load_mat_reference
     from pipeline.mobilenet import load_teacher_mobilenet
+    from pipeline.references import load_mat_reference
 
     crops = []
     for stem in AFLW_DEV[:6]:
