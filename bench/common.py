@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import platform
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -23,7 +23,7 @@ def timed(fn, repeats: int = 2) -> tuple[float, object]:
 
 def header() -> dict:
     gpu = f"cuda {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "cpu"
-    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    return {"date": datetime.now(UTC).isoformat(timespec="seconds"),
             "device": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, {gpu}"}
 
 

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-
 from common import emit, header
+
 from pipeline.build import build
 from pipeline.catalog import load_catalog, store_of
 from pipeline.decode import decode_image

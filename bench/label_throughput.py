@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 
 from common import emit, header, timed
+
 from pipeline.catalog import load_catalog
 from pipeline.decode import decode_image
 from pipeline.labeling import get_chain, label_images

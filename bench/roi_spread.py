@@ -16,7 +16,7 @@ from flows.catalog import load_catalog
 from pipeline.crops import roi_from_landmarks
 from pipeline.labeling import Chain
 from pipeline.settings import shared_root
-from trainer.evaluate import measurement_chain, load_eval_set, prepare_faces
+from trainer.evaluate import load_eval_set, measurement_chain, prepare_faces
 
 
 def main() -> None:

@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-
 from common import emit, header
+
 from pipeline.crops import apply_affine
 from pipeline.landmarks import nme_pct
 from pipeline.shards import Store, iter_face_batches, parse_ref, resolve_version

@@ -6,7 +6,7 @@ flow adds what operating it needs: progress in the UI, the `dataset.landed` even
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact

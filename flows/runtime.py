@@ -21,7 +21,7 @@ def dask_task_runner(address: str | None, workers: int = 1, processes: bool | No
     """An existing scheduler when `address` is given, else a LocalCluster.
 
     In Prefect's ephemeral mode every dask worker *process* would start its own temporary Prefect
-    server (measured: 31 s for a 10-item map vs 6 s against one server), so by default the local
+    server (several times slower: measured in docs/design-notes.md, note 7), so by default the local
     cluster runs its workers as threads of this process then; with a real server, as processes.
     """
     if address:

@@ -28,7 +28,14 @@ from pipeline.gpu_decode import decode_batch, decode_device
 from pipeline.labeling import LabelledFace, get_chain, label_images
 from pipeline.plan import Batch
 from pipeline.quality import apply_rules, face_features
-from pipeline.shards import FACES_SCHEMA, FEATURE_COLUMNS, IMAGES_SCHEMA, QUARANTINE_SCHEMA, write_atomic, write_table
+from pipeline.shards import (
+    FACES_SCHEMA,
+    FEATURE_COLUMNS,
+    IMAGES_SCHEMA,
+    QUARANTINE_SCHEMA,
+    write_atomic,
+    write_table,
+)
 from pipeline.sources import FetchError, SourceItem, TarReader, fetch_url, read_file
 from pipeline.weights import ModelError
 
@@ -346,11 +353,11 @@ def check_models(catalog: Catalog) -> None:
         specs.insert(0, ("face detector", catalog.detectors.face))
     if catalog.detectors.verifier is not None:
         specs.append(("verifier", catalog.detectors.verifier))
-    try:
-        chain.landmarkers
+    try:  # the chain's properties load their models on first access
+        _ = chain.landmarkers
         if specs[0][0] == "face detector":
-            chain.face_detector
-        chain.verifier  # None when the chain has none
+            _ = chain.face_detector
+        _ = chain.verifier  # None when the chain has none
     except ModelError:
         raise
     except Exception as err:  # noqa: BLE001 - any load failure is reported with the model it came from

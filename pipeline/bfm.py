@@ -30,7 +30,7 @@ class BFM:
     w_shp: Tensor  # (204, 40)
     w_exp: Tensor  # (204, 10)
 
-    def to(self, device) -> "BFM":
+    def to(self, device) -> BFM:
         return BFM(self.u.to(device), self.w_shp.to(device), self.w_exp.to(device))
 
     def numpy(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -55,7 +55,7 @@ class _SourceBase(_Strict):
 
 
     @model_validator(mode="after")
-    def _labels_file(self) -> "_SourceBase":
+    def _labels_file(self) -> _SourceBase:
         if (self.labels == "aflw21") != (self.labels_file is not None):
             raise ValueError("`labels: aflw21` and `labels_file` (an .npz of names, pts21, yaw_deg) go together")
         return self
@@ -79,7 +79,7 @@ class TarSource(_SourceBase):
     path: str  # a tar file, a folder of them, or a glob
 
 
-SourceSpec = Annotated[Union[FolderSource, UrlListSource, TarSource], Field(discriminator="kind")]
+SourceSpec = Annotated[FolderSource | UrlListSource | TarSource, Field(discriminator="kind")]
 
 
 class VerifierSpec(_Strict):
@@ -97,7 +97,7 @@ class DetectorChain(_Strict):
     verifier: VerifierSpec | None = None  # needs a tddfa_mb05 landmarker (its network's features)
 
     @model_validator(mode="after")
-    def _roles(self) -> "DetectorChain":
+    def _roles(self) -> DetectorChain:
         from pipeline.detect.registry import FACE_DETECTORS, LANDMARKERS
 
         if self.face.name not in FACE_DETECTORS:
@@ -119,7 +119,7 @@ class DropRule(_Strict):
     max_by_yaw_bin: tuple[float, float, float] | None = None
 
     @model_validator(mode="after")
-    def _bound(self) -> "DropRule":
+    def _bound(self) -> DropRule:
         if self.min is None and self.max is None and self.max_by_yaw_bin is None:
             raise ValueError("a drop rule needs `min`, `max` or `max_by_yaw_bin`")
         return self
@@ -181,7 +181,7 @@ class Catalog(_Strict):
     path: str | None = None  # where this catalog was read from (set by load_catalog)
 
     @model_validator(mode="after")
-    def _unique_sources(self) -> "Catalog":
+    def _unique_sources(self) -> Catalog:
         names = [s.name for s in self.sources]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:

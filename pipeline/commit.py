@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Iterable
+from datetime import UTC, datetime
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -17,13 +17,21 @@ from pipeline import shards
 from pipeline.batch import BatchResult, decide, with_decisions
 from pipeline.catalog import Catalog, store_of
 from pipeline.plan import BuildPlan, chain_identity
-from pipeline.shards import IMAGES_SCHEMA, QUARANTINE_SCHEMA, Store, link_or_copy, read_table_file, write_atomic, write_table
+from pipeline.shards import (
+    IMAGES_SCHEMA,
+    QUARANTINE_SCHEMA,
+    Store,
+    link_or_copy,
+    read_table_file,
+    write_atomic,
+    write_table,
+)
 
 log = logging.getLogger(__name__)
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _with_version(table: pa.Table, version: int) -> pa.Table:

@@ -81,7 +81,7 @@ def crop_rois(images: list[Image], rois: list[tuple[int, np.ndarray]], size: int
             return np.zeros((0, size, size, 3), np.uint8)
         return np.stack([crop_roi(images[i], roi, size) for i, roi in rois])
     device = images[0].device
-    # Channels-last, as the host path's NHWC arrays are: the convolutions run 1.5-2x faster so on CPU.
+    # Channels-last, as the host path's NHWC arrays are: the convolutions run faster so on CPU.
     out = torch.empty((len(rois), 3, size, size), device=device).contiguous(memory_format=torch.channels_last)
     by_image: dict[int, list[int]] = {}
     for k, (i, _) in enumerate(rois):

@@ -10,10 +10,10 @@ teacher, its mirrored pass, a round's student) whenever one is present. The jaw 
 the projected contour of the 3D face (what AFLW2000-3D's references and any 62-parameter fit use)
 and the visible outline 2D landmarkers give, a different curve once the head turns. A label for 3D
 reconstruction needs the first, and the verifier cannot arbitrate: the AFLW references it learns
-from hold 3 of the 17 jaw points, annotated the 2D way. Measured on aflw2000-dev's references (68
-points, 3D convention): the jaw of the label fused over every candidate has 12.2% NME beyond 60
-degrees against the teacher's 7.7%, while every other point of it beats the teacher in every yaw bin
-(docs/labels.md).
+from hold 3 of the 17 jaw points, annotated the 2D way. On aflw2000-dev's references (68 points, 3D
+convention) the jaw of the label fused over every candidate is worse than the teacher's beyond 60
+degrees, while every other point of it beats the teacher in every yaw bin (measured in docs/labels.md,
+"The jaw: two contour conventions").
 """
 
 from __future__ import annotations

@@ -6,15 +6,15 @@ landmarkers are all predicted bad, the face is hard and their mixture rarely goo
 the candidates lie from one another. A ridge regression on the logarithms of those numbers, fit on
 cross-fitted head outputs (`trainer/verifier.py`, so it learns how the head errs on faces it never
 saw, as on a new catalog's), turns them into the label's predicted NME, in the same % units as the
-head's own. Measured on the wild crops, cross-fitted (docs/labels.md): ROC-AUC for "NME > 8%" of the
-shipped head's figure alone 0.883, with this 0.894 (the first head's: 0.872 and 0.896).
+head's own. It ranks the wild crops' bad labels better than the head's figure alone: the cross-fitted
+ROC-AUCs of both, per head, are measured in docs/labels.md.
 
 Its features, in order: log predicted NME of the label; log predicted NME of each CONTEXT candidate;
 log mean distance (% of face size) of each pair of CONTEXT candidates; |yaw|, |pitch|, |roll| / 90;
 and, for a verifier whose head predicts which AFLW points an annotator would mark, the log of
 `marked_box_ratio`. The measured NME averages over the marked points only and divides by *their*
-box, so the same label measures worse on a face whose marked points span less of it (half of the
-wild crops' labels over 8% are there only by that: docs/labels.md).
+box, so the same label measures worse on a face whose marked points span less of it (how many of the
+wild crops' labels over 8% are there only by that is measured in docs/labels.md).
 It was fit on faces with every CONTEXT candidate present; an absent candidate is given the label's
 own predicted NME and its pairs the mean distance of the present pairs (a neutral guess, not a
 measured one).
@@ -83,7 +83,7 @@ class LabelScore:
 
     @classmethod
     def fit(cls, features: np.ndarray, true_nme: np.ndarray, alpha: float = 1.0,
-            uses_visibility: bool = False) -> "LabelScore":
+            uses_visibility: bool = False) -> LabelScore:
         """Ridge on log NME (closed form; `alpha` on the standardised features)."""
         x = np.asarray(features, np.float64)
         mean, std = x.mean(0), x.std(0) + 1e-6
@@ -101,5 +101,5 @@ class LabelScore:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict | None) -> "LabelScore | None":
+    def from_dict(cls, d: dict | None) -> LabelScore | None:
         return cls(**d) if d else None

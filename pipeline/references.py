@@ -131,7 +131,7 @@ def load_aflw21(path: str) -> dict[str, tuple[np.ndarray, float]]:
         with np.load(path, allow_pickle=False) as z:
             names, pts, yaw = z["names"], z["pts21"].astype(np.float32), z["yaw_deg"].astype(np.float32)
     except (OSError, KeyError, ValueError) as err:
-        raise BadReference(f"{path}: not an AFLW-21 reference file ({err}); it needs names, pts21, yaw_deg")
+        raise BadReference(f"{path}: not an AFLW-21 reference file ({err}); it needs names, pts21, yaw_deg") from err
     pts = pts.transpose(0, 2, 1)
     pts[(pts < 0).any(-1)] = np.nan
     return {str(n): (p, float(y)) for n, p, y in zip(names, pts, yaw)}

@@ -14,9 +14,9 @@ import re
 import socket
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Iterable
+from datetime import UTC, datetime
 
 import fsspec
 import pyarrow as pa
@@ -458,7 +458,7 @@ class DatasetLock:
             raise FileExistsError(self.path)
         write_atomic(self.store.fs, self.path, data)
 
-    def acquire(self) -> "DatasetLock":
+    def acquire(self) -> DatasetLock:
         fs = self.store.fs
         fs.makedirs(self.store.dir, exist_ok=True)
         deadline = time.monotonic() + self.wait_s
@@ -488,7 +488,7 @@ class DatasetLock:
                 pass
             self._held = False
 
-    def __enter__(self) -> "DatasetLock":
+    def __enter__(self) -> DatasetLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
@@ -496,7 +496,7 @@ class DatasetLock:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def read_table_file(fs: fsspec.AbstractFileSystem, path: str) -> pa.Table:

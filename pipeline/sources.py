@@ -12,8 +12,8 @@ import os
 import random
 import tarfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import fsspec
 import requests

@@ -50,6 +50,10 @@ def _labels_by_name(t: pa.Table) -> dict[str, np.ndarray]:
     return preds
 
 
+def _mean_or_none(v: np.ndarray) -> float | None:
+    return float(np.nanmean(v)) if len(v) and np.isfinite(v).any() else None
+
+
 def label_quality(faces: pa.Table) -> dict:
     """Where faces carry references: how good the labels are and how well the verifier and the rules
     judge them, per kind of reference ('68': .mat 68 points, AFLW2000-3D protocol; 'aflw21': AFLW's 21
@@ -77,19 +81,16 @@ def label_quality(faces: pa.Table) -> dict:
         label = nme[label_name]
         good = label <= 8.0
 
-        def per_bin(fn):
-            return [fn(bins == b) for b in range(3)]
-
-        mean_or_none = lambda v: float(np.nanmean(v)) if len(v) and np.isfinite(v).any() else None  # noqa: E731
+        masks = [bins == b for b in range(3)]
         block = {
             "faces": t.num_rows,
             "label": label_name,
-            "nme_by_candidate": {name: {"bins": per_bin(lambda m, v=v: mean_or_none(v[m])), "mean": mean_or_none(v)}
+            "nme_by_candidate": {name: {"bins": [_mean_or_none(v[m]) for m in masks], "mean": _mean_or_none(v)}
                                  for name, v in nme.items()},
-            "kept_nme_by_bin": per_bin(lambda m: mean_or_none(label[m & keep])),
-            "dropped_nme_by_bin": per_bin(lambda m: mean_or_none(label[m & ~keep])),
-            "kept_share_by_bin": per_bin(lambda m: float(keep[m].mean()) if m.any() else None),
-            "good_kept_share_by_bin": per_bin(lambda m: float(keep[m & good].mean()) if (m & good).any() else None),
+            "kept_nme_by_bin": [_mean_or_none(label[m & keep]) for m in masks],
+            "dropped_nme_by_bin": [_mean_or_none(label[m & ~keep]) for m in masks],
+            "kept_share_by_bin": [float(keep[m].mean()) if m.any() else None for m in masks],
+            "good_kept_share_by_bin": [float(keep[m & good].mean()) if (m & good).any() else None for m in masks],
             "kept_under_8_share": float(good[keep].mean()) if keep.any() else None,
         }
         if "verifier_nme_pct" in t.column_names:

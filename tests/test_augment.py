@@ -8,12 +8,20 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import DATA, MODELS, WILD
 from pipeline.bfm import landmarks_3d, landmarks_3d_np, load_bfm, load_param_stats
 from pipeline.landmarks import mirror_points, nme_pct
+from tests.conftest import DATA, MODELS, WILD
 from trainer import losses
-from trainer.augment import (AugmentSettings, augment, mirror_matrix, noisy_map_points, sample_rng, similarity,
-                             transform_params, transform_points)
+from trainer.augment import (
+    AugmentSettings,
+    augment,
+    mirror_matrix,
+    noisy_map_points,
+    sample_rng,
+    similarity,
+    transform_params,
+    transform_points,
+)
 from trainer.model import landmark_map
 
 GEOMETRY_ONLY = AugmentSettings(color=0, blur=0, occlude=0, mirror=0)

@@ -11,8 +11,15 @@ import torch
 
 from tests.conftest import DATA, ROOT
 from trainer.evaluate import (
-    StudentModel, derangement, evaluate, label_table, load_eval_set, paired_bootstrap, prepare_faces,
-    reference_box, stratified_indices,
+    StudentModel,
+    derangement,
+    evaluate,
+    label_table,
+    load_eval_set,
+    paired_bootstrap,
+    prepare_faces,
+    reference_box,
+    stratified_indices,
 )
 
 DEV = DATA / "aflw2000-dev"
@@ -62,7 +69,7 @@ def test_fused_map_is_the_chains_label_on_the_curation_crop(chain, data, faces):
     from pipeline.crops import crop_roi
     from pipeline.labeling import label_images
 
-    for protocol, f in faces.items():
+    for f in faces.values():
         n = len(f.index)
         assert n == N and f.label_points.shape == f.teacher_points.shape == (n, 68, 2)
         assert f.label_sources == ["fused"] * n  # the verifier's fusion, not the teacher's points

@@ -54,10 +54,10 @@ def test_scene_face_counts(detector, scene, n_faces):
     assert scores == sorted(scores, reverse=True) and min(scores) > 0.5
     for f in faces:
         assert f.bbox.dtype == np.float32 and f.bbox.shape == (4,)
-        l, t, r, b = f.bbox
+        left, top, right, bottom = f.bbox
         # Faces in these scenes are 90-350 px, well inside the (downscaled-then-restored) frame.
-        assert 60 < r - l < 400 and 60 < b - t < 400
-        assert -5 < l < r < w + 5 and -5 < t < b < h + 5
+        assert 60 < right - left < 400 and 60 < bottom - top < 400
+        assert -5 < left < right < w + 5 and -5 < top < bottom < h + 5
 
 
 def test_batched_equals_single(detector):

@@ -8,7 +8,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from conftest import AFLW_DEV, DATA, MODELS
 
 OSF = MODELS / "openseeface" / "lm_model0_opt.onnx"
@@ -207,11 +206,11 @@ def test_shipped_verifier_prefers_the_right_label_on_the_same_image(shipped_veri
     """Same crop, the teacher's label vs the same label slid 12% of the face off it, each judged with
     no other candidate to compare with (the context is the label itself): the shipped verifier
     predicts the slid one worse on (nearly) every face, so it reads the image and the label together."""
+    from conftest import WILD
+
     from pipeline.decode import decode_image
     from pipeline.detect.tddfa import TDDFALandmarker, TDDFAOptions
     from pipeline.verifier import CONTEXT, VerifierInputs, face_nme
-
-    from conftest import WILD
 
     teacher = TDDFALandmarker(MODELS / "3ddfa_v2" / "mb05_120x120.pth", options=TDDFAOptions(
         bfm=MODELS / "bfm" / "bfm_68.npz", param_stats=MODELS / "3ddfa_v2" / "param_mean_std_62d_120x120.pkl",

@@ -17,7 +17,6 @@ from pipeline import batch as batch_module
 from pipeline import shards
 from pipeline.build import build
 from pipeline.catalog import load_catalog, store_of
-from pipeline.quality import apply_rules
 from pipeline.shards import FEATURE_COLUMNS, SCORES_SCHEMA
 from pipeline.sources import list_items
 from pipeline.weights import ModelError
@@ -53,15 +52,17 @@ def test_a_rules_only_rebuild_keeps_the_folded_round_weights(tmp_path):
          "landmark_residual": 1.0, "new_weight": float(w)} for f, w in zip(v1.face_id, new_weight)],
         schema=SCORES_SCHEMA)
     assert build(catalog, scores=scores, scores_for_version=1)[0] == 2
-    _edit(path, lambda d: d["rules"].update(min_weight=0.5))  # a weight rule changes, no image does
+    _edit(path, lambda d: d["rules"].update(min_weight=0.9))  # a weight rule changes, no image does
     changed = load_catalog(path)
     version, plan = build(changed)
     assert version == 3 and plan.rules_changed and plan.new_items == 0
     v3 = _faces(changed, 3).set_index("face_id").loc[v1.face_id]
-    rules = apply_rules(v3[["det_score", *FEATURE_COLUMNS]].reset_index(drop=True), changed.rules)
-    kept = rules.keep.to_numpy()
-    assert kept[1:].any()
-    expected = rules.weight.to_numpy() * new_weight
+    # Derived from v1 alone: no drop rule changed, so v1's decisions stand; v1's weights are the rules'
+    # (clipped to [0.05, 1]), the new rules clip them to [0.9, 1] instead; then the round's x 0.5.
+    kept = v1.keep.to_numpy()
+    assert kept[1:].any() and (v1.weight.to_numpy()[kept] < 0.9).any()  # the changed clip shows
+    np.testing.assert_array_equal(v3.keep.to_numpy()[1:], kept[1:])
+    expected = np.maximum(v1.weight.to_numpy(), 0.9) * new_weight
     np.testing.assert_allclose(v3.weight.to_numpy()[1:][kept[1:]], expected[1:][kept[1:]], rtol=1e-5)
     assert not v3.keep.iloc[0] and v3.weight.iloc[0] == 0 and v3.reject_reason.iloc[0].startswith("rescore")
     assert shards.read_manifest(store_of(changed), 3)["round_weights_from"] == 2
@@ -135,8 +136,16 @@ def test_a_missing_verifier_file_stops_the_build_before_any_batch(tmp_path):
     assert shards.list_versions(store_of(catalog)) == []
 
 
-def test_a_model_failing_on_every_image_is_a_model_fault(tmp_path):
+def test_a_model_failing_on_every_image_is_a_model_fault(tmp_path, monkeypatch):
     catalog = load_catalog(_scene_catalog(tmp_path))
+    made = []  # every Stopped the labelling makes: where its quarantine rows would be
+
+    class Recorded(batch_module.Stopped):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(batch_module, "Stopped", Recorded)
 
     class Broken:
         spec = catalog.detectors
@@ -148,10 +157,9 @@ def test_a_model_failing_on_every_image_is_a_model_fault(tmp_path):
     rgb = np.zeros((64, 64, 3), np.uint8)
     items = [shards_item for shards_item in list_items(catalog.sources[0])]
     decoded = [(item, f"id{i}", rgb) for i, item in enumerate(items)]
-    quarantined = []
-    with pytest.raises(ModelError, match="every one of 3"):  # raised: no rows come back, none quarantined
-        quarantined = batch_module.label_items(Broken(), catalog, decoded)[1].quarantine
-    assert quarantined == []
+    with pytest.raises(ModelError, match="every one of 3"):
+        batch_module.label_items(Broken(), catalog, decoded)
+    assert len(made) == 1 and made[0].quarantine == [] and made[0].images == []  # none quarantined
 
 
 def test_images_quarantined_for_a_model_error_are_tried_again(tmp_path, monkeypatch):

@@ -6,8 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.bfm import (landmarks_3d, landmarks_3d_np, load_bfm, load_param_stats, pose_from_params,
-                          project_to_image)
+from pipeline.bfm import (
+    landmarks_3d,
+    landmarks_3d_np,
+    load_bfm,
+    load_param_stats,
+    pose_from_params,
+    project_to_image,
+)
 from pipeline.crops import apply_affine, crop_affine, roi_from_landmarks
 from pipeline.landmarks import FLIP_68, mirror_points, nme_pct, nme_table, select_18
 from pipeline.references import BadReference, load_mat_reference, params_image_to_crop

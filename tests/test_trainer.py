@@ -51,8 +51,8 @@ def _cfg(catalog, tmp_path, **kw) -> TrainConfig:
 def test_untrained_four_channel_model_is_the_teacher():
     from pipeline.crops import crop_roi, roi_from_landmarks
     from pipeline.decode import decode_image
-    from pipeline.references import load_mat_reference
     from pipeline.mobilenet import load_teacher_mobilenet
+    from pipeline.references import load_mat_reference
 
     crops = []
     for stem in AFLW_DEV[:6]:
@@ -249,9 +249,10 @@ def test_round_evaluation_on_reference_faces_matches_the_labels_for_the_teacher(
 
 
 def test_data_parallel_training_on_two_processes(tmp_path):
-    """torchrun with 2 processes (gloo on the CPU; NCCL on GPUs): each rank reads its own share of the
-    row groups, gradients are averaged, the ranks stay identical (checked at every checkpoint), and
-    a resume continues each rank's shard."""
+    """torchrun with 2 processes (gloo on the CPU; NCCL on GPUs). One step on two halves of a batch
+    leaves both ranks with the same weights, and with the weights and gradients one process reaches
+    on the whole batch (tests/dp_step.py). `facecurate train` on 2 ranks: each reads its own share of
+    the row groups, and a resume continues each rank's shard."""
     import json
     import subprocess
     import sys
@@ -267,11 +268,30 @@ def test_data_parallel_training_on_two_processes(tmp_path):
     config = tmp_path / "train.yaml"
     config.write_text("checkpoint_every: 2\nnum_workers: 0\ndevice: cpu\n")
 
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    step_dir = tmp_path / "step"
+    step_dir.mkdir()
+    for cmd in ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"], [sys.executable]):
+        done = subprocess.run([*cmd, "-m", "tests.dp_step", str(tmp_path / "out"), str(step_dir)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=300, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(step_dir / f"rank{r}.pt") for r in (0, 1)]
+    single = torch.load(step_dir / "single.pt")
+    assert ranks[0]["faces"] + ranks[1]["faces"] == single["faces"]  # two halves of one batch
+    for key, value in ranks[0]["weights"].items():
+        torch.testing.assert_close(ranks[1]["weights"][key], value, atol=0, rtol=0, msg=key)
+    # The averaged gradient is the whole batch's (float summation order aside), and so is the step.
+    # Adam's first step moves each weight by about its lr (3e-5 at the least): a tenth of that is the
+    # tolerance (measured: 8e-7 at most).
+    for key, grad in single["grads"].items():
+        torch.testing.assert_close(ranks[0]["grads"][key], grad, atol=1e-6, rtol=1e-4, msg=key)
+    for key, value in single["weights"].items():
+        torch.testing.assert_close(ranks[0]["weights"][key], value, atol=3e-6, rtol=0, msg=key)
+
     def run(steps: int, *extra: str):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "flows.cli", "train", "--catalog", str(path), "--dataset", "faces@v1", "--config", str(config),
                "--max-steps", str(steps), "--batch-size", "4", "--checkpoint-dir", str(tmp_path / "ckpt"), *extra]
-        env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
         assert done.returncode == 0, done.stderr[-3000:]
 

@@ -32,7 +32,7 @@ class World:
         return self.rank == 0
 
     @classmethod
-    def from_env(cls, device: str = "auto") -> "World":
+    def from_env(cls, device: str = "auto") -> World:
         """torchrun's WORLD_SIZE / RANK / LOCAL_RANK; a single process without them."""
         size = int(os.environ.get("WORLD_SIZE", "1"))
         if size <= 1:

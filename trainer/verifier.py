@@ -29,8 +29,17 @@ from pipeline.label_score import LabelScore, score_features
 from pipeline.landmarks import nme_pct, roc_auc, yaw_bins
 from pipeline.mobilenet import fused_for_inference, load_teacher_mobilenet
 from pipeline.references import AFLW21_FROM_68, aflw21_from_68
-from pipeline.verifier import (CONTEXT, REGIONS, VerifierHead, face_nme, group_matrix, predict_points, save_head,
-                               trunk_maps, visibility21)
+from pipeline.verifier import (
+    CONTEXT,
+    REGIONS,
+    VerifierHead,
+    face_nme,
+    group_matrix,
+    predict_points,
+    save_head,
+    trunk_maps,
+    visibility21,
+)
 
 log = logging.getLogger(__name__)
 

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/ (commo
 
 from common import emit, header  # noqa: E402
 from default_chain import distinct_copies, variant_catalog  # noqa: E402
+
 from pipeline.build import build  # noqa: E402
 from pipeline.catalog import load_catalog, store_of  # noqa: E402
 from pipeline.settings import shared_root  # noqa: E402

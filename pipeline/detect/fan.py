@@ -117,7 +117,7 @@ class FanLandmarker:
                 crops = crop_rois(images, rois[chunk], int(FAN_INPUT))
                 if not isinstance(crops, torch.Tensor):
                     crops = torch.from_numpy(crops).permute(0, 3, 1, 2)
-                # channels-last: measured 1.5x faster convolutions than NCHW for FAN on CPU
+                # channels-last: faster convolutions than NCHW for FAN on CPU (measured in docs/benchmarks.md)
                 x = crops.to(self.device, dtype=self.fa.dtype).contiguous(memory_format=torch.channels_last) / 255.0
                 out = self._forward(x)
                 if self.fa.flip_input:

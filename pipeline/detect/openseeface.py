@@ -51,9 +51,10 @@ class OpenSeeFaceOptions(BaseModel):
 
 def osf_box(tight_box: np.ndarray, grow_x: float, grow_y: float) -> np.ndarray:
     """Tight face box (l, t, r, b) -> the model's crop box (grown, not squared)."""
-    l, t, r, b = (float(v) for v in tight_box[:4])
-    w, h = r - l, b - t
-    return np.array([l - grow_x * w, t - grow_y * h, r + grow_x * w, b + grow_y * h], dtype=np.float32)
+    left, top, right, bottom = (float(v) for v in tight_box[:4])
+    w, h = right - left, bottom - top
+    return np.array([left - grow_x * w, top - grow_y * h, right + grow_x * w, bottom + grow_y * h],
+                    dtype=np.float32)
 
 
 def decode_heatmaps(out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -7,9 +7,9 @@ file fixes batch 1; its graph has no reshape, so we relabel the batch axis as dy
 
 from __future__ import annotations
 
-import numpy as np
 from typing import Literal
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from pydantic import BaseModel
 
+from pipeline.rounds import STUDENT_PREFIX  # a trainer round's model as a candidate ("student:r1")
+
 if TYPE_CHECKING:  # the spec validates names against this registry; no import at run time
     from pipeline.detect.spec import DetectorSpec
 
@@ -41,13 +43,10 @@ LANDMARKERS: dict[str, Entry] = {
 }
 
 
-STUDENT_PREFIX = "student"  # a trainer round's model as a candidate ("student:r1"): a 3DMM fit too
-
-
 def contour_convention(candidate: str) -> str:
     """'3d' or '2d' for a candidate label's name: a landmarker, its mirrored pass ('tddfa_mb05.flip'),
     or a trainer round's student; unknown names count as '2d'."""
-    if candidate.startswith(STUDENT_PREFIX):
+    if candidate.startswith(STUDENT_PREFIX):  # the student is a 3DMM fit, like its teacher
         return "3d"
     entry = LANDMARKERS.get(candidate.split(".", 1)[0])
     return entry.contour if entry is not None else "2d"

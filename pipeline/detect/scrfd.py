@@ -8,10 +8,10 @@ and NMS follow insightface's `SCRFD.detect` step for step, and a test holds the 
 
 from __future__ import annotations
 
-import cv2
-import numpy as np
 from typing import Literal
 
+import cv2
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 

@@ -65,7 +65,7 @@ class TDDFALandmarker:
             else:
                 x = torch.from_numpy(np.ascontiguousarray(chunk)).to(self.device).permute(0, 3, 1, 2).float()
             x = (x.flip(1) - 127.5) / 128.0  # RGB -> BGR, as trained
-            x = x.contiguous(memory_format=torch.channels_last)  # measured 2x faster than NCHW on CPU
+            x = x.contiguous(memory_format=torch.channels_last)  # faster than NCHW on CPU
             with autocast(self.device, self.precision):
                 p = self.net(x)
             p = p.float() * self.std + self.mean
