@@ -252,7 +252,9 @@ def choose_map(points: np.ndarray, candidates: list[np.ndarray], rng: np.random.
     if u < s.map_dropout:
         return np.full_like(points, np.nan, dtype=np.float32)
     u -= s.map_dropout
-    if u < s.map_candidate and candidates:
+    if u < s.map_candidate:  # a face without candidates gets its label here (noisy, below)
+        if not candidates:
+            return noisy_map_points(points, rng, replace(s, map_dropout=0.0))
         out = candidates[int(rng.integers(len(candidates)))].astype(np.float32).copy()
     elif u < s.map_candidate + s.map_corrupt:
         out = corrupt_label(points, rng)

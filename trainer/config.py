@@ -114,6 +114,8 @@ class TrainConfig:
     # The image's own estimate (before the label is read) vs the label, as lmk2d: a student given no
     # map, or a map it does not trust, still answers from the image (late fusion only).
     w_image: float = 0.5
+    # The reader's per-point trust vs whether each given point is right (late fusion only).
+    w_trust: float = 0.1
     # Anchor: MSE of whitened params to the teacher's params_62, on rows without trusted params;
     # stands in for L_3d when the version has no reference labels (keeps the student near the teacher).
     w_anchor: float = 0.1

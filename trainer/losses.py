@@ -134,3 +134,18 @@ def label_goodness(map_nme_pct: Tensor, good_pct: float = 3.0, bad_pct: float = 
 def label_critic_loss(logits: Tensor, target: Tensor) -> Tensor:
     """BCE of the label critic's logits against soft targets in [0, 1]."""
     return F.binary_cross_entropy_with_logits(logits.float(), target.float())
+
+
+TRUST_GOOD = 0.03  # a given point within this fraction of the face size of the best label is "right"
+
+
+def trust_loss(trust: Tensor, given: Tensor, target: Tensor) -> Tensor:
+    """BCE of the reader's per-point trust [B, 68] against whether each given point is within TRUST_GOOD
+    of the best label's (both [B, 68, 2] crop px); missing points (NaN) are left out."""
+    present = torch.isfinite(given).all(-1)
+    if not bool(present.any()):
+        return trust.sum() * 0.0
+    err = _dist(torch.nan_to_num(given), target) / face_size(target)[:, None]
+    right = (err < TRUST_GOOD).float()
+    p = trust[present].float().clamp(1e-6, 1 - 1e-6)
+    return F.binary_cross_entropy(p, right[present])

@@ -143,6 +143,9 @@ def _head(backbone: nn.Module) -> nn.Linear:
     return backbone.fc_param if hasattr(backbone, "fc_param") else backbone.fc
 
 
+RESIDUAL_UNIT = 0.03  # a label's residual enters the reader's gate and the critic in these units (of face size)
+
+
 class LabelReader(nn.Module):
     """Late fusion of the label's 68 points: a trusted, regularised 3DMM fit of the label.
 
@@ -171,7 +174,10 @@ class LabelReader(nn.Module):
         self.register_buffer("mean", torch.as_tensor(param_mean, dtype=torch.float32), persistent=False)
         self.register_buffer("std", torch.as_tensor(param_std, dtype=torch.float32), persistent=False)
         self.steps = int(steps)
-        self.trust = nn.Sequential(nn.Linear(feat_dim + 68 * 3, hidden), nn.ReLU(inplace=True),
+        # The features are normalised and the residuals put in units of RESIDUAL_UNIT of the face size,
+        # so both reach the gate at order 1 (raw, the features' scale drowns residuals of ~0.02).
+        self.norm = nn.LayerNorm(feat_dim)
+        self.trust = nn.Sequential(nn.Linear(feat_dim + 68 * 4, hidden), nn.ReLU(inplace=True),
                                    nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 68))
         nn.init.zeros_(self.trust[-1].weight)
         nn.init.constant_(self.trust[-1].bias, 0.0)  # trust 0.5 everywhere at step 0
@@ -206,7 +212,8 @@ class LabelReader(nn.Module):
             jac[:, :, row, 52:62] = sign * torch.einsum("bd,pdk->bpk", pose[:, row, :3], self.w_exp)
         return jac * self.std
 
-    def forward(self, w_img: Tensor, features: Tensor, points68: Tensor) -> Tensor:
+    def forward(self, w_img: Tensor, features: Tensor, points68: Tensor) -> tuple[Tensor, Tensor]:
+        """(whitened params of the fit [B, 62], the last step's per-point trust [B, 68])."""
         present = torch.isfinite(points68).all(-1)  # [B, 68]
         label = torch.nan_to_num(points68.float(), nan=0.0)
         w = w_img.float()
@@ -215,14 +222,16 @@ class LabelReader(nn.Module):
             fit = self.project(w)
             size = _face_size(fit).detach()[:, None, None]
             residual = (label - fit) / size * present[..., None]  # [B, 68, 2], normalised
-            c = torch.sigmoid(self.trust(torch.cat([features.float(), residual.flatten(1), present.float()], 1)))
+            scaled = residual / RESIDUAL_UNIT
+            gate_in = [self.norm(features.detach().float()), scaled.flatten(1), scaled.norm(dim=-1), present.float()]
+            c = torch.sigmoid(self.trust(torch.cat(gate_in, 1)))
             c = c * present
             jac = (self.jacobian(w) / size[..., None]).flatten(1, 2)  # [B, 136, 62]
             cw = c.repeat_interleave(2, dim=1)[..., None]  # [B, 136, 1]
             lhs = jac.transpose(1, 2) @ (cw * jac) + prior
             rhs = jac.transpose(1, 2) @ (cw * residual.flatten(1)[..., None])
             w = w + torch.linalg.solve(lhs, rhs).squeeze(-1)
-        return w
+        return w, c
 
 
 def _face_size(points: Tensor) -> Tensor:
@@ -235,6 +244,7 @@ class StudentOutput:
     params: Tensor  # [B, 62] de-whitened: the student's answer (the label read and corrected)
     params_image: Tensor  # [B, 62] de-whitened: the image's own estimate, before the label is read
     features: Tensor  # [B, F] the backbone's pooled features
+    trust: Tensor | None = None  # [B, 68] the reader's trust in each point of the label (late fusion)
 
 
 class TwoDASLNet(nn.Module):
@@ -261,8 +271,10 @@ class TwoDASLNet(nn.Module):
         x = torch.cat([img_norm, drawn.to(img_norm.dtype) * self.map_scale], dim=1)
         features = self.backbone.features(x.contiguous(memory_format=torch.channels_last))
         w_img = _head(self.backbone)(features).float()
-        w = w_img if self.reader is None else self.reader(w_img, features, points68.to(w_img.device))
-        return StudentOutput(self.dewhiten(w), self.dewhiten(w_img), features.float())
+        if self.reader is None:
+            return StudentOutput(self.dewhiten(w_img), self.dewhiten(w_img), features.float())
+        w, trust = self.reader(w_img, features, points68.to(w_img.device))
+        return StudentOutput(self.dewhiten(w), self.dewhiten(w_img), features.float(), trust)
 
     def forward(self, img_norm: Tensor, points68: Tensor) -> Tensor:
         return self.run(img_norm, points68).params
@@ -357,16 +369,18 @@ class LabelCritic(nn.Module):
 
     def __init__(self, feat_dim: int, hidden: int = 256):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(feat_dim + 68 * 5, hidden), nn.LeakyReLU(0.2, inplace=True),
+        self.norm = nn.LayerNorm(feat_dim)
+        self.net = nn.Sequential(nn.Linear(feat_dim + 68 * 7, hidden), nn.LeakyReLU(0.2, inplace=True),
                                  nn.Linear(hidden, hidden), nn.LeakyReLU(0.2, inplace=True), nn.Linear(hidden, 1))
 
     def forward(self, features: Tensor, label: Tensor, image_points: Tensor, answer_points: Tensor) -> Tensor:
         present = torch.isfinite(label).all(-1)
         lab = torch.nan_to_num(label.float(), nan=0.0)
         size = _face_size(image_points).detach()[:, None, None]
-        r_img = (lab - image_points.detach()) / size * present[..., None]
-        r_out = (lab - answer_points.detach()) / size * present[..., None]
-        x = torch.cat([features.detach().float(), r_img.flatten(1), r_out.flatten(1), present.float()], 1)
+        r_img = (lab - image_points.detach()) / size * present[..., None] / RESIDUAL_UNIT
+        r_out = (lab - answer_points.detach()) / size * present[..., None] / RESIDUAL_UNIT
+        x = torch.cat([self.norm(features.detach().float()), r_img.flatten(1), r_out.flatten(1),
+                       r_img.norm(dim=-1), r_out.norm(dim=-1), present.float()], 1)
         return self.net(x).squeeze(1)
 
 

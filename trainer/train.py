@@ -168,6 +168,9 @@ def compute_losses(batch: dict[str, Any], net: TwoDASLNet, encoder: torch.nn.Mod
     }
     if late:
         terms["image"] = losses.landmark_2d_loss(image_points, pseudo, weight)
+        # The gate learns directly which of the given points are right (within TRUST_GOOD of the best
+        # label): a dense signal, 68 per face, beside the one through the fit.
+        terms["trust"] = losses.trust_loss(out_1.trust, given, pseudo)
 
     loss_d = None
     terms["critic_g"] = params_1.sum() * 0.0
