@@ -115,15 +115,22 @@ def _judge(chain: "Chain", faces: list[LabelledFace]) -> None:
         return
     import torch
 
-    def inputs(face: LabelledFace, labels: np.ndarray) -> VerifierInputs:
-        def to_crop(points: np.ndarray) -> np.ndarray:
-            return apply_affine(points.reshape(-1, 2), face.affine).reshape(points.shape)
-
-        pose = face.primary.pose_deg if face.primary.pose_deg is not None else np.full(3, np.nan, np.float32)
-        return VerifierInputs.of(face.crop_rgb, to_crop(labels), [(n, to_crop(p)) for n, p in face.candidates], pose)
+    def to_crop(face: LabelledFace, points: np.ndarray) -> np.ndarray:
+        return apply_affine(points.reshape(-1, 2), face.affine).reshape(points.shape)
 
     stacks = [np.stack([p for _, p in face.candidates]) for face in faces]
-    point_err = verifier.score([inputs(f, c) for f, c in zip(faces, stacks)])
+    # Each face's candidates in crop px, once: the context of every label judged and the first pass's labels,
+    # so the teacher's points are among those labels exactly (the pass reads its visibility there).
+    crop_stacks = [to_crop(f, c) for f, c in zip(faces, stacks)]
+
+    def inputs(i: int, labels_crop: np.ndarray) -> VerifierInputs:
+        face = faces[i]
+        pose = face.primary.pose_deg if face.primary.pose_deg is not None else np.full(3, np.nan, np.float32)
+        named = [(name, points) for (name, _), points in zip(face.candidates, crop_stacks[i])]
+        return VerifierInputs.of(face.crop_rgb, labels_crop, named, pose)
+
+    scored = verifier.score_with_visibility([inputs(i, c) for i, c in enumerate(crop_stacks)])
+    point_err = scored.point_err
     fused_all = []
     for face, cands, err in zip(faces, stacks, point_err):
         face.candidate_nme_pred = face_nme(torch.from_numpy(err)).numpy()
@@ -132,15 +139,15 @@ def _judge(chain: "Chain", faces: list[LabelledFace]) -> None:
         face.fusion_weights = region_weights(weights)
         fused_all.append(fused)
     if chain.spec.verifier.fuse:
-        judged = [inputs(f, fused[None]) for f, fused in zip(faces, fused_all)]
+        judged = [inputs(i, to_crop(f, fused[None])) for i, (f, fused) in enumerate(zip(faces, fused_all))]
         head_nme = [float(face_nme(torch.from_numpy(err))[0]) for err in verifier.score(judged)]
         for face, fused in zip(faces, fused_all):
             face.label, face.label_source = fused, "fused"
     else:  # the label is the primary's points, already judged as a candidate
-        judged = [inputs(f, f.candidates[0][1][None]) for f in faces]
+        judged = [inputs(i, c[:1]) for i, c in enumerate(crop_stacks)]
         head_nme = [float(f.candidate_nme_pred[0]) for f in faces]
     context = np.stack([context_nme([n for n, _ in f.candidates], f.candidate_nme_pred) for f in faces])
-    for face, nme in zip(faces, verifier.label_nme(judged, np.asarray(head_nme), context)):
+    for face, nme in zip(faces, verifier.label_nme(judged, np.asarray(head_nme), context, scored.visibility)):
         face.label_nme_pred = float(nme)
 
 
