@@ -68,6 +68,12 @@ def _build(args, scores_path: str | None) -> int:
     if result["processed"]:
         rate = f", {result['processed'] / seconds:.1f} images/s"
     print(f"{verb} {summary['ref']}: processed {result['processed']} images in {seconds:.1f} s{rate}")
+    timings = summary["manifest"].get("timings") if result["created"] else None
+    if getattr(args, "profile", False) and timings:
+        from pipeline.timings import format_timings
+
+        print(f"stages ({timings['faces']} faces, seconds summed over batches):")
+        print(format_timings(timings["seconds"], timings["faces"]))
     return 0
 
 
@@ -308,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dask-address", default=None, help="an existing dask scheduler (default: a LocalCluster)")
     p.add_argument("--workers", type=int, default=None, help="LocalCluster workers (default: catalog)")
     p.add_argument("--scores", default=None, help="a trainer round's scores file to fold into the new version")
+    p.add_argument("--profile", action="store_true",
+                   help="print each stage's seconds and faces/s (the manifest keeps them under `timings`)")
     in_process(p)
     p.set_defaults(fn=cmd_build)
     with_catalog(sub.add_parser("datasets", help="list versions with counts")).set_defaults(fn=cmd_datasets)

@@ -18,6 +18,7 @@ from pipeline.crops import CROP_SIZE, box_from_full_crop, crop_affine, roi_from_
 from pipeline.detect.base import FaceBox, Landmarks
 from pipeline.device_images import crop_rois, crops_to_numpy, image_hw, mirror
 from pipeline.landmarks import mirror_points
+from pipeline.timings import stage
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,8 @@ def _mirror_boxes(boxes: np.ndarray, width: int) -> np.ndarray:
 
 
 def label_images(chain: Chain, images: list, pre_cropped: list[bool],
-                 boxes: list[np.ndarray | None] | None = None) -> list[list[LabelledFace]]:
+                 boxes: list[np.ndarray | None] | None = None,
+                 timings: dict[str, float] | None = None) -> list[list[LabelledFace]]:
     """Faces with labels for each image; batched across all images of the call.
 
     `images` are host arrays (the CPU path) or device tensors (the GPU path, `device_images`); the
@@ -167,6 +169,8 @@ def label_images(chain: Chain, images: list, pre_cropped: list[bool],
     `boxes[i]`, when given (an (n_i, 4) array of face boxes in image px), replaces detection (and the
     pre-cropped box) for image i, one face per box with score 1: evaluation labels the reference's
     face this way (trainer/evaluate.py). None, or a None entry, detects as usual.
+    `timings`, when given, gathers each step's seconds (`pipeline.timings`): detect, each landmarker,
+    the primary on the mirrored images, crop, verifier.
     """
     sizes = [image_hw(img) for img in images]
     given = boxes if boxes is not None else [None] * len(images)
@@ -176,8 +180,9 @@ def label_images(chain: Chain, images: list, pre_cropped: list[bool],
     boxes: list[list[FaceBox]] = [[] for _ in images]
     need = [i for i, pc in enumerate(pre_cropped) if not pc and given[i] is None]
     if need:
-        for i, found in zip(need, chain.face_detector([images[i] for i in need])):
-            boxes[i] = list(found)
+        with stage(timings, "detect"):
+            for i, found in zip(need, chain.face_detector([images[i] for i in need])):
+                boxes[i] = list(found)
     for i, pc in enumerate(pre_cropped):
         if given[i] is not None:
             boxes[i] = [FaceBox(bbox=np.asarray(b, np.float32), score=1.0)
@@ -190,39 +195,47 @@ def label_images(chain: Chain, images: list, pre_cropped: list[bool],
     # 2. Landmarks from every landmarker, and the primary's on the mirrored images (flip consistency).
     landmarkers = chain.landmarkers
     primary, alts = landmarkers[0], landmarkers[1:]
-    results = [m(images, box_arrays) for m in landmarkers]
-    mirrored = [mirror(img) for img in images]
-    flipped = primary(mirrored, [_mirror_boxes(b, w) for b, (_, w) in zip(box_arrays, sizes)])
+    results = []
+    for m in landmarkers:
+        with stage(timings, m.name):
+            results.append(m(images, box_arrays))
+    with stage(timings, primary.name + FLIP_SUFFIX):
+        mirrored = [mirror(img) for img in images]
+        flipped = primary(mirrored, [_mirror_boxes(b, w) for b, (_, w) in zip(box_arrays, sizes)])
 
     # 3. The trainer's crop: where the primary has 3DMM params, the roi it predicted them in (so
     # params_62 is in the crop's frame); otherwise the 3DDFA roi of its 68 points. All in one call.
-    faces_at = [(i, j) for i in range(len(images)) for j in range(len(boxes[i]))]
-    rois = []
-    for i, j in faces_at:
-        first = results[0][i][j]
-        rois.append((i, first.roi if first.params_62 is not None else roi_from_landmarks(first.points)))
-    crops = crops_to_numpy(crop_rois(images, rois, CROP_SIZE))
-
     out: list[list[LabelledFace]] = [[] for _ in images]
     everyone: list[LabelledFace] = []
-    for (i, j), (_, roi), crop in zip(faces_at, rois, crops):
-        ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(crop, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
-        if not ok:
-            raise RuntimeError("JPEG encoding of a face crop failed")
-        face = LabelledFace(
-            face_index=j,
-            box=boxes[i][j],
-            primary=results[0][i][j],
-            alts=[(m.name, results[k + 1][i][j]) for k, m in enumerate(alts)],
-            flip_points=mirror_points(flipped[i][j].points, sizes[i][1]),
-            crop_rgb=crop,
-            crop_jpeg=jpeg.tobytes(),
-            affine=crop_affine(roi),
-            roi=roi,
-        )
-        face.candidates = ([(primary.name, face.primary.points), (primary.name + FLIP_SUFFIX, face.flip_points)]
-                           + [(name, lm.points) for name, lm in face.alts])
-        out[i].append(face)
-        everyone.append(face)
-    _judge(chain, everyone)
+    with stage(timings, "crop"):
+        faces_at = [(i, j) for i in range(len(images)) for j in range(len(boxes[i]))]
+        rois = []
+        for i, j in faces_at:
+            first = results[0][i][j]
+            rois.append((i, first.roi if first.params_62 is not None else roi_from_landmarks(first.points)))
+        crops = crops_to_numpy(crop_rois(images, rois, CROP_SIZE))
+
+        for (i, j), (_, roi), crop in zip(faces_at, rois, crops):
+            ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(crop, cv2.COLOR_RGB2BGR),
+                                    [cv2.IMWRITE_JPEG_QUALITY, 95])
+            if not ok:
+                raise RuntimeError("JPEG encoding of a face crop failed")
+            face = LabelledFace(
+                face_index=j,
+                box=boxes[i][j],
+                primary=results[0][i][j],
+                alts=[(m.name, results[k + 1][i][j]) for k, m in enumerate(alts)],
+                flip_points=mirror_points(flipped[i][j].points, sizes[i][1]),
+                crop_rgb=crop,
+                crop_jpeg=jpeg.tobytes(),
+                affine=crop_affine(roi),
+                roi=roi,
+            )
+            face.candidates = ([(primary.name, face.primary.points),
+                                (primary.name + FLIP_SUFFIX, face.flip_points)]
+                               + [(name, lm.points) for name, lm in face.alts])
+            out[i].append(face)
+            everyone.append(face)
+    with stage(timings, "verifier"):
+        _judge(chain, everyone)
     return out
