@@ -68,6 +68,12 @@ def _build(args, scores_path: str | None) -> int:
     if result["processed"]:
         rate = f", {result['processed'] / seconds:.1f} images/s"
     print(f"{verb} {summary['ref']}: processed {result['processed']} images in {seconds:.1f} s{rate}")
+    timings = summary["manifest"].get("timings") if result["created"] else None
+    if getattr(args, "profile", False) and timings:
+        from pipeline.timings import format_timings
+
+        print(f"stages ({timings['faces']} faces, seconds summed over batches):")
+        print(format_timings(timings["seconds"], timings["faces"]))
     return 0
 
 
@@ -104,22 +110,28 @@ def cmd_show(args) -> int:
     return 0
 
 
-def cmd_train(args) -> int:
-    """The catalog's `training:` section, under the --config file, under the flags that were given."""
+def train_config_of(args):
+    """The catalog's `training:` section, under the --config file, under the flags that were given
+    (a flag sets the TrainConfig field of its own name)."""
     import dataclasses
 
     import yaml
 
     from flows.catalog import load_catalog
     from trainer.config import TrainConfig, train_config
-    from trainer.train import train
 
     catalog = load_catalog(args.catalog)
     overrides = yaml.safe_load(open(args.config)) if args.config else {}
     overrides["dataset_root"] = catalog.output_root
     overrides.update({f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                       if getattr(args, f.name, None) is not None})
-    result = train(train_config(catalog.training, overrides))
+    return train_config(catalog.training, overrides)
+
+
+def cmd_train(args) -> int:
+    from trainer.train import train
+
+    result = train(train_config_of(args))
     losses = " ".join(f"{k}={v:.4g}" for k, v in result.final_losses.items())
     print(f"trained {result.steps} steps ({result.epochs} epochs): {result.checkpoint}\n  last step: {losses}")
     return 0
@@ -302,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dask-address", default=None, help="an existing dask scheduler (default: a LocalCluster)")
     p.add_argument("--workers", type=int, default=None, help="LocalCluster workers (default: catalog)")
     p.add_argument("--scores", default=None, help="a trainer round's scores file to fold into the new version")
+    p.add_argument("--profile", action="store_true",
+                   help="print each stage's seconds and faces/s (the manifest keeps them under `timings`)")
     in_process(p)
     p.set_defaults(fn=cmd_build)
     with_catalog(sub.add_parser("datasets", help="list versions with counts")).set_defaults(fn=cmd_datasets)
@@ -318,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--warmup-steps", type=int, default=None, help="linear learning-rate warm-up steps")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--num-workers", type=int, default=None)
     p.add_argument("--device", default=None)

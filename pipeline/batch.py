@@ -37,6 +37,7 @@ from pipeline.shards import (
     write_table,
 )
 from pipeline.sources import FetchError, SourceItem, TarReader, fetch_url, read_file
+from pipeline.timings import stage
 from pipeline.weights import ModelError
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class BatchResult:
     images_file: str
     quarantine_file: str
     counts: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)  # stage -> seconds (`pipeline.timings`); {} in older markers
 
 
 # ------------------------------------------------------------------------------------------- rows
@@ -142,7 +144,8 @@ def decode_items(read: list[tuple[SourceItem, str, bytes]],
     return decoded, stopped
 
 
-def label_items(chain, catalog: Catalog, decoded: list) -> tuple[list, Stopped]:
+def label_items(chain, catalog: Catalog, decoded: list,
+                timings: dict[str, float] | None = None) -> tuple[list, Stopped]:
     """Label all images in one batched call; if a model fails on the batch, retry image by image so
     one bad image is quarantined (stage 'detect', retried by the next build) instead of failing the
     whole batch. A model that fails on every image of a batch (two or more) is the model's fault, not
@@ -152,7 +155,7 @@ def label_items(chain, catalog: Catalog, decoded: list) -> tuple[list, Stopped]:
         return [], stopped
     pre = [catalog.source(item.source).pre_cropped for item, _, _ in decoded]
     try:
-        faces = label_images(chain, [rgb for _, _, rgb in decoded], pre)
+        faces = label_images(chain, [rgb for _, _, rgb in decoded], pre, timings=timings)
         return list(zip(decoded, faces)), stopped
     except (MemoryError, KeyboardInterrupt):
         raise
@@ -161,7 +164,7 @@ def label_items(chain, catalog: Catalog, decoded: list) -> tuple[list, Stopped]:
     out, failed = [], []
     for entry, is_pre in zip(decoded, pre):
         try:
-            out.append((entry, label_images(chain, [entry[2]], [is_pre])[0]))
+            out.append((entry, label_images(chain, [entry[2]], [is_pre], timings=timings)[0]))
         except (MemoryError, KeyboardInterrupt):
             raise
         except Exception as err:  # noqa: BLE001
@@ -313,11 +316,15 @@ def process_batch(catalog: Catalog, plan_staging_key: str, batch: Batch) -> Batc
             return BatchResult(**json.loads(f.read()))
 
     tars = TarReader()
+    timings: dict[str, float] = {}
     try:
-        read, stopped_reading = read_items(batch.items, catalog, tars)
-        decoded, stopped_decoding = decode_items(read, catalog)
-        labelled, stopped_labelling = label_items(get_chain(catalog.detectors), catalog, decoded)
-        rows, ok_images, reference_problems = face_rows(labelled, catalog, tars)
+        with stage(timings, "read"):
+            read, stopped_reading = read_items(batch.items, catalog, tars)
+        with stage(timings, "decode"):
+            decoded, stopped_decoding = decode_items(read, catalog)
+        labelled, stopped_labelling = label_items(get_chain(catalog.detectors), catalog, decoded, timings)
+        with stage(timings, "features"):
+            rows, ok_images, reference_problems = face_rows(labelled, catalog, tars)
     finally:
         tars.close()
     stopped = [stopped_reading, stopped_decoding, stopped_labelling]
@@ -330,15 +337,19 @@ def process_batch(catalog: Catalog, plan_staging_key: str, batch: Batch) -> Batc
                   faces=len(rows), no_face=sum(not faces for _, faces in labelled),
                   reference_problems=reference_problems)
 
-    table = faces_table(rows, catalog.rules)
+    with stage(timings, "rules"):
+        table = faces_table(rows, catalog.rules)
     faces_file = None
-    if table.num_rows:
-        faces_file = f"faces-{batch.key}.parquet"
-        write_table(fs, f"{staging}/{faces_file}", table)
-    images_file, quarantine_file = f"images-{batch.key}.parquet", f"quarantine-{batch.key}.parquet"
-    write_table(fs, f"{staging}/{images_file}", pa.Table.from_pylist(images_rows, schema=IMAGES_SCHEMA))
-    write_table(fs, f"{staging}/{quarantine_file}", pa.Table.from_pylist(quarantine_rows, schema=QUARANTINE_SCHEMA))
-    result = BatchResult(batch.key, faces_file, images_file, quarantine_file, {k: v for k, v in counts.items() if v})
+    with stage(timings, "write"):
+        if table.num_rows:
+            faces_file = f"faces-{batch.key}.parquet"
+            write_table(fs, f"{staging}/{faces_file}", table)
+        images_file, quarantine_file = f"images-{batch.key}.parquet", f"quarantine-{batch.key}.parquet"
+        write_table(fs, f"{staging}/{images_file}", pa.Table.from_pylist(images_rows, schema=IMAGES_SCHEMA))
+        write_table(fs, f"{staging}/{quarantine_file}",
+                    pa.Table.from_pylist(quarantine_rows, schema=QUARANTINE_SCHEMA))
+    result = BatchResult(batch.key, faces_file, images_file, quarantine_file, {k: v for k, v in counts.items() if v},
+                         timings)
     write_atomic(fs, marker, json.dumps(result.__dict__).encode())  # last: the batch is done
     return result
 

@@ -26,6 +26,7 @@ from pipeline.shards import (
     write_atomic,
     write_table,
 )
+from pipeline.timings import summed
 
 log = logging.getLogger(__name__)
 
@@ -233,6 +234,9 @@ def commit_version(catalog: Catalog, plan: BuildPlan, results: Iterable[BatchRes
                    "faces_relabelled": new.relabelled},
         "shards": new.shards,
         "tables": side,
+        # This build's batches only (resumed ones as first run): stage -> seconds summed over batches.
+        "timings": {"faces": sum(r.counts.get("faces", 0) for r in results),
+                    "seconds": {k: round(v, 4) for k, v in summed(r.timings for r in results).items()}},
     }
     if plan.relabel:
         manifest["relabelled"] = plan.chain_change  # the parent's faces are not carried over

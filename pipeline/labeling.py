@@ -18,6 +18,7 @@ from pipeline.crops import CROP_SIZE, box_from_full_crop, crop_affine, roi_from_
 from pipeline.detect.base import FaceBox, Landmarks
 from pipeline.device_images import crop_rois, crops_to_numpy, image_hw, mirror
 from pipeline.landmarks import mirror_points
+from pipeline.timings import stage
 
 log = logging.getLogger(__name__)
 
@@ -115,15 +116,22 @@ def _judge(chain: "Chain", faces: list[LabelledFace]) -> None:
         return
     import torch
 
-    def inputs(face: LabelledFace, labels: np.ndarray) -> VerifierInputs:
-        def to_crop(points: np.ndarray) -> np.ndarray:
-            return apply_affine(points.reshape(-1, 2), face.affine).reshape(points.shape)
-
-        pose = face.primary.pose_deg if face.primary.pose_deg is not None else np.full(3, np.nan, np.float32)
-        return VerifierInputs.of(face.crop_rgb, to_crop(labels), [(n, to_crop(p)) for n, p in face.candidates], pose)
+    def to_crop(face: LabelledFace, points: np.ndarray) -> np.ndarray:
+        return apply_affine(points.reshape(-1, 2), face.affine).reshape(points.shape)
 
     stacks = [np.stack([p for _, p in face.candidates]) for face in faces]
-    point_err = verifier.score([inputs(f, c) for f, c in zip(faces, stacks)])
+    # Each face's candidates in crop px, once: the context of every label judged and the first pass's labels,
+    # so the teacher's points are among those labels exactly (the pass reads its visibility there).
+    crop_stacks = [to_crop(f, c) for f, c in zip(faces, stacks)]
+
+    def inputs(i: int, labels_crop: np.ndarray) -> VerifierInputs:
+        face = faces[i]
+        pose = face.primary.pose_deg if face.primary.pose_deg is not None else np.full(3, np.nan, np.float32)
+        named = [(name, points) for (name, _), points in zip(face.candidates, crop_stacks[i])]
+        return VerifierInputs.of(face.crop_rgb, labels_crop, named, pose)
+
+    scored = verifier.score_with_visibility([inputs(i, c) for i, c in enumerate(crop_stacks)])
+    point_err = scored.point_err
     fused_all = []
     for face, cands, err in zip(faces, stacks, point_err):
         face.candidate_nme_pred = face_nme(torch.from_numpy(err)).numpy()
@@ -132,15 +140,15 @@ def _judge(chain: "Chain", faces: list[LabelledFace]) -> None:
         face.fusion_weights = region_weights(weights)
         fused_all.append(fused)
     if chain.spec.verifier.fuse:
-        judged = [inputs(f, fused[None]) for f, fused in zip(faces, fused_all)]
+        judged = [inputs(i, to_crop(f, fused[None])) for i, (f, fused) in enumerate(zip(faces, fused_all))]
         head_nme = [float(face_nme(torch.from_numpy(err))[0]) for err in verifier.score(judged)]
         for face, fused in zip(faces, fused_all):
             face.label, face.label_source = fused, "fused"
     else:  # the label is the primary's points, already judged as a candidate
-        judged = [inputs(f, f.candidates[0][1][None]) for f in faces]
+        judged = [inputs(i, c[:1]) for i, c in enumerate(crop_stacks)]
         head_nme = [float(f.candidate_nme_pred[0]) for f in faces]
     context = np.stack([context_nme([n for n, _ in f.candidates], f.candidate_nme_pred) for f in faces])
-    for face, nme in zip(faces, verifier.label_nme(judged, np.asarray(head_nme), context)):
+    for face, nme in zip(faces, verifier.label_nme(judged, np.asarray(head_nme), context, scored.visibility)):
         face.label_nme_pred = float(nme)
 
 
@@ -152,7 +160,8 @@ def _mirror_boxes(boxes: np.ndarray, width: int) -> np.ndarray:
 
 
 def label_images(chain: Chain, images: list, pre_cropped: list[bool],
-                 boxes: list[np.ndarray | None] | None = None) -> list[list[LabelledFace]]:
+                 boxes: list[np.ndarray | None] | None = None,
+                 timings: dict[str, float] | None = None) -> list[list[LabelledFace]]:
     """Faces with labels for each image; batched across all images of the call.
 
     `images` are host arrays (the CPU path) or device tensors (the GPU path, `device_images`); the
@@ -160,6 +169,8 @@ def label_images(chain: Chain, images: list, pre_cropped: list[bool],
     `boxes[i]`, when given (an (n_i, 4) array of face boxes in image px), replaces detection (and the
     pre-cropped box) for image i, one face per box with score 1: evaluation labels the reference's
     face this way (trainer/evaluate.py). None, or a None entry, detects as usual.
+    `timings`, when given, gathers each step's seconds (`pipeline.timings`): detect, each landmarker,
+    the primary on the mirrored images, crop, verifier.
     """
     sizes = [image_hw(img) for img in images]
     given = boxes if boxes is not None else [None] * len(images)
@@ -169,8 +180,9 @@ def label_images(chain: Chain, images: list, pre_cropped: list[bool],
     boxes: list[list[FaceBox]] = [[] for _ in images]
     need = [i for i, pc in enumerate(pre_cropped) if not pc and given[i] is None]
     if need:
-        for i, found in zip(need, chain.face_detector([images[i] for i in need])):
-            boxes[i] = list(found)
+        with stage(timings, "detect"):
+            for i, found in zip(need, chain.face_detector([images[i] for i in need])):
+                boxes[i] = list(found)
     for i, pc in enumerate(pre_cropped):
         if given[i] is not None:
             boxes[i] = [FaceBox(bbox=np.asarray(b, np.float32), score=1.0)
@@ -183,39 +195,47 @@ def label_images(chain: Chain, images: list, pre_cropped: list[bool],
     # 2. Landmarks from every landmarker, and the primary's on the mirrored images (flip consistency).
     landmarkers = chain.landmarkers
     primary, alts = landmarkers[0], landmarkers[1:]
-    results = [m(images, box_arrays) for m in landmarkers]
-    mirrored = [mirror(img) for img in images]
-    flipped = primary(mirrored, [_mirror_boxes(b, w) for b, (_, w) in zip(box_arrays, sizes)])
+    results = []
+    for m in landmarkers:
+        with stage(timings, m.name):
+            results.append(m(images, box_arrays))
+    with stage(timings, primary.name + FLIP_SUFFIX):
+        mirrored = [mirror(img) for img in images]
+        flipped = primary(mirrored, [_mirror_boxes(b, w) for b, (_, w) in zip(box_arrays, sizes)])
 
     # 3. The trainer's crop: where the primary has 3DMM params, the roi it predicted them in (so
     # params_62 is in the crop's frame); otherwise the 3DDFA roi of its 68 points. All in one call.
-    faces_at = [(i, j) for i in range(len(images)) for j in range(len(boxes[i]))]
-    rois = []
-    for i, j in faces_at:
-        first = results[0][i][j]
-        rois.append((i, first.roi if first.params_62 is not None else roi_from_landmarks(first.points)))
-    crops = crops_to_numpy(crop_rois(images, rois, CROP_SIZE))
-
     out: list[list[LabelledFace]] = [[] for _ in images]
     everyone: list[LabelledFace] = []
-    for (i, j), (_, roi), crop in zip(faces_at, rois, crops):
-        ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(crop, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
-        if not ok:
-            raise RuntimeError("JPEG encoding of a face crop failed")
-        face = LabelledFace(
-            face_index=j,
-            box=boxes[i][j],
-            primary=results[0][i][j],
-            alts=[(m.name, results[k + 1][i][j]) for k, m in enumerate(alts)],
-            flip_points=mirror_points(flipped[i][j].points, sizes[i][1]),
-            crop_rgb=crop,
-            crop_jpeg=jpeg.tobytes(),
-            affine=crop_affine(roi),
-            roi=roi,
-        )
-        face.candidates = ([(primary.name, face.primary.points), (primary.name + FLIP_SUFFIX, face.flip_points)]
-                           + [(name, lm.points) for name, lm in face.alts])
-        out[i].append(face)
-        everyone.append(face)
-    _judge(chain, everyone)
+    with stage(timings, "crop"):
+        faces_at = [(i, j) for i in range(len(images)) for j in range(len(boxes[i]))]
+        rois = []
+        for i, j in faces_at:
+            first = results[0][i][j]
+            rois.append((i, first.roi if first.params_62 is not None else roi_from_landmarks(first.points)))
+        crops = crops_to_numpy(crop_rois(images, rois, CROP_SIZE))
+
+        for (i, j), (_, roi), crop in zip(faces_at, rois, crops):
+            ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(crop, cv2.COLOR_RGB2BGR),
+                                    [cv2.IMWRITE_JPEG_QUALITY, 95])
+            if not ok:
+                raise RuntimeError("JPEG encoding of a face crop failed")
+            face = LabelledFace(
+                face_index=j,
+                box=boxes[i][j],
+                primary=results[0][i][j],
+                alts=[(m.name, results[k + 1][i][j]) for k, m in enumerate(alts)],
+                flip_points=mirror_points(flipped[i][j].points, sizes[i][1]),
+                crop_rgb=crop,
+                crop_jpeg=jpeg.tobytes(),
+                affine=crop_affine(roi),
+                roi=roi,
+            )
+            face.candidates = ([(primary.name, face.primary.points),
+                                (primary.name + FLIP_SUFFIX, face.flip_points)]
+                               + [(name, lm.points) for name, lm in face.alts])
+            out[i].append(face)
+            everyone.append(face)
+    with stage(timings, "verifier"):
+        _judge(chain, everyone)
     return out

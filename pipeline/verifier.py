@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import io
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -189,23 +189,47 @@ class Verifier:
         x = (x.flip(1) - 127.5) / 128.0  # RGB -> BGR, the teacher's input
         return trunk_maps(self.trunk, x)
 
-    @torch.inference_mode()
-    def score(self, faces: list[VerifierInputs]) -> list[np.ndarray]:
-        """Per face, per label: predicted per-point errors [L, 68] (% of face size)."""
-        out: list[np.ndarray] = []
+    def _predict(self, faces: list[VerifierInputs]):
+        """The head over `faces` a chunk at a time: yields (chunk, errors [B, L, 68], visibility logits
+        [B, L, 68] or None), L the chunk's most labels (shorter stacks padded with their first label)."""
         for start in range(0, len(faces), self.batch_size):
             chunk = faces[start:start + self.batch_size]
             m30, m15 = self.maps(np.stack([f.crop_rgb for f in chunk]))
             t = lambda a: torch.as_tensor(np.asarray(a, np.float32), device=self.device)  # noqa: E731
-            n_max = max(len(f.labels) for f in chunk)  # pad to a rectangle; padding rows are dropped
+            n_max = max(len(f.labels) for f in chunk)
             labels = t(np.stack([np.concatenate([f.labels, np.repeat(f.labels[:1], n_max - len(f.labels), 0)])
                                  for f in chunk]))
-            per_point = predict_points(self.head, m30, m15, labels, t(np.stack([f.context for f in chunk])),
-                                       torch.as_tensor(np.stack([f.present for f in chunk]), device=self.device),
-                                       t(np.stack([f.pose_deg for f in chunk])))[0].cpu().numpy()
-            out.extend(p[:len(f.labels)] for p, f in zip(per_point, chunk))
-        return out
+            err, vis = predict_points(self.head, m30, m15, labels, t(np.stack([f.context for f in chunk])),
+                                      torch.as_tensor(np.stack([f.present for f in chunk]), device=self.device),
+                                      t(np.stack([f.pose_deg for f in chunk])))
+            yield chunk, err, vis
 
+    @torch.inference_mode()
+    def score(self, faces: list[VerifierInputs]) -> list[np.ndarray]:
+        """Per face, per label: predicted per-point errors [L, 68] (% of face size)."""
+        return [p[:len(f.labels)] for chunk, err, _ in self._predict(faces)
+                for p, f in zip(err.cpu().numpy(), chunk)]
+
+    @torch.inference_mode()
+    def score_with_visibility(self, faces: list[VerifierInputs]) -> Scored:
+        """`score`, and from the same pass each face's marked-point chances (`visibility`), read where one
+        of its labels is its first context candidate (the teacher's points). A face none of whose labels
+        is that candidate gets a pass of its own."""
+        teacher = [_teacher_row(f) for f in faces]
+        errs: list[np.ndarray] = []
+        chances: list[np.ndarray] = []
+        for chunk, err, vis in self._predict(faces):
+            errs.extend(p[:len(f.labels)] for p, f in zip(err.cpu().numpy(), chunk))
+            if vis is not None:
+                rows = [max(r, 0) for r in teacher[len(errs) - len(chunk):len(errs)]]
+                chances.append(visibility21(vis[list(range(len(chunk))), rows]).cpu().numpy())
+        if self.head.vis is None:
+            return Scored(errs, None)
+        chances = np.concatenate(chances).astype(np.float64) if chances else np.zeros((0, 21))
+        missing = [i for i, r in enumerate(teacher) if r < 0]
+        if missing:
+            chances[missing] = self.visibility([faces[i] for i in missing])
+        return Scored(errs, chances)
 
     @torch.inference_mode()
     def visibility(self, faces: list[VerifierInputs]) -> np.ndarray | None:
@@ -213,30 +237,44 @@ class Verifier:
         first context candidate's points (the teacher's); None for a head without that output."""
         if self.head.vis is None:
             return None
-        out = []
-        for start in range(0, len(faces), self.batch_size):
-            chunk = faces[start:start + self.batch_size]
-            m30, m15 = self.maps(np.stack([f.crop_rgb for f in chunk]))
-            t = lambda a: torch.as_tensor(np.asarray(a, np.float32), device=self.device)  # noqa: E731
-            context = t(np.stack([f.context for f in chunk]))
-            _, vis = predict_points(self.head, m30, m15, context[:, :1], context,
-                                    torch.as_tensor(np.stack([f.present for f in chunk]), device=self.device),
-                                    t(np.stack([f.pose_deg for f in chunk])))
-            out.append(visibility21(vis[:, 0]).cpu().numpy())
+        at_teacher = [replace(f, labels=f.context[:1]) for f in faces]
+        out = [visibility21(vis[:, 0]).cpu().numpy() for _, _, vis in self._predict(at_teacher)]
         return np.concatenate(out).astype(np.float64) if out else np.zeros((0, 21))
 
-    def label_nme(self, faces: list[VerifierInputs], label_nme: np.ndarray, context_nme: np.ndarray) -> np.ndarray:
+    def label_nme(self, faces: list[VerifierInputs], label_nme: np.ndarray, context_nme: np.ndarray,
+                  visibility: np.ndarray | None = None) -> np.ndarray:
         """The predicted NME (%) of each face's label: `label_score` over the head's figures for the label
-        (label_nme [N]) and for the face's CONTEXT candidates (context_nme [N, K], NaN where absent)."""
+        (label_nme [N]) and for the face's CONTEXT candidates (context_nme [N, K], NaN where absent).
+        `visibility` [N, 21]: the faces' marked-point chances where a `score_with_visibility` pass has them
+        (they depend on the face, not on the label judged); None computes them when the score reads them."""
         label_nme = np.asarray(label_nme, np.float64)
         if self.label_score is None or not len(faces):
             return label_nme
-        visibility = self.visibility(faces) if self.label_score.uses_visibility else None
-        if self.label_score.uses_visibility and visibility is None:
-            raise ValueError("the verifier file's label score reads marked-point chances its head does not give")
+        if not self.label_score.uses_visibility:
+            visibility = None
+        elif self.head.vis is None:
+            raise ValueError("the verifier file's label score reads marked-point chances its head does not "
+                             "give: retrain the verifier with `facecurate verifier-train`")
+        elif visibility is None:
+            visibility = self.visibility(faces)
         return self.label_score(score_features(label_nme, context_nme, np.stack([f.present for f in faces]),
                                                np.stack([f.context for f in faces]),
                                                np.stack([f.pose_deg for f in faces]), visibility))
+
+
+@dataclass
+class Scored:
+    """One verifier pass over faces: per face the per-point errors [L, 68] of its labels, and [N, 21] the
+    faces' marked-point chances (None for a head without them)."""
+
+    point_err: list[np.ndarray]
+    visibility: np.ndarray | None
+
+
+def _teacher_row(face: VerifierInputs) -> int:
+    """The index of the face's first label that is its first context candidate, -1 where none is."""
+    same = np.flatnonzero((np.asarray(face.labels) == np.asarray(face.context[0])).all((1, 2)))
+    return int(same[0]) if len(same) else -1
 
 
 def context_nme(names: list[str], nme: np.ndarray) -> np.ndarray:

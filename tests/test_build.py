@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import duckdb
@@ -164,6 +165,24 @@ def test_in_process_build_needs_neither_prefect_nor_dask(small_catalog):
     assert "RESULT 0 0 False False" in out.stdout
     assert "built faces@v1: processed 11 images" in out.stdout and "unchanged: faces@v1" in out.stdout
     assert version_summary(store_of(load_catalog(small_catalog)), 1)["manifest"]["counts"]["images_seen"] == 11
+
+
+def test_build_profile_prints_and_the_manifest_keeps_each_stages_seconds(small_catalog, capsys):
+    """`facecurate build --profile`: every stage of the build (each landmarker by name) has its seconds
+    in the manifest's `timings` and a line in the printed table."""
+    from flows.cli import main
+
+    assert main(["build", "--catalog", str(small_catalog), "--in-process", "--profile"]) == 0
+    catalog = load_catalog(small_catalog)
+    manifest = version_summary(store_of(catalog), 1)["manifest"]
+    timings = manifest["timings"]
+    landmarkers = [s.name for s in catalog.detectors.landmarkers]
+    stages = {"read", "decode", "detect", f"{landmarkers[0]}.flip", "crop", "verifier", "features", "rules", "write"}
+    assert stages | set(landmarkers) <= set(timings["seconds"])
+    assert all(seconds >= 0 for seconds in timings["seconds"].values())
+    assert timings["faces"] == manifest["counts"]["faces"]
+    printed = capsys.readouterr().out
+    assert all(re.search(rf"^{re.escape(name)} +[0-9.]+ ", printed, re.M) for name in timings["seconds"])
 
 
 def test_a_folder_of_symbolic_links_is_built_and_a_dangling_link_quarantined(tmp_path):

@@ -245,6 +245,42 @@ def test_shipped_verifier_prefers_the_right_label_on_the_same_image(shipped_veri
     assert roc_auc(chances.ravel(), marked.ravel()) > 0.8
 
 
+def test_the_scoring_pass_gives_the_marked_point_chances_a_pass_of_their_own_gives(shipped_verifier):
+    """The marked-point chances depend on the face, not on the label judged: the scoring pass reads them
+    at whichever label is the teacher's points, and a face without such a label gets a pass of its own;
+    either way they equal `visibility`'s, and the label score reads the same figures given or not."""
+    from pipeline.decode import decode_image
+    from pipeline.verifier import CONTEXT, Verifier, VerifierHead, VerifierInputs
+
+    from conftest import WILD
+
+    verifier = Verifier.load(shipped_verifier.trunk, batch_size=4)  # two chunks, the second shorter
+    rng = np.random.default_rng(0)
+    faces = []
+    for i, name in enumerate(WILD[::300][:6]):
+        crop = decode_image((DATA / "aflw-wild-crops" / name).read_bytes())
+        teacher = np.array([[30 + 60 * (p % 9) / 8, 30 + 60 * (p // 9) / 7] for p in range(68)], np.float32)
+        context = teacher[None] + rng.normal(0, 1.5, (len(CONTEXT), 68, 2)).astype(np.float32)
+        context[0] = teacher
+        others = teacher[None] + rng.normal(0, 3, (2, 68, 2)).astype(np.float32)
+        # the teacher's points first, second, or not among the labels at all
+        labels = [np.concatenate([teacher[None], others]), np.concatenate([others[:1], teacher[None]]),
+                  others][i % 3]
+        faces.append(VerifierInputs(crop_rgb=crop, labels=labels, context=context, pose_deg=np.zeros(3, np.float32),
+                                    present=np.array([True, True, i % 2 == 0, True])))
+    scored = verifier.score_with_visibility(faces)
+    np.testing.assert_allclose(scored.visibility, verifier.visibility(faces), atol=1e-5)
+    for a, b in zip(scored.point_err, verifier.score(faces)):
+        np.testing.assert_array_equal(a, b)
+    head_nme = np.array([err[0].mean() for err in scored.point_err])
+    context_nme = np.full((len(faces), len(CONTEXT)), 3.0)
+    np.testing.assert_allclose(verifier.label_nme(faces, head_nme, context_nme, scored.visibility),
+                               verifier.label_nme(faces, head_nme, context_nme), atol=1e-5)
+    blind = Verifier(shipped_verifier.trunk, VerifierHead(visibility=False), label_score=verifier.label_score)
+    with pytest.raises(ValueError, match="retrain the verifier with `facecurate verifier-train`"):
+        blind.label_nme(faces, head_nme, context_nme)
+
+
 def test_build_keeps_candidates_verifier_scores_and_the_fused_label(small_catalog):
     """A build with the bundled chain: every face has the five candidates in one convention, their
     predicted errors and region weights, and a label that is per point a convex mix of them."""

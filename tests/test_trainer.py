@@ -317,3 +317,22 @@ def test_rescore_command_judges_the_score_against_reference_labels(tiny, tmp_pat
     report = json.loads(out.read_text())
     assert report["n"] == 4 and set(report["auc"]) >= {"landmark_residual", "cycle_error", "one_minus_weight"}
     assert 0 < report["label_nme_all_pct"] < 10
+
+
+def test_train_flags_set_the_config_fields_of_their_names(tmp_path):
+    """Every flag of `facecurate train` sets the TrainConfig field of its own name (a flag named
+    otherwise would be silently dropped), over the catalog's `training:` section."""
+    import dataclasses
+
+    from flows.cli import build_parser, train_config_of
+
+    path = write_catalog(tmp_path / "catalog.yaml", [{"name": "wild", "kind": "folder", "path": str(tmp_path)}],
+                         extra={"training": {"warmup_steps": 3, "max_steps": 20}})
+    args = build_parser().parse_args(["train", "--catalog", str(path), "--dataset", "faces@v1",
+                                      "--warmup-steps", "7", "--lr", "1e-4"])
+    cfg = train_config_of(args)
+    assert (cfg.warmup_steps, cfg.lr, cfg.max_steps) == (7, 1e-4, 20)
+    assert train_config_of(build_parser().parse_args(["train", "--catalog", str(path), "--dataset", "x"])) \
+        .warmup_steps == 3
+    own = {"command", "fn", "verbose", "catalog", "config"}
+    assert set(vars(args)) - own <= {f.name for f in dataclasses.fields(TrainConfig)}

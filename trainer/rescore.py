@@ -168,14 +168,16 @@ class Relabeller:
 
         name = student_name(round_index)
         stacks = {i: np.stack([p for _, p in candidates[i]] + [student[i]]) for i in todo}  # K candidates + student
-        errs = self.verifier.score([inputs(i, np.concatenate([stacks[i], labels[i][None]])) for i in todo])
+        scored = self.verifier.score_with_visibility([inputs(i, np.concatenate([stacks[i], labels[i][None]]))
+                                                      for i in todo])
+        errs = scored.point_err
         proposals = {}
         head_nmes = face_nmes(errs)
         # The current label's predicted NME as the build gives it (the label score over every CONTEXT
         # candidate's figure), so that it and the proposal's compare in the rules' own units.
         context = np.stack([context_nme([n for n, _ in candidates[i]], nme[:-2]) for i, nme in zip(todo, head_nmes)])
         label_nme = self.verifier.label_nme([inputs(i, labels[i][None]) for i in todo],
-                                            np.array([nme[-1] for nme in head_nmes]), context)
+                                            np.array([nme[-1] for nme in head_nmes]), context, scored.visibility)
         for i, err, nme, current in zip(todo, errs, head_nmes, label_nme):
             out["candidate_nme_pred"][i] = nme[:-1].tolist()
             out["student_nme_pred"][i], out["label_nme_pred"][i] = float(nme[-2]), float(current)
@@ -192,7 +194,7 @@ class Relabeller:
         else:
             judged = [inputs(i, student[i][None]) for i in todo]
             head_nme = np.array([out["student_nme_pred"][i] for i in todo])
-        proposed_nme = dict(zip(todo, self.verifier.label_nme(judged, head_nme, context)))
+        proposed_nme = dict(zip(todo, self.verifier.label_nme(judged, head_nme, context, scored.visibility)))
         source = f"fused+{name}" if self.fuse else name
         for i in todo:
             current, proposed = out["label_nme_pred"][i], proposed_nme[i]

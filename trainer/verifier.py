@@ -226,22 +226,26 @@ def fit(data: VerifierData, idx: Tensor, cfg: VerifierTrainConfig) -> VerifierHe
 def predict(head: VerifierHead, data: VerifierData, idx: Tensor, labels: Tensor, batch: int = 128) -> Tensor:
     """Predicted point errors [n, L, 68] of labels [n, L, 68, 2] on faces `idx`, every context present
     as the data says."""
-    out = [_run(head, data, idx[s:s + batch], labels[s:s + batch], data.present[idx[s:s + batch]])[0]
-           for s in range(0, len(idx), batch)]
-    return torch.cat(out) if out else torch.zeros(0, labels.shape[1], 68)
+    return predict_with_visibility(head, data, idx, labels, batch)[0]
 
 
 @torch.no_grad()
-def predict_visibility(head: VerifierHead, data: VerifierData, idx: Tensor, batch: int = 128) -> Tensor | None:
-    """[n, 21] the chance each AFLW point is marked, read at the first candidate's (the teacher's) points,
-    as `pipeline.verifier.Verifier.visibility` reads it; None for a head without that output."""
-    if head.vis is None:
-        return None
-    out = []
+def predict_with_visibility(head: VerifierHead, data: VerifierData, idx: Tensor, labels: Tensor,
+                            batch: int = 128) -> tuple[Tensor, Tensor | None]:
+    """`predict`, and from the same pass [n, 21] the chance each AFLW point is marked, read at the first
+    label, as `pipeline.verifier.Verifier` reads it when that label is the teacher's points (the first
+    candidate); None for a head without that output."""
+    errs, chances = [], []
     for s in range(0, len(idx), batch):
         part = idx[s:s + batch]
-        out.append(visibility21(_run(head, data, part, data.context[part][:, :1], data.present[part])[1][:, 0]))
-    return torch.cat(out) if out else torch.zeros(0, 21)
+        err, vis = _run(head, data, part, labels[s:s + batch], data.present[part])
+        errs.append(err)
+        if vis is not None:
+            chances.append(visibility21(vis[:, 0]))
+    err = torch.cat(errs) if errs else torch.zeros(0, labels.shape[1], 68)
+    if head.vis is None:
+        return err, None
+    return err, torch.cat(chances) if chances else torch.zeros(0, 21)
 
 
 def fold_of(face_ids: list[str], folds: int) -> np.ndarray:
@@ -318,13 +322,12 @@ def load_faces(store, version: int, teacher_net: torch.nn.Module, *, split: str 
 def judge_labels(head: VerifierHead, data: VerifierData, idx: Tensor, tau: float) -> dict[str, Tensor]:
     """On faces `idx`: each candidate's and the fused label's predicted point errors and points."""
     cands = data.context[idx]
-    pred = predict(head, data, idx, cands)  # [n, K, 68]
+    pred, vis = predict_with_visibility(head, data, idx, cands)  # [n, K, 68], read at the teacher's points
     pred = torch.where(data.present[idx][..., None], pred, torch.full_like(pred, 1e3))  # absent: never chosen
     w = torch.from_numpy(np.stack([fusion_weights(p.numpy(), tau, JAW_VOTERS) for p in pred]))  # [n, K, 68]
     fused = (w[..., None] * cands).sum(1)
     fused_pred = predict(head, data, idx, fused[:, None])[:, 0]
     out = {"cand_points": cands, "cand_pred": pred, "fused": fused, "fused_pred": fused_pred}
-    vis = predict_visibility(head, data, idx)
     if vis is not None:
         out["visibility"] = vis
     return out
@@ -540,6 +543,6 @@ def train_verifier_for_catalog(catalog, out_path, cfg: VerifierTrainConfig, *, d
 
 
 __all__ = ["VerifierTrainConfig", "VerifierData", "CONTEXT", "teacher_maps", "measured_errors", "median_label",
-           "corrupt", "label_set", "fit", "predict", "cross_fit", "fold_of", "load_faces", "judge_labels",
-           "cross_fitted_judgements", "calibrate_yaw_thresholds", "label_features", "train_verifier", "judge_report",
-           "train_verifier_for_catalog"]
+           "corrupt", "label_set", "fit", "predict", "predict_with_visibility", "cross_fit", "fold_of", "load_faces",
+           "judge_labels", "cross_fitted_judgements", "calibrate_yaw_thresholds", "label_features", "train_verifier",
+           "judge_report", "train_verifier_for_catalog"]

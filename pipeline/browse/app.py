@@ -91,8 +91,8 @@ def create_app(store: Store, version: int | None = None) -> FastAPI:
 
     @app.get("/", response_class=HTMLResponse)
     def grid(request: Request):
-        view = View.from_params(request.query_params.multi_items())
-        result = faces.page(view)
+        result = faces.page(View.from_params(request.query_params.multi_items()))
+        view = result.view  # past the end: the last page
         facets = faces.facets()
         multi = [("source", facets["source"]), ("split", facets["split"]), ("reason", facets["reason"]),
                  ("yaw", list(YAW_BINS))]

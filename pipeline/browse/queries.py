@@ -310,12 +310,17 @@ class VersionFaces:
         return self._facets
 
     def page(self, view: View) -> Page:
+        """The view's page of faces; a page past the end is the last page (the returned Page's view
+        says which), so no page number, however large, reaches the query's OFFSET."""
         where, params = self._where(view)
         order, sort, descending = self._order(view)
         try:
             total = self._query("SELECT count(*) AS n FROM faces" + where, params).column("n")[0].as_py()
         except _NoShards:
-            return Page(view, sort, descending, 0)
+            return Page(replace(view, page=1), sort, descending, 0)
+        last = max(1, math.ceil(total / view.per_page))
+        if view.page > last:
+            view = replace(view, page=last)
         offset = (view.page - 1) * view.per_page
         select = ", ".join(quote_ident(c) for c in self.scalar_columns)
         hits = self._query(f"SELECT {select}, _shard, _row FROM faces{where}{order} "
