@@ -230,8 +230,8 @@ def cmd_report(args) -> int:
 
 def cmd_browse(args) -> int:
     """A local read-only web app over one version; blocks until stopped."""
-    from pipeline.browse.app import serve
     from flows.catalog import load_catalog
+    from pipeline.browse.app import serve
     from pipeline.catalog import store_for_ref
 
     store, version = store_for_ref(load_catalog(args.catalog), args.ref)

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
-from typing import Callable
+from datetime import UTC, datetime
 
 from pipeline import shards
 from pipeline.catalog import Catalog, store_of
@@ -81,7 +81,7 @@ def train_round(catalog: Catalog, store: Store, version: int, *, overrides: dict
         record = {"dataset": store.dataset, "version": version, "round": version, "checkpoint": result.checkpoint,
                   "steps": result.steps, "scores": scores_file, "faces_scored": scores.num_rows,
                   "faces_relabelled": scores.num_rows - scores.column("relabel_landmarks").null_count,
-                  "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                  "finished_at": datetime.now(UTC).isoformat(timespec="seconds")}
         write_atomic(fs, done, json.dumps(record, indent=1).encode())  # last: a round without it did not finish
     finally:
         lock.release()

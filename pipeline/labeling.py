@@ -102,7 +102,7 @@ class LabelledFace:
 FLIP_SUFFIX = ".flip"  # the primary on the mirrored image, mirrored back: a candidate of its own
 
 
-def _judge(chain: "Chain", faces: list[LabelledFace]) -> None:
+def _judge(chain: Chain, faces: list[LabelledFace]) -> None:
     """Candidates -> verifier scores -> the fused label, for every face of the call in two batched
     verifier passes (the candidates, then the fused labels)."""
     from pipeline.crops import apply_affine

@@ -6,8 +6,8 @@ stage's time holds its device work only where the stage waits for it (most copy 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Iterable, Iterator
 
 
 @contextmanager

@@ -151,7 +151,7 @@ class VerifierInputs:
 
     @classmethod
     def of(cls, crop_rgb: np.ndarray, labels: np.ndarray, candidates: list[tuple[str, np.ndarray]],
-           pose_deg: np.ndarray) -> "VerifierInputs":
+           pose_deg: np.ndarray) -> VerifierInputs:
         """A face's inputs from its named candidates [(name, (68, 2))], crop px: the context in CONTEXT
         order, the first candidate standing in where one is absent."""
         by_name = dict(candidates)
@@ -172,7 +172,7 @@ class Verifier:
         self.batch_size = batch_size
 
     @classmethod
-    def load(cls, teacher_net: nn.Module, weights: str | Path | None = None, **kw) -> "Verifier":
+    def load(cls, teacher_net: nn.Module, weights: str | Path | None = None, **kw) -> Verifier:
         path = Path(weights) if weights else SHIPPED_WEIGHTS
         if not path.is_file():
             raise FileNotFoundError(f"verifier weights not found: {path} (train them with "

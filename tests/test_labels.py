@@ -249,10 +249,10 @@ def test_the_scoring_pass_gives_the_marked_point_chances_a_pass_of_their_own_giv
     """The marked-point chances depend on the face, not on the label judged: the scoring pass reads them
     at whichever label is the teacher's points, and a face without such a label gets a pass of its own;
     either way they equal `visibility`'s, and the label score reads the same figures given or not."""
+    from conftest import WILD
+
     from pipeline.decode import decode_image
     from pipeline.verifier import CONTEXT, Verifier, VerifierHead, VerifierInputs
-
-    from conftest import WILD
 
     verifier = Verifier.load(shipped_verifier.trunk, batch_size=4)  # two chunks, the second shorter
     rng = np.random.default_rng(0)

@@ -157,7 +157,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str = "TrainConfig") -> "TrainConfig":
+    def from_dict(cls, data: dict[str, Any], where: str = "TrainConfig") -> TrainConfig:
         """`data` -> a config; errors name the field as `<where>.<field>` (the catalog says `training`)."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)

@@ -8,7 +8,8 @@ from __future__ import annotations
 import logging
 import math
 import random
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import cv2
 import numpy as np

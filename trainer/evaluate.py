@@ -73,7 +73,7 @@ class TeacherModel:
     def __init__(self, landmarker):
         self.sha256 = landmarker.weights_sha256
 
-    def predict_points(self, faces: "ProtocolFaces", map_points: np.ndarray | None) -> np.ndarray:
+    def predict_points(self, faces: ProtocolFaces, map_points: np.ndarray | None) -> np.ndarray:
         return faces.teacher_points
 
 
@@ -86,7 +86,7 @@ class StudentModel:
         self.predictor = predictor
         self.sha256 = predictor.sha256
 
-    def predict_points(self, faces: "ProtocolFaces", map_points: np.ndarray | None) -> np.ndarray:
+    def predict_points(self, faces: ProtocolFaces, map_points: np.ndarray | None) -> np.ndarray:
         """Crop-px points from the crops and the map drawn from `map_points` (None: a blank map)."""
         if map_points is None:
             return self.predictor.points(blank_map_params(self.predictor, faces.crops))

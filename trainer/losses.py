@@ -5,11 +5,12 @@ Points are crop pixels; 2D/3D distances are divided by face size so every term i
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
 
 def _dist(a: Tensor, b: Tensor) -> Tensor:
     """Euclidean distance over the last dim, exact; 0 with a zero (not NaN) gradient where a == b."""

@@ -23,8 +23,16 @@ from pipeline.catalog import DetectorChain
 from pipeline.crops import CROP_SIZE, apply_affine, invert_affine
 from pipeline.landmarks import nme_pct, roc_auc  # noqa: F401 - roc_auc lives with the other metrics
 from pipeline.rounds import STUDENT_PREFIX, student_name
-from pipeline.shards import (SCORES_SCHEMA, Store, conform_scores, faces_schema, iter_face_batches, read_faces,
-                             resolve_version, write_table)
+from pipeline.shards import (
+    SCORES_SCHEMA,
+    Store,
+    conform_scores,
+    faces_schema,
+    iter_face_batches,
+    read_faces,
+    resolve_version,
+    write_table,
+)
 
 log = logging.getLogger(__name__)
 
@@ -131,9 +139,10 @@ class Relabeller:
     fuse: bool
     min_gain_pct: float = RELABEL_MIN_GAIN_PCT
     min_gain_rel: float = RELABEL_MIN_GAIN_REL
+    max_critic: float = 1.0  # a label the self-critic finds right with a higher chance is kept as it is
 
     @classmethod
-    def for_chain(cls, chain: DetectorChain | None) -> "Relabeller | None":
+    def for_chain(cls, chain: DetectorChain | None) -> Relabeller | None:
         """The relabeller of a catalog's chain, or None when the chain has no verifier (no relabelling)."""
         if chain is None or chain.verifier is None:
             return None
@@ -143,10 +152,16 @@ class Relabeller:
         return cls(verifier, chain.verifier.tau_pct or verifier.tau_pct, chain.verifier.fuse)
 
     def judge(self, crops: np.ndarray, ok: np.ndarray, labels: np.ndarray, candidates: list[list[tuple[str, np.ndarray]]],
-              student: np.ndarray, poses: np.ndarray, round_index: int) -> dict[str, list]:
+              student: np.ndarray, poses: np.ndarray, round_index: int,
+              critic: np.ndarray | None = None) -> dict[str, list]:
         """One batch, crop px throughout: crops [B,120,120,3], ok [B] (decoded), labels [B,68,2] the current
         labels, candidates per face [(name, [68,2])] (earlier students left out), student [B,68,2], poses
-        [B,3]. Returns per-face lists (None where a face is not judged) for the relabelling columns."""
+        [B,3], critic [B] the self-critic's chance that each current label is right (None: no critic).
+        Returns per-face lists (None where a face is not judged) for the relabelling columns.
+
+        The proposal is the fusion with the student or the student's own answer, whichever the verifier
+        predicts better; it replaces the label when predicted better by the margin and the self-critic
+        does not vouch for the current label (its chance above `max_critic`)."""
         import torch
 
         from pipeline.fusion import fuse, region_weights, voters
@@ -188,25 +203,37 @@ class Relabeller:
                 weights = np.zeros((len(stacks[i]), 68), np.float32)
                 weights[-1] = 1.0
                 proposals[i] = (student[i], region_weights(weights))
+        # Each face's proposals in the rules' units: the fusion with the student (a fusing chain) and the
+        # student's own answer (the label it was given, read and corrected).
+        student_nme = dict(zip(todo, self.verifier.label_nme([inputs(i, student[i][None]) for i in todo],
+                                                             np.array([out["student_nme_pred"][i] for i in todo]),
+                                                             context, scored.visibility)))
+        fused_nme = {}
         if self.fuse:
             judged = [inputs(i, proposals[i][0][None]) for i in todo]
             head_nme = np.array([nme[0] for nme in face_nmes(self.verifier.score(judged))])
-        else:
-            judged = [inputs(i, student[i][None]) for i in todo]
-            head_nme = np.array([out["student_nme_pred"][i] for i in todo])
-        proposed_nme = dict(zip(todo, self.verifier.label_nme(judged, head_nme, context, scored.visibility)))
-        source = f"fused+{name}" if self.fuse else name
+            fused_nme = dict(zip(todo, self.verifier.label_nme(judged, head_nme, context, scored.visibility)))
+        out["fused_crop"] = [proposals[i][0] if self.fuse and i in proposals else None for i in range(n)]
+        out["student_label_nme_pred"] = [student_nme.get(i) for i in range(n)]
+        out["fused_label_nme_pred"] = [fused_nme.get(i) for i in range(n)]
         for i in todo:
-            current, proposed = out["label_nme_pred"][i], proposed_nme[i]
+            current = out["label_nme_pred"][i]
+            options = [(fused_nme[i], proposals[i][0], proposals[i][1], f"fused+{name}", "fused with")] if self.fuse else []
+            weights = np.zeros((len(stacks[i]), 68), np.float32)
+            weights[-1] = 1.0
+            options.append((student_nme[i], student[i], region_weights(weights), name, "replaced by"))
+            proposed, points, region_w, source, verb = min(options, key=lambda o: o[0])
             if not (np.isfinite(current) and np.isfinite(proposed)):
                 continue
-            if current - proposed >= max(self.min_gain_pct, self.min_gain_rel * current):
-                out["relabel_crop"][i] = proposals[i][0]
+            critic_ok = critic is None or not np.isfinite(critic[i]) or critic[i] <= self.max_critic
+            if critic_ok and current - proposed >= max(self.min_gain_pct, self.min_gain_rel * current):
+                out["relabel_crop"][i] = points
                 out["relabel_nme_pred"][i] = proposed
                 out["relabel_source"][i] = source
-                out["relabel_fusion_weights"][i] = proposals[i][1].tolist()
-                out["relabel_reason"][i] = (f"{'fused with' if self.fuse else 'replaced by'} {name}: "
-                                            f"predicted NME {current:.2f}% -> {proposed:.2f}%")
+                out["relabel_fusion_weights"][i] = region_w.tolist()
+                out["relabel_reason"][i] = (f"{verb} {name}: predicted NME {current:.2f}% -> {proposed:.2f}%"
+                                            + ("" if critic is None or not np.isfinite(critic[i])
+                                               else f", self-critic {critic[i]:.2f}"))
         return out
 
 
@@ -256,7 +283,8 @@ def rescore(predictor, store: Store, version: int, *, round_index: int, batch_si
             poses = np.asarray([p if p is not None else [np.nan] * 3 for p in batch.column("pose").to_pylist()],
                                np.float32)
             judged = relabeller.judge(crops, decoded, pseudo, _candidates(batch.column("alt_landmarks").to_pylist(),
-                                                                          affines), student, poses, round_index)
+                                                                          affines), student, poses, round_index,
+                                      critic=raw["critic_score"])
             changed = [i for i in range(n) if judged["relabel_crop"][i] is not None]
             if changed:  # score the new labels: the next version weighs them, not the ones they replace
                 again = score_batch(predictor, crops[changed], np.stack([judged["relabel_crop"][i] for i in changed]))

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Mapping
 
 import duckdb
 import numpy as np
@@ -68,7 +68,7 @@ class View:
     per_page: int = PAGE_SIZE
 
     @classmethod
-    def from_params(cls, params: Mapping[str, list[str]] | Iterable[tuple[str, str]]) -> "View":
+    def from_params(cls, params: Mapping[str, list[str]] | Iterable[tuple[str, str]]) -> View:
         """Parse query parameters (repeated keys allowed); empty values mean 'no filter'.
         Column names are not checked here: `VersionFaces` checks them against the schema."""
         multi: dict[str, list[str]] = {}
