@@ -18,6 +18,7 @@ import json
 
 import cv2
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.crops import apply_affine, invert_affine
@@ -58,7 +59,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", default="wild@v1")
     ap.add_argument("--root", default="out/datasets")
-    ap.add_argument("--checkpoints", nargs="+", required=True, help="one per fold, in fold order")
+    ap.add_argument("--checkpoints", nargs="+", required=True,
+                    help="one per fold, in fold order ('-': skip that fold's faces)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     folds_n = len(args.checkpoints)
@@ -69,6 +71,9 @@ def main() -> None:
     faces = read_faces(store, version, columns=["face_id", "crop", "crop_affine", "landmarks", "ref_points21",
                                                 "yaw_deg", "verifier_nme_pct"])
     faces = faces.filter(pc.is_valid(faces.column("ref_points21")))
+    folds_all = np.array([fold_of(f, folds_n) for f in faces.column("face_id").to_pylist()])
+    scored_folds = [k for k, spec in enumerate(args.checkpoints) if spec != "-"]
+    faces = faces.filter(pa.array(np.isin(folds_all, scored_folds)))
     n = faces.num_rows
     label = np.asarray(faces.column("landmarks").to_pylist(), np.float32).reshape(n, 68, 2)
     affine = np.asarray(faces.column("crop_affine").to_pylist(), np.float32).reshape(n, 6)
@@ -87,13 +92,14 @@ def main() -> None:
     blank = np.zeros_like(label_crop)
     critic = np.full(n, np.nan)
     for k, spec in enumerate(args.checkpoints):
+        if spec == "-":
+            continue
         idx = np.flatnonzero(fold == k)
         model = load_predictor(spec, device="cpu")
-        params, critic[idx] = model.read_labels(crops[idx], label_crop[idx])
-        answer[idx] = model.points(params)
-        cycle_pts[idx] = model.points(model.params(crops[idx], answer[idx]))
+        _, answer[idx], critic[idx] = model.read_labels(crops[idx], label_crop[idx])
+        cycle_pts[idx] = model.answer(crops[idx], answer[idx])
         other = label_crop[idx][derangement(len(idx), seed=k)]
-        shuffled[idx] = model.points(model.params(crops[idx], other))
+        shuffled[idx] = model.answer(crops[idx], other)
         blank[idx] = model.points(blank_map_params(model, crops[idx]))
 
     def to_image(points_crop: np.ndarray) -> np.ndarray:
@@ -125,8 +131,10 @@ def main() -> None:
             "residual": round(roc_auc(residual, bad), 4),
             "one_minus_critic": round(roc_auc(1 - critic, bad), 4),
             "verifier": round(roc_auc(verifier, bad), 4),
-            "verifier_refit": round(roc_auc(cross_fitted_logit(feats_v, bad, fold), bad), 4),
-            "verifier_plus_trainer": round(roc_auc(cross_fitted_logit(feats_all, bad, fold), bad), 4),
+            "verifier_refit": (round(roc_auc(cross_fitted_logit(feats_v, bad, fold), bad), 4)
+                               if len(np.unique(fold)) > 1 else None),
+            "verifier_plus_trainer": (round(roc_auc(cross_fitted_logit(feats_all, bad, fold), bad), 4)
+                                      if len(np.unique(fold)) > 1 else None),
         }
     text = json.dumps(result, indent=1)
     print(text)

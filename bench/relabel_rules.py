@@ -39,6 +39,8 @@ def collect(catalog, store: Store, version: int, checkpoints: list[str], batch: 
     keys = ("label", "student", "fused", "pred_label", "pred_student", "pred_fused", "critic", "cycle", "residual")
     out = {k: [] for k in keys + ("ref", "bin", "fold", "affine")}
     for k, spec in enumerate(checkpoints):
+        if spec == "-":  # that fold's faces are not scored
+            continue
         model = load_predictor(spec, device="cpu")
         part = faces.filter(np.asarray(folds == k))
         for start in range(0, part.num_rows, batch):

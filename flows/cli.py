@@ -333,6 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--warmup-steps", type=int, default=None, help="linear learning-rate warm-up steps")
+    p.add_argument("--map-fusion", choices=["late", "early"], default=None,
+                   help="late: the student fits its label under a learned trust; early: 2DASL's 4th channel only")
+    p.add_argument("--holdout-fold", type=int, default=None,
+                   help="cross-fitting: leave this fold's faces out of training (of --folds)")
+    p.add_argument("--folds", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--num-workers", type=int, default=None)
     p.add_argument("--device", default=None)

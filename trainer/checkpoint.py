@@ -140,25 +140,34 @@ class Predictor:
         return landmarks_3d(p, self.bfm)[..., :2].float().cpu().numpy()
 
     @torch.inference_mode()
-    def read_labels(self, crops: np.ndarray, labels_crop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The student given each face's label: ([B,62] its answer, [B] the self-critic's chance that the
-        label is right). A 2DASL critic (on params, no label) scores the answer instead; NaN without one."""
+    def read_labels(self, crops: np.ndarray, labels_crop: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The student given each face's label: ([B,62] its params, [B,68,2] its 2D answer in crop px, [B] the
+        self-critic's chance that the label is right). A student without a label reader answers with its
+        params' projection; a 2DASL critic (on params, no label) scores the params; NaN without a critic."""
         from trainer.model import LabelCritic
 
-        if not isinstance(self.critic, LabelCritic):
-            params = self.params(crops, labels_crop)
-            return params, self.critic_score(crops, params)
         crops, labels = np.asarray(crops), np.asarray(labels_crop, dtype=np.float32)
-        params, scores = [np.zeros((0, 62), np.float32)], [np.zeros(0, np.float32)]
+        if len(crops) != len(labels):
+            raise ValueError(f"crops ({len(crops)}) and labels ({len(labels)}) differ in batch size")
+        params, points, scores = [np.zeros((0, 62), np.float32)], [np.zeros((0, 68, 2), np.float32)], []
         for i in range(0, len(crops), self.chunk):
             img = self.net.preprocess(crops[i:i + self.chunk], self.device)
             label = torch.from_numpy(labels[i:i + self.chunk]).to(self.device)
             out = self.net.run(img, label)
-            project = self._project
-            logit = self.critic(out.features, label, project(out.params_image), project(out.params))
+            answer = out.points if out.points is not None else self._project(out.params)
             params.append(out.params.float().cpu().numpy())
-            scores.append(torch.sigmoid(logit).float().cpu().numpy())
-        return np.concatenate(params).astype(np.float32), np.concatenate(scores).astype(np.float32)
+            points.append(answer.float().cpu().numpy())
+            if isinstance(self.critic, LabelCritic):
+                logit = self.critic(out.features, label, self._project(out.params_image), self._project(out.params))
+                scores.append(torch.sigmoid(logit).float().cpu().numpy())
+        params_np = np.concatenate(params).astype(np.float32)
+        critic = np.concatenate(scores).astype(np.float32) if scores else self.critic_score(crops, params_np)
+        return params_np, np.concatenate(points).astype(np.float32), critic
+
+    def answer(self, crops: np.ndarray, labels_crop: np.ndarray) -> np.ndarray:
+        """[B,68,2] crop px: the student's 2D answer given each face's label (its params' projection for a
+        student without a label reader)."""
+        return self.read_labels(crops, labels_crop)[1]
 
     def _project(self, params: torch.Tensor) -> torch.Tensor:
         from pipeline.bfm import landmarks_3d

@@ -114,8 +114,10 @@ class TrainConfig:
     # The image's own estimate (before the label is read) vs the label, as lmk2d: a student given no
     # map, or a map it does not trust, still answers from the image (late fusion only).
     w_image: float = 0.5
-    # The reader's per-point trust vs whether each given point is right (late fusion only).
+    # The reader's per-point trust vs whether each given point is right, and the 2D answer (the given
+    # label kept where trusted, the fit elsewhere) vs the best label (late fusion only).
     w_trust: float = 0.1
+    w_answer: float = 1.0
     # Anchor: MSE of whitened params to the teacher's params_62, on rows without trusted params;
     # stands in for L_3d when the version has no reference labels (keeps the student near the teacher).
     w_anchor: float = 0.1
@@ -128,6 +130,9 @@ class TrainConfig:
             raise ConfigError("map_points", f"{self.map_points!r} is not '18' or '68'")
         if self.map_fusion not in ("late", "early"):
             raise ConfigError("map_fusion", f"{self.map_fusion!r} is not 'late' or 'early'")
+        if self.holdout_fold >= self.folds or self.folds < 2:
+            raise ConfigError("holdout_fold", f"fold {self.holdout_fold} of {self.folds}: expected -1 (none) or "
+                              "0 .. folds-1, with folds >= 2")
         if self.batch_size < 1:
             raise ConfigError("batch_size", f"{self.batch_size} must be >= 1")
 

@@ -90,7 +90,7 @@ class StudentModel:
         """Crop-px points from the crops and the map drawn from `map_points` (None: a blank map)."""
         if map_points is None:
             return self.predictor.points(blank_map_params(self.predictor, faces.crops))
-        return self.predictor.points(self.predictor.params(faces.crops, map_points))
+        return self.predictor.answer(faces.crops, map_points)
 
 
 def blank_map_params(predictor, crops: np.ndarray) -> np.ndarray:

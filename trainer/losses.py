@@ -141,12 +141,16 @@ TRUST_GOOD = 0.03  # a given point within this fraction of the face size of the 
 
 
 def trust_loss(trust: Tensor, given: Tensor, target: Tensor) -> Tensor:
-    """BCE of the reader's per-point trust [B, 68] against whether each given point is within TRUST_GOOD
-    of the best label's (both [B, 68, 2] crop px); missing points (NaN) are left out."""
+    """BCE of the reader's per-point trust ([B, 68], or [B, steps, 68]: every step's) against whether each
+    given point is within TRUST_GOOD of the best label's (both [B, 68, 2] crop px); missing points (NaN)
+    are left out."""
     present = torch.isfinite(given).all(-1)
     if not bool(present.any()):
         return trust.sum() * 0.0
     err = _dist(torch.nan_to_num(given), target) / face_size(target)[:, None]
     right = (err < TRUST_GOOD).float()
+    if trust.dim() == 3:
+        steps = trust.shape[1]
+        present, right = present[:, None].expand(-1, steps, -1), right[:, None].expand(-1, steps, -1)
     p = trust[present].float().clamp(1e-6, 1 - 1e-6)
     return F.binary_cross_entropy(p, right[present])

@@ -177,7 +177,7 @@ class LabelReader(nn.Module):
         # The features are normalised and the residuals put in units of RESIDUAL_UNIT of the face size,
         # so both reach the gate at order 1 (raw, the features' scale drowns residuals of ~0.02).
         self.norm = nn.LayerNorm(feat_dim)
-        self.trust = nn.Sequential(nn.Linear(feat_dim + 68 * 4, hidden), nn.ReLU(inplace=True),
+        self.trust = nn.Sequential(nn.Linear(feat_dim + 68 * 7, hidden), nn.ReLU(inplace=True),
                                    nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 68))
         nn.init.zeros_(self.trust[-1].weight)
         nn.init.constant_(self.trust[-1].bias, 0.0)  # trust 0.5 everywhere at step 0
@@ -213,25 +213,33 @@ class LabelReader(nn.Module):
         return jac * self.std
 
     def forward(self, w_img: Tensor, features: Tensor, points68: Tensor) -> tuple[Tensor, Tensor]:
-        """(whitened params of the fit [B, 62], the last step's per-point trust [B, 68])."""
+        """(whitened params of the fit [B, 62], the per-point trust of every step [B, steps, 68])."""
         present = torch.isfinite(points68).all(-1)  # [B, 68]
         label = torch.nan_to_num(points68.float(), nan=0.0)
-        w = w_img.float()
-        prior = torch.exp(self.log_prior) * torch.eye(62, device=w.device)
+        w_img = w_img.float()
+        fit_img = self.project(w_img)
+        size = _face_size(fit_img).detach()[:, None, None]
+        # The label against the image's own opinion: the same reference at every step, so a label the
+        # fit has already moved toward still shows how far it is from what the image says.
+        from_image = (label - fit_img) / size * present[..., None] / RESIDUAL_UNIT
+        features = self.norm(features.detach().float())
+        prior = torch.exp(self.log_prior)
+        w, trusts = w_img, []
         for _ in range(self.steps):
             fit = self.project(w)
-            size = _face_size(fit).detach()[:, None, None]
             residual = (label - fit) / size * present[..., None]  # [B, 68, 2], normalised
             scaled = residual / RESIDUAL_UNIT
-            gate_in = [self.norm(features.detach().float()), scaled.flatten(1), scaled.norm(dim=-1), present.float()]
-            c = torch.sigmoid(self.trust(torch.cat(gate_in, 1)))
-            c = c * present
+            gate_in = [features, from_image.flatten(1), from_image.norm(dim=-1), scaled.flatten(1),
+                       scaled.norm(dim=-1), present.float()]
+            c = torch.sigmoid(self.trust(torch.cat(gate_in, 1))) * present
+            trusts.append(c)
             jac = (self.jacobian(w) / size[..., None]).flatten(1, 2)  # [B, 136, 62]
             cw = c.repeat_interleave(2, dim=1)[..., None]  # [B, 136, 1]
-            lhs = jac.transpose(1, 2) @ (cw * jac) + prior
-            rhs = jac.transpose(1, 2) @ (cw * residual.flatten(1)[..., None])
+            # Gauss-Newton on  sum_i c_i |P(w)_i - label_i|^2 + prior |w - w_img|^2
+            lhs = jac.transpose(1, 2) @ (cw * jac) + prior * torch.eye(62, device=w.device)
+            rhs = jac.transpose(1, 2) @ (cw * residual.flatten(1)[..., None]) - prior * (w - w_img)[..., None]
             w = w + torch.linalg.solve(lhs, rhs).squeeze(-1)
-        return w, c
+        return w, torch.stack(trusts, 1)
 
 
 def _face_size(points: Tensor) -> Tensor:
@@ -239,12 +247,22 @@ def _face_size(points: Tensor) -> Tensor:
     return (wh[..., 0] * wh[..., 1]).clamp_min(1.0).sqrt()
 
 
+def corrected_label(label: Tensor, fit: Tensor, trust: Tensor) -> Tensor:
+    """The student's answer in 2D: each given point kept where it is trusted and moved to the fit where it
+    is not (label + (1 - trust) (fit - label)); an absent point is the fit's. The fit alone (a 3DMM
+    projection) cannot follow a good 2D label's every detail, so a trusted point stays the label's."""
+    given = torch.isfinite(label).all(-1, keepdim=True)
+    c = trust[..., None]
+    return torch.where(given, torch.nan_to_num(label) + (1 - c) * (fit - torch.nan_to_num(label)), fit)
+
+
 @dataclass
 class StudentOutput:
     params: Tensor  # [B, 62] de-whitened: the student's answer (the label read and corrected)
     params_image: Tensor  # [B, 62] de-whitened: the image's own estimate, before the label is read
     features: Tensor  # [B, F] the backbone's pooled features
-    trust: Tensor | None = None  # [B, 68] the reader's trust in each point of the label (late fusion)
+    trust: Tensor | None = None  # [B, steps, 68] the reader's trust in each point of the label, per step
+    points: Tensor | None = None  # [B, 68, 2] crop px: the label corrected (late fusion; see TwoDASLNet.run)
 
 
 class TwoDASLNet(nn.Module):
@@ -273,8 +291,10 @@ class TwoDASLNet(nn.Module):
         w_img = _head(self.backbone)(features).float()
         if self.reader is None:
             return StudentOutput(self.dewhiten(w_img), self.dewhiten(w_img), features.float())
-        w, trust = self.reader(w_img, features, points68.to(w_img.device))
-        return StudentOutput(self.dewhiten(w), self.dewhiten(w_img), features.float(), trust)
+        label = points68.to(w_img.device).float()
+        w, trust = self.reader(w_img, features, label)
+        return StudentOutput(self.dewhiten(w), self.dewhiten(w_img), features.float(), trust,
+                             corrected_label(label, self.reader.project(w), trust[:, -1]))
 
     def forward(self, img_norm: Tensor, points68: Tensor) -> Tensor:
         return self.run(img_norm, points68).params

@@ -105,13 +105,13 @@ def score_batch(predictor, crops_rgb: np.ndarray, pseudo_crop: np.ndarray) -> di
     """The three raw scores (and pass 1's points) for one batch: crops [B,120,120,3] RGB, pseudo-labels
     [B,68,2] crop px.
 
-    Pass 1 draws the pseudo-label's map (what the trainer fed); its points Y give the residual.
-    Pass 2 draws Y's map on the same crop (2DASL's cycle); its points X̂ vs the pseudo-label give the
-    cycle error. Both are NME % normalised by sqrt(w*h) of the pseudo-label's box.
+    Pass 1 gives the student the pseudo-label; its answer Y (the label read and corrected) gives the
+    residual. Pass 2 gives it Y on the same crop (2DASL's cycle); its answer X̂ vs the pseudo-label gives
+    the cycle error. Both are NME % normalised by sqrt(w*h) of the pseudo-label's box. The critic is
+    the student's self-critic judging the pseudo-label.
     """
-    params_1, critic = predictor.read_labels(crops_rgb, pseudo_crop)
-    points_y = predictor.points(params_1)
-    points_x_hat = predictor.points(predictor.params(crops_rgb, points_y))
+    _, points_y, critic = predictor.read_labels(crops_rgb, pseudo_crop)
+    points_x_hat = predictor.answer(crops_rgb, points_y)
     return {
         "landmark_residual": np.asarray(nme_pct(points_y, pseudo_crop), dtype=np.float32),
         "cycle_error": np.asarray(nme_pct(points_x_hat, pseudo_crop), dtype=np.float32),

@@ -171,6 +171,8 @@ def compute_losses(batch: dict[str, Any], net: TwoDASLNet, encoder: torch.nn.Mod
         # The gate learns directly which of the given points are right (within TRUST_GOOD of the best
         # label): a dense signal, 68 per face, beside the one through the fit.
         terms["trust"] = losses.trust_loss(out_1.trust, given, pseudo)
+        # The 2D answer (each given point kept or moved to the fit, by its trust) vs the best label.
+        terms["answer"] = losses.landmark_2d_loss(out_1.points, pseudo, weight)
 
     loss_d = None
     terms["critic_g"] = params_1.sum() * 0.0
