@@ -27,7 +27,7 @@ def student_name(round_index: int) -> str:
     return f"{STUDENT_PREFIX}r{round_index}"
 
 
-def _latest_round_per_face(scores: pa.Table) -> pa.Table:
+def latest_round_per_face(scores: pa.Table) -> pa.Table:
     """One score row per face_id: the highest round wins (a scores table may hold several rounds)."""
     if scores.num_rows == 0:
         return scores
@@ -61,7 +61,7 @@ def fold_scores(faces: pa.Table, scores: pa.Table, *, drop_below: float = DEFAUL
 
     table = scores.select(["face_id", "new_weight"])
     rounds = scores.column("round") if "round" in scores.column_names else pa.array(np.zeros(len(table), np.int32))
-    best = _latest_round_per_face(table.append_column("round", rounds))
+    best = latest_round_per_face(table.append_column("round", rounds))
     index = pc.index_in(faces.column("face_id"), value_set=best.column("face_id")).fill_null(-1)
     index = index.to_numpy(zero_copy_only=False).astype(np.int64)
     has_row = index >= 0
@@ -111,7 +111,7 @@ def apply_relabels(faces: pa.Table, scores: pa.Table) -> tuple[pa.Table, int]:
     """
     if faces.num_rows == 0 or "candidate_nme_pred" not in scores.column_names:
         return faces, 0
-    best = _latest_round_per_face(scores)
+    best = latest_round_per_face(scores)
     index = pc.index_in(faces.column("face_id"), value_set=best.column("face_id")).fill_null(-1)
     index = index.to_numpy(zero_copy_only=False).astype(np.int64)
     judged_col = best.column("candidate_nme_pred")
