@@ -71,7 +71,6 @@ def fold_scores(faces: pa.Table, scores: pa.Table, *, drop_below: float = DEFAUL
 
     keep = faces.column("keep").to_numpy(zero_copy_only=False).astype(bool)
     weight = faces.column("weight").to_numpy(zero_copy_only=False).astype(np.float32)
-    reasons = faces.column("reject_reason").to_pylist()
 
     update = scored & keep  # rule-dropped faces keep their weight 0 and their reason
     clipped = np.clip(new_weight, 0.0, 1.0)
@@ -80,14 +79,15 @@ def fold_scores(faces: pa.Table, scores: pa.Table, *, drop_below: float = DEFAUL
     weight[update] = (weight[update] * clipped[update]).astype(np.float32)
     weight[drop] = 0.0  # the trainer reads weight 0 as "ignore", like every other dropped face
     keep = keep & ~drop
-    for i in np.flatnonzero(drop):
-        reasons[i] = f"rescore new_weight {clipped[i]:.2g} < {drop_below:g}"
+    dropped = np.flatnonzero(drop)  # only these rows' reasons are formatted in Python
+    reasons = _pick(faces.num_rows, faces.column("reject_reason").combine_chunks(), dropped,
+                    pa.array([f"rescore new_weight {clipped[i]:.2g} < {drop_below:g}" for i in dropped], pa.string()))
 
     schema = faces.schema
     out = faces
     for name, values in (("keep", pa.array(keep, type=pa.bool_())),
                          ("weight", pa.array(weight, type=pa.float32())),
-                         ("reject_reason", pa.array(reasons, type=pa.string()))):
+                         ("reject_reason", reasons)):
         i = schema.get_field_index(name)
         out = out.set_column(i, schema.field(i), values)
     log.info("fold_scores: %d of %d faces scored, %d reweighted, %d dropped (new_weight < %g)",
