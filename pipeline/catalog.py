@@ -154,11 +154,12 @@ class Execution(_Strict):
     decode: Literal["auto", "cpu", "gpu"] = "auto"  # auto: nvJPEG when the face detector runs on CUDA
     # The committed layout of a version's faces (pipeline/compact.py): batches' part files are rewritten
     # at commit into files of `shard_rows` rows, so a version's file count follows its size, not its
-    # batch count. A row group is what readers fetch at random (the trainer's shuffle unit; one read per
-    # face a browse page shows), so it stays a small multiple of a build batch, while its column chunks
-    # are still long enough for zstd and the footer stays short. Figures: docs/benchmarks.md.
+    # batch count. A row group is what readers fetch at random: the trainer's shuffle unit, and one
+    # read per face a browse page shows. 256 rows, a build batch's size, keeps both where per-batch
+    # files had them; larger groups compress a little better but make every browse page read more.
+    # Figures: docs/benchmarks.md.
     shard_rows: int = Field(default=50_000, ge=1, le=10_000_000)
-    row_group_rows: int = Field(default=1_024, ge=1, le=1_000_000)
+    row_group_rows: int = Field(default=256, ge=1, le=1_000_000)
 
     @model_validator(mode="after")
     def _row_groups_fit(self) -> Execution:
