@@ -176,10 +176,9 @@ class VersionFaces:
 
     Opening reads the version's narrow columns (ids, source, split, the decision and every numeric
     column: what filters and sorts need, a few % of the bytes) from each shard into one Arrow table
-    held in memory (~15 MiB for 100,000 faces); every view is one duckdb SQL query over it. Crops,
-    points and the rest stay in the Parquet files and are read per page, for the page's rows only.
-    Over a build's many small shards this is what keeps a page well under a second: duckdb scanning
-    every shard per request costs ~1 ms per file (780 files for 100,000 faces).
+    held in memory; every view is one duckdb SQL query over it. Crops, points and the rest stay in
+    the Parquet files and are read per page, one row group per row shown. Scanning the files per
+    request instead costs a read of every file's columns each time (docs/benchmarks.md).
     """
 
     def __init__(self, store: Store, version: int | None = None):
