@@ -152,6 +152,21 @@ class Execution(_Strict):
     # 2 on GPU workers, so one batch's host work (read, hash, JPEG encode, Parquet) overlaps another's GPU work.
     threads_per_worker: int | None = Field(default=None, ge=1, le=64)
     decode: Literal["auto", "cpu", "gpu"] = "auto"  # auto: nvJPEG when the face detector runs on CUDA
+    # The committed layout of a version's faces (pipeline/compact.py): batches' part files are rewritten
+    # at commit into files of `shard_rows` rows, so a version's file count follows its size, not its
+    # batch count. A row group is what readers fetch at random: the trainer's shuffle unit, and one
+    # read per face a browse page shows. 256 rows, a build batch's size, keeps both where per-batch
+    # files had them; larger groups compress a little better but make every browse page read more.
+    # Figures: docs/benchmarks.md.
+    shard_rows: int = Field(default=50_000, ge=1, le=10_000_000)
+    row_group_rows: int = Field(default=256, ge=1, le=1_000_000)
+
+    @model_validator(mode="after")
+    def _row_groups_fit(self) -> Execution:
+        if self.row_group_rows > self.shard_rows:
+            raise ValueError(f"row_group_rows ({self.row_group_rows}) must not exceed shard_rows "
+                             f"({self.shard_rows}): a row group lives inside one file")
+        return self
 
 
 class Schedule(_Strict):

@@ -1,5 +1,8 @@
 """Commit a build: the parent's faces (carried over, or re-decided) plus the batches' new ones become
-the next immutable version; its manifest, written last by atomic rename, is the commit point."""
+the next immutable version; its manifest, written last by atomic rename, is the commit point.
+
+The batches' part files (what a killed build resumes from) are compacted into the version's files of
+`execution.shard_rows` (pipeline/compact.py) and removed only once the manifest is written."""
 
 from __future__ import annotations
 
@@ -12,10 +15,12 @@ from datetime import UTC, datetime
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from pipeline import shards
 from pipeline.batch import BatchResult, decide, with_decisions
 from pipeline.catalog import Catalog, store_of
+from pipeline.compact import FacesWriter
 from pipeline.plan import BuildPlan, chain_identity
 from pipeline.shards import (
     IMAGES_SCHEMA,
@@ -29,6 +34,10 @@ from pipeline.shards import (
 from pipeline.timings import summed
 
 log = logging.getLogger(__name__)
+
+# A parent's faces re-decided at commit are read in chunks of this many rows: memory stays bounded
+# whatever the file's size, and each chunk's look-up into a round's scores table is amortised.
+_REWRITE_ROWS = 16_384
 
 
 def _now() -> str:
@@ -80,7 +89,7 @@ class _Version:
 
     number: int
     dir: str
-    shards: list[dict] = field(default_factory=list)  # manifest entries of its faces files
+    shards: list[dict] = field(default_factory=list)  # manifest entries of its faces files, in row order
     images: list[pa.Table] = field(default_factory=list)
     quarantine: list[pa.Table] = field(default_factory=list)
     keep: list[bool] = field(default_factory=list)
@@ -103,9 +112,10 @@ def _only_failed_retries(plan: BuildPlan, batch_images: list[pa.Table], redone: 
 
 
 def _carry_parent(store: Store, catalog: Catalog, plan: BuildPlan, new: _Version, redone: set[str],
-                  scores: pa.Table | None) -> None:
-    """The parent's ledger, quarantine and faces into `new`: faces files shared as they are, or
-    re-decided by the rules (changed rules, or a round's scores to fold)."""
+                  scores: pa.Table | None, writer: FacesWriter, last_piece: bool) -> None:
+    """The parent's ledger, quarantine and faces into `new`: faces files shared as they are where the
+    layout allows (a full file, or the last rows of the version), otherwise streamed into `writer`;
+    all streamed and re-decided by the rules where they changed or a round's scores are folded."""
     fs = store.fs
     pdir = store.version_dir(plan.parent)
     images = shards.read_side_table(store, plan.parent, "images")
@@ -122,29 +132,43 @@ def _carry_parent(store: Store, catalog: Catalog, plan: BuildPlan, new: _Version
     fold = scores
     if rewrite and scores is None:  # rules re-decided: the round folded earlier keeps its factor
         new.round_from, fold = _round_in_effect(store, plan.parent)
-    for i, entry in enumerate(shards.read_manifest(store, plan.parent)["shards"]):
+    if fold is not None:
+        from pipeline.rounds import latest_round_per_face
+
+        fold = latest_round_per_face(fold)  # once, not per chunk: each chunk takes its faces' rows
+    entries = shards.read_manifest(store, plan.parent)["shards"]
+    for i, entry in enumerate(entries):
         src = f"{pdir}/{entry['file']}"
-        if rewrite:
-            table = shards.conform_faces(read_table_file(fs, src))
-            if fold is not None:  # new labels first: the rules then judge the label the version will hold
-                from pipeline.rounds import apply_relabels
-
-                table, changed = apply_relabels(table, fold)
-                new.relabelled += changed
-            table = with_decisions(table, decide(table, catalog.rules))
-            if fold is not None:
-                from pipeline.rounds import fold_scores
-
-                table = fold_scores(table, fold)
-            new.shards.append(write_table(fs, f"{new.dir}/faces-v{new.number:04d}-{i:05d}.parquet", table))
-        else:
+        whole = int(entry["rows"]) >= writer.shard_rows or (last_piece and i == len(entries) - 1)
+        if not rewrite and whole and writer.at_file_boundary:
             link_or_copy(fs, src, f"{new.dir}/{entry['file']}")
-            table = read_table_file(fs, src).select(["keep", "reject_reason"])
-            new.shards.append(dict(entry))
-        new.add_faces(table)
+            writer.link(entry)
+            with fs.open(src, "rb") as f:
+                new.add_faces(pq.read_table(f, columns=["keep", "reject_reason"]))
+            continue
+        with fs.open(src, "rb") as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=_REWRITE_ROWS):
+                table = shards.conform_faces(pa.Table.from_batches([batch]))
+                if rewrite:
+                    table = _redecide(table, catalog, fold, new)
+                writer.add(table)
+                new.add_faces(table)
 
 
-def _add_batch(store: Store, staging: str, result: BatchResult, images: pa.Table, new: _Version) -> None:
+def _redecide(table: pa.Table, catalog: Catalog, fold: pa.Table | None, new: _Version) -> pa.Table:
+    """A chunk of the parent's faces with a round's relabels and weights folded and the rules applied."""
+    if fold is None:
+        return with_decisions(table, decide(table, catalog.rules))
+    from pipeline.rounds import apply_relabels, fold_scores
+
+    mine = fold.filter(pc.is_in(fold.column("face_id"), value_set=table.column("face_id").combine_chunks()))
+    table, changed = apply_relabels(table, mine)  # new labels first: the rules judge the label kept
+    new.relabelled += changed
+    return fold_scores(with_decisions(table, decide(table, catalog.rules)), mine)
+
+
+def _add_batch(store: Store, staging: str, result: BatchResult, images: pa.Table, new: _Version,
+               writer: FacesWriter) -> None:
     """One batch's parts into `new`; faces of images it already holds (the parent's, an earlier
     batch's) are dropped, so each image's faces appear once whatever order batches finished in."""
     fs = store.fs
@@ -161,16 +185,9 @@ def _add_batch(store: Store, staging: str, result: BatchResult, images: pa.Table
         _with_version(read_table_file(fs, f"{staging}/{result.quarantine_file}"), new.number)))
     if result.faces_file:
         faces = read_table_file(fs, f"{staging}/{result.faces_file}")
-        dup = pa.array([i in new.seen_ids for i in faces.column("image_id").to_pylist()])
-        if any(dup.to_pylist()):
-            faces = faces.filter(pc.invert(dup))
-            new.shards.append(write_table(fs, f"{new.dir}/{result.faces_file}", faces))
-        else:
-            link_or_copy(fs, f"{staging}/{result.faces_file}", f"{new.dir}/{result.faces_file}")
-            with fs.open(f"{new.dir}/{result.faces_file}", "rb") as f:
-                data = f.read()
-            new.shards.append({"file": result.faces_file, "rows": faces.num_rows, "bytes": len(data),
-                               "sha256": shards.sha256_bytes(data)})
+        dup = pa.array([i in new.seen_ids for i in faces.column("image_id").to_pylist()], pa.bool_())
+        faces = faces.filter(pc.invert(dup))
+        writer.add(faces)
         new.add_faces(faces)
     new.seen_ids |= fresh_ids
 
@@ -207,10 +224,15 @@ def commit_version(catalog: Catalog, plan: BuildPlan, results: Iterable[BatchRes
         fs.rm(new.dir, recursive=True)
     fs.makedirs(new.dir, exist_ok=True)
 
-    if plan.parent is not None and not plan.relabel:  # a re-labelled version starts afresh
-        _carry_parent(store, catalog, plan, new, redone, scores)
-    for result, images in zip(results, batch_images):
-        _add_batch(store, staging, result, images, new)
+    execution = catalog.execution
+    with FacesWriter(fs, new.dir, f"faces-v{new.number:04d}", shard_rows=execution.shard_rows,
+                     row_group_rows=execution.row_group_rows) as writer:
+        if plan.parent is not None and not plan.relabel:  # a re-labelled version starts afresh
+            last_piece = not any(r.faces_file for r in results)
+            _carry_parent(store, catalog, plan, new, redone, scores, writer, last_piece)
+        for result, images in zip(results, batch_images):
+            _add_batch(store, staging, result, images, new, writer)
+        new.shards = writer.close()
 
     images_all = pa.concat_tables(new.images) if new.images else IMAGES_SCHEMA.empty_table()
     quarantine_all = pa.concat_tables(new.quarantine) if new.quarantine else QUARANTINE_SCHEMA.empty_table()

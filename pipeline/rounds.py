@@ -27,7 +27,7 @@ def student_name(round_index: int) -> str:
     return f"{STUDENT_PREFIX}r{round_index}"
 
 
-def _latest_round_per_face(scores: pa.Table) -> pa.Table:
+def latest_round_per_face(scores: pa.Table) -> pa.Table:
     """One score row per face_id: the highest round wins (a scores table may hold several rounds)."""
     if scores.num_rows == 0:
         return scores
@@ -61,7 +61,7 @@ def fold_scores(faces: pa.Table, scores: pa.Table, *, drop_below: float = DEFAUL
 
     table = scores.select(["face_id", "new_weight"])
     rounds = scores.column("round") if "round" in scores.column_names else pa.array(np.zeros(len(table), np.int32))
-    best = _latest_round_per_face(table.append_column("round", rounds))
+    best = latest_round_per_face(table.append_column("round", rounds))
     index = pc.index_in(faces.column("face_id"), value_set=best.column("face_id")).fill_null(-1)
     index = index.to_numpy(zero_copy_only=False).astype(np.int64)
     has_row = index >= 0
@@ -71,7 +71,6 @@ def fold_scores(faces: pa.Table, scores: pa.Table, *, drop_below: float = DEFAUL
 
     keep = faces.column("keep").to_numpy(zero_copy_only=False).astype(bool)
     weight = faces.column("weight").to_numpy(zero_copy_only=False).astype(np.float32)
-    reasons = faces.column("reject_reason").to_pylist()
 
     update = scored & keep  # rule-dropped faces keep their weight 0 and their reason
     clipped = np.clip(new_weight, 0.0, 1.0)
@@ -80,19 +79,52 @@ def fold_scores(faces: pa.Table, scores: pa.Table, *, drop_below: float = DEFAUL
     weight[update] = (weight[update] * clipped[update]).astype(np.float32)
     weight[drop] = 0.0  # the trainer reads weight 0 as "ignore", like every other dropped face
     keep = keep & ~drop
-    for i in np.flatnonzero(drop):
-        reasons[i] = f"rescore new_weight {clipped[i]:.2g} < {drop_below:g}"
+    dropped = np.flatnonzero(drop)  # only these rows' reasons are formatted in Python
+    reasons = _pick(faces.num_rows, faces.column("reject_reason").combine_chunks(), dropped,
+                    pa.array([f"rescore new_weight {clipped[i]:.2g} < {drop_below:g}" for i in dropped], pa.string()))
 
     schema = faces.schema
     out = faces
     for name, values in (("keep", pa.array(keep, type=pa.bool_())),
                          ("weight", pa.array(weight, type=pa.float32())),
-                         ("reject_reason", pa.array(reasons, type=pa.string()))):
+                         ("reject_reason", reasons)):
         i = schema.get_field_index(name)
         out = out.set_column(i, schema.field(i), values)
     log.info("fold_scores: %d of %d faces scored, %d reweighted, %d dropped (new_weight < %g)",
              int(scored.sum()), faces.num_rows, int(update.sum()), int(drop.sum()), drop_below)
     return out
+
+
+def _kept_plus_one(lists: pa.Array, keep_item: np.ndarray, appended: pa.Array, *, null_stays_null: bool) -> pa.Array:
+    """Each row's list with the items `keep_item` marks (a flag per item of `lists.flatten()`), then
+    that row's item of `appended`. A null list is empty (`null_stays_null`: stays null instead)."""
+    n = len(lists)
+    parents = pc.list_parent_indices(lists).to_numpy(zero_copy_only=False)
+    items = pc.list_flatten(lists)
+    kept = np.flatnonzero(keep_item)
+    # Stable order by row, a row's kept items before its appended one: one `take` builds the values.
+    row = np.concatenate([parents[kept], np.arange(n)])
+    last = np.concatenate([np.zeros(len(kept), np.int8), np.ones(n, np.int8)])
+    order = np.lexsort((last, row))
+    values = pa.concat_arrays([items.take(pa.array(kept, pa.int64())), appended]).take(pa.array(order))
+    lengths = np.bincount(parents[kept], minlength=n) + 1
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    mask = lists.is_null() if null_stays_null else None
+    return pa.ListArray.from_arrays(offsets, values, type=lists.type, mask=mask)
+
+
+def _item_positions(lists: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(row, position in its row) of every item of `lists.flatten()`."""
+    parents = pc.list_parent_indices(lists).to_numpy(zero_copy_only=False)
+    first = np.searchsorted(parents, np.arange(len(lists)))
+    return parents, np.arange(len(parents)) - first[parents]
+
+
+def _pick(rows: int, old: pa.Array, replace_at: np.ndarray, new: pa.Array) -> pa.Array:
+    """`old` with the rows `replace_at` taken from `new` (one value per replaced row, in order)."""
+    source = np.arange(rows, dtype=np.int64)
+    source[replace_at] = rows + np.arange(len(replace_at))
+    return pa.concat_arrays([old, new.cast(old.type)]).take(pa.array(source))
 
 
 def apply_relabels(faces: pa.Table, scores: pa.Table) -> tuple[pa.Table, int]:
@@ -108,54 +140,94 @@ def apply_relabels(faces: pa.Table, scores: pa.Table) -> tuple[pa.Table, int]:
     re-applies an earlier round's scores when the rules change), and the count is of labels that
     differ from the input's, so such a re-application counts 0. Faces without a score row, and scores
     without verifier judgements (a chain without a verifier), leave the faces as they are.
+
+    Column-wise (Arrow compute and numpy index arithmetic), not row by row: a fold rewrites every
+    face of a version.
     """
     if faces.num_rows == 0 or "candidate_nme_pred" not in scores.column_names:
         return faces, 0
-    best = _latest_round_per_face(scores)
+    best = latest_round_per_face(scores)
     index = pc.index_in(faces.column("face_id"), value_set=best.column("face_id")).fill_null(-1)
     index = index.to_numpy(zero_copy_only=False).astype(np.int64)
-    judged_col = best.column("candidate_nme_pred")
-    rows = [int(i) for i in index if i >= 0]
-    if not rows or all(judged_col[i].as_py() is None for i in rows):
+    matched = index >= 0
+    judged_ok = best.column("candidate_nme_pred").is_valid().to_numpy(zero_copy_only=False)
+    if not matched.any() or not judged_ok[index[matched]].any():
+        return faces, 0
+    student_ok = best.column("student_landmarks").is_valid().to_numpy(zero_copy_only=False)
+    safe = np.where(matched, index, 0)
+    rows = np.flatnonzero(matched & judged_ok[safe] & student_ok[safe])  # the faces the round re-judged
+    n_judged = int((matched & judged_ok[safe]).sum())
+    if len(rows) == 0:
+        log.info("apply_relabels: %d of %d faces judged by the round, %d labels changed", n_judged, faces.num_rows, 0)
         return faces, 0
 
-    def col(name: str) -> list:
-        return best.column(name).to_pylist()
+    def face_col(name: str) -> pa.Array:
+        return faces.column(name).combine_chunks().take(pa.array(rows))
 
-    rounds, student, judged = col("round"), col("student_landmarks"), judged_col.to_pylist()
-    student_pred, new_label, new_pred = col("student_nme_pred"), col("relabel_landmarks"), col("relabel_nme_pred")
-    new_source, new_reason, new_fusion = col("relabel_source"), col("relabel_reason"), col("relabel_fusion_weights")
+    score_rows = best.take(pa.array(index[rows]))
 
-    landmarks = faces.column("landmarks").to_pylist()
-    alts, preds = faces.column("alt_landmarks").to_pylist(), faces.column("candidate_nme_pred").to_pylist()
-    fusion, sources = faces.column("fusion_weights").to_pylist(), faces.column("label_source").to_pylist()
-    verifier_pct = faces.column("verifier_nme_pct").to_pylist()
-    relabel_round, relabel_reason = faces.column("relabel_round").to_pylist(), faces.column("relabel_reason").to_pylist()
-    changed = 0
-    for i, j in enumerate(index):
-        if j < 0 or judged[j] is None or student[j] is None:
-            continue
-        keep = [k for k, alt in enumerate(alts[i] or []) if not alt["name"].startswith(STUDENT_PREFIX)]
-        alts[i] = [alts[i][k] for k in keep] + [{"name": student_name(rounds[j]), "points": student[j]}]
-        # the round judged exactly these candidates (the row's, without earlier students, then its own)
-        preds[i] = judged[j] if len(judged[j]) == len(alts[i]) else (
-            [preds[i][k] for k in keep] + [student_pred[j]] if preds[i] is not None else None)
-        if new_label[j] is None:
-            # the label is still the one its weights made; the student took no part in it
-            fusion[i] = None if fusion[i] is None else [fusion[i][k] for k in keep] + [[0.0] * 5]
-            continue
-        changed += bool(np.any(np.asarray(landmarks[i], np.float32) != np.asarray(new_label[j], np.float32)))
-        landmarks[i], sources[i], verifier_pct[i] = new_label[j], new_source[j], new_pred[j]
-        fusion[i] = new_fusion[j]
-        relabel_round[i], relabel_reason[i] = rounds[j], new_reason[j]
+    def score(name: str) -> pa.Array:
+        return score_rows.column(name).combine_chunks()
 
     schema = faces.schema
+    n, m = faces.num_rows, len(rows)
+
+    # The candidates: the row's own (earlier students dropped), then this round's student.
+    alts = face_col("alt_landmarks")
+    alt_rows, alt_pos = _item_positions(alts)
+    names = pc.struct_field(pc.list_flatten(alts), "name")
+    keep_alt = pc.invert(pc.fill_null(pc.starts_with(names, STUDENT_PREFIX), False)).to_numpy(zero_copy_only=False)
+    struct_type = schema.field("alt_landmarks").type.value_type
+    student = pa.StructArray.from_arrays(
+        [pc.binary_join_element_wise(f"{STUDENT_PREFIX}r", pc.cast(score("round"), pa.string()), ""),
+         score("student_landmarks").cast(struct_type.field("points").type)],
+        fields=list(struct_type))
+    new_alts = _kept_plus_one(alts, keep_alt, student, null_stays_null=False)
+    new_alt_len = pc.list_value_length(new_alts).to_numpy(zero_copy_only=False)
+
+    def keep_like_alts(lists: pa.Array) -> np.ndarray:
+        """Items of `lists` at positions whose candidate is kept (lists run parallel to alt_landmarks)."""
+        item_rows, item_pos = _item_positions(lists)
+        alt_len = np.bincount(alt_rows, minlength=m)
+        within = item_pos < alt_len[item_rows]
+        alt_start = np.concatenate([[0], np.cumsum(alt_len)[:-1]]).astype(np.int64)
+        at = np.where(within, alt_start[item_rows] + item_pos, 0)
+        return within & (keep_alt[at] if len(keep_alt) else np.zeros(len(at), bool))
+
+    # Predicted NMEs: the round's own judgement where it judged exactly these candidates, else the
+    # row's kept ones and the student's.
+    preds = face_col("candidate_nme_pred")
+    judged = score("candidate_nme_pred")
+    judged_whole = pc.list_value_length(judged).to_numpy(zero_copy_only=False) == new_alt_len
+    kept_preds = _kept_plus_one(preds, keep_like_alts(preds), score("student_nme_pred"), null_stays_null=True)
+    new_preds = _pick(m, kept_preds, np.flatnonzero(judged_whole), judged.take(pa.array(np.flatnonzero(judged_whole))))
+
+    # Region weights: a new label brings its own; otherwise the student, which took no part, weighs 0.
+    relabelled = score("relabel_landmarks").is_valid().to_numpy(zero_copy_only=False)
+    at_new = np.flatnonzero(relabelled)
+    fusion = face_col("fusion_weights")
+    zeros = pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(5 * m, np.float32)), 5).cast(fusion.type.value_type)
+    kept_fusion = _kept_plus_one(fusion, keep_like_alts(fusion), zeros, null_stays_null=True)
+    new_fusion = _pick(m, kept_fusion, at_new, score("relabel_fusion_weights").take(pa.array(at_new)))
+
+    old_points = pc.list_flatten(face_col("landmarks").take(pa.array(at_new))).to_numpy(zero_copy_only=False)
+    new_points = pc.list_flatten(score("relabel_landmarks").take(pa.array(at_new)))
+    new_points = new_points.cast(pa.float32()).to_numpy(zero_copy_only=False)
+    changed = int(np.any(old_points.reshape(-1, 136) != new_points.reshape(-1, 136), axis=1).sum())
+
+    replaced = rows[at_new]
     out = faces
-    for name, values in (("landmarks", landmarks), ("alt_landmarks", alts), ("candidate_nme_pred", preds),
-                         ("fusion_weights", fusion), ("label_source", sources), ("verifier_nme_pct", verifier_pct),
-                         ("relabel_round", relabel_round), ("relabel_reason", relabel_reason)):
+    for name, values in (
+            ("alt_landmarks", _pick(n, faces.column("alt_landmarks").combine_chunks(), rows, new_alts)),
+            ("candidate_nme_pred", _pick(n, faces.column("candidate_nme_pred").combine_chunks(), rows, new_preds)),
+            ("fusion_weights", _pick(n, faces.column("fusion_weights").combine_chunks(), rows, new_fusion))):
         k = schema.get_field_index(name)
-        out = out.set_column(k, schema.field(k), pa.array(values, type=schema.field(k).type))
-    log.info("apply_relabels: %d of %d faces judged by the round, %d labels changed",
-             sum(1 for j in index if j >= 0 and judged[j] is not None), faces.num_rows, changed)
+        out = out.set_column(k, schema.field(k), values)
+    for name, score_name in (("landmarks", "relabel_landmarks"), ("label_source", "relabel_source"),
+                             ("verifier_nme_pct", "relabel_nme_pred"), ("relabel_round", "round"),
+                             ("relabel_reason", "relabel_reason")):
+        k = schema.get_field_index(name)
+        new_values = score(score_name).take(pa.array(at_new))
+        out = out.set_column(k, schema.field(k), _pick(n, faces.column(name).combine_chunks(), replaced, new_values))
+    log.info("apply_relabels: %d of %d faces judged by the round, %d labels changed", n_judged, faces.num_rows, changed)
     return out, changed

@@ -46,7 +46,10 @@ def build_browse_version(root: Path):
         {"name": "shard", "kind": "tar", "path": str(tar_path), "pre_cropped": True},
         {"name": "dev", "kind": "folder", "path": str(dev), "labels": "mat", "split": "eval"},
         {"name": "scenes", "kind": "folder", "path": str(scenes)},
-    ], output_root=str(root / "out"), batch_images=4, extra={"rules": RULES}))
+    ], output_root=str(root / "out"), extra={
+        "rules": RULES,
+        # several small files (commit compacts a version's faces into files of shard_rows)
+        "execution": {"batch_images": 4, "shard_rows": 6, "row_group_rows": 2}}))
     version, _ = build(catalog)
     (wild / GONE).unlink()
     return store_of(catalog), version

@@ -176,10 +176,9 @@ class VersionFaces:
 
     Opening reads the version's narrow columns (ids, source, split, the decision and every numeric
     column: what filters and sorts need, a few % of the bytes) from each shard into one Arrow table
-    held in memory (~15 MiB for 100,000 faces); every view is one duckdb SQL query over it. Crops,
-    points and the rest stay in the Parquet files and are read per page, for the page's rows only.
-    Over a build's many small shards this is what keeps a page well under a second: duckdb scanning
-    every shard per request costs ~1 ms per file (780 files for 100,000 faces).
+    held in memory; every view is one duckdb SQL query over it. Crops, points and the rest stay in
+    the Parquet files and are read per page, one row group per row shown. Scanning the files per
+    request instead costs a read of every file's columns each time (docs/benchmarks.md).
     """
 
     def __init__(self, store: Store, version: int | None = None):
@@ -212,6 +211,9 @@ class VersionFaces:
         self.default_sort = next((c for c in WORST_FIRST if c in self.float_columns),
                                  self.float_columns[0] if self.float_columns else "face_id")
         self._by_index = {s.index: s for s in self.shards}
+        # Where each readable shard's rows start in the index: a page's rows are taken from it by position.
+        sizes = np.cumsum([0] + [p.num_rows for p in parts])
+        self._starts = {s.index: int(start) for s, start in zip(self.shards, sizes)}
         # One contiguous Arrow table that duckdb scans in place (copying it into a duckdb table
         # costs ~8x its size in RSS); one connection, so queries take turns (each is ~10 ms).
         self._index = pa.concat_tables(parts, promote_options="default").combine_chunks() if parts else None
@@ -322,10 +324,14 @@ class VersionFaces:
         if view.page > last:
             view = replace(view, page=last)
         offset = (view.page - 1) * view.per_page
-        select = ", ".join(quote_ident(c) for c in self.scalar_columns)
-        hits = self._query(f"SELECT {select}, _shard, _row FROM faces{where}{order} "
+        # The sort carries only the rows' addresses (a deep OFFSET sorts every matching row, and the
+        # payload it drags along is what costs); the page's columns are then taken by position.
+        hits = self._query(f"SELECT _shard, _row FROM faces{where}{order} "
                            f"LIMIT {int(view.per_page)} OFFSET {int(offset)}", params)
-        rows = hits.to_pylist()
+        positions = [self._starts[s] + r for s, r in zip(hits.column("_shard").to_pylist(),
+                                                         hits.column("_row").to_pylist())]
+        rows = self._index.take(pa.array(positions, pa.int64())).select(
+            [*self.scalar_columns, "_shard", "_row"]).to_pylist()
         self._attach(rows, CARD_COLUMNS)
         return Page(view, sort, descending, total, rows)
 
