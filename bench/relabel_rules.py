@@ -36,6 +36,7 @@ def collect(catalog, store: Store, version: int, checkpoints: list[str], batch: 
     folds = np.array([fold_of(f, len(checkpoints)) for f in faces.column("face_id").to_pylist()])
     relabeller = Relabeller.for_chain(catalog.detectors)
     relabeller.min_gain_pct, relabeller.min_gain_rel = -np.inf, -np.inf  # record every proposal; rules below
+    relabeller.critic_relabel = -np.inf
     keys = ("label", "student", "fused", "pred_label", "pred_student", "pred_fused", "critic", "cycle", "residual")
     out = {k: [] for k in keys + ("ref", "bin", "fold", "affine")}
     for k, spec in enumerate(checkpoints):
