@@ -277,3 +277,34 @@ def test_scores_and_shards_written_before_the_relabelling_columns_still_read(cor
     both = shards.read_faces(mixed, 1)
     assert both.num_rows == 2 * faces.num_rows and both.column("relabel_round").null_count == both.num_rows
     assert shards.read_faces(mixed, 1, columns=["face_id", "relabel_reason"]).column_names == ["face_id", "relabel_reason"]
+
+
+def test_a_label_the_self_critic_finds_wrong_is_replaced_by_the_students_answer(corrupted):
+    """The trainer's own judgement decides too: where the self-critic gives a label a chance of at most
+    CRITIC_RELABEL the student's answer replaces it, even where the verifier predicts no gain; a label
+    the critic trusts is judged by the verifier's margin alone."""
+    from pipeline.crops import apply_affine
+    from trainer.rescore import CRITIC_RELABEL, Relabeller, _candidates, _decode_crops
+
+    catalog, _, _ = corrupted
+    v1 = shards.read_faces(store_of(catalog), 1, columns=["face_id", "crop", "crop_affine", "landmarks",
+                                                           "alt_landmarks", "pose"])
+    n = v1.num_rows
+    crops, ok = _decode_crops(v1.column("crop").to_pylist(), v1.column("face_id").to_pylist())
+    affine = np.asarray(v1.column("crop_affine").to_pylist(), np.float32).reshape(n, 6)
+    labels = apply_affine(np.asarray(v1.column("landmarks").to_pylist(), np.float32).reshape(n, 68, 2), affine)
+    candidates = _candidates(v1.column("alt_landmarks").to_pylist(), affine)
+    student = labels + np.float32(0.5)  # an answer half a pixel off the label: the verifier sees no gain
+    critic = np.full(n, 0.99, np.float32)
+    critic[[1, 4]] = [0.2, CRITIC_RELABEL]  # the critic finds these two labels wrong
+    relabeller = Relabeller.for_chain(catalog.detectors)
+    judged = relabeller.judge(crops, ok, labels, candidates, student, np.asarray(v1.column("pose").to_pylist(),
+                                                                                  np.float32), 1, critic=critic)
+    replaced = {i for i, p in enumerate(judged["relabel_crop"]) if p is not None}
+    assert {1, 4} <= replaced
+    for i in (1, 4):
+        np.testing.assert_array_equal(judged["relabel_crop"][i], student[i])
+        assert judged["relabel_source"][i] == "student:r1"
+        assert judged["relabel_reason"][i].startswith("the self-critic finds the label wrong")
+    for i in replaced - {1, 4}:  # any other change came through the verifier's margin
+        assert "predicted NME" in judged["relabel_reason"][i]
