@@ -55,6 +55,84 @@ def cross_fitted_logit(x: np.ndarray, y: np.ndarray, folds: np.ndarray) -> np.nd
     return out
 
 
+def load_faces(root: str, dataset: str, checkpoints: list[str]) -> dict:
+    """The version's faces with references in the folds that have a checkpoint, as arrays (crop px)."""
+    name, version = parse_ref(dataset)
+    store = Store(root, name)
+    version = resolve_version(store, version)
+    faces = read_faces(store, version, columns=["face_id", "crop", "crop_affine", "landmarks", "ref_points21",
+                                                "yaw_deg", "verifier_nme_pct"])
+    faces = faces.filter(pc.is_valid(faces.column("ref_points21")))
+    fold = np.array([fold_of(f, len(checkpoints)) for f in faces.column("face_id").to_pylist()])
+    scored = np.isin(fold, [k for k, spec in enumerate(checkpoints) if spec != "-"])
+    faces, fold = faces.filter(pa.array(scored)), fold[scored]
+    n = faces.num_rows
+    affine = np.asarray(faces.column("crop_affine").to_pylist(), np.float32).reshape(n, 6)
+    label = np.asarray(faces.column("landmarks").to_pylist(), np.float32).reshape(n, 68, 2)
+    return {"dataset": f"{name}@v{version}", "fold": fold,
+            "label": np.stack([apply_affine(p, a) for p, a in zip(label, affine)]),
+            "back": np.stack([invert_affine(a) for a in affine]),
+            "ref": np.asarray(faces.column("ref_points21").to_pylist(), np.float64).reshape(n, 21, 2),
+            "bins": yaw_bins(faces.column("yaw_deg").to_numpy(zero_copy_only=False)),
+            "verifier": faces.column("verifier_nme_pct").to_numpy(zero_copy_only=False).astype(np.float64),
+            "crops": np.stack([cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1]
+                               for b in faces.column("crop").to_pylist()])}
+
+
+def read_with_students(faces: dict, checkpoints: list[str]) -> dict:
+    """Each fold's faces read by the student that never trained on them: its answer given the label,
+    the answer given back to it (the cycle), given another face's label and given none, and its critic."""
+    label, crops = faces["label"], faces["crops"]
+    out = {k: np.zeros_like(label) for k in ("answer", "cycle", "shuffled", "blank")}
+    out["critic"] = np.full(len(label), np.nan)
+    for k, spec in enumerate(checkpoints):
+        if spec == "-":
+            continue
+        idx = np.flatnonzero(faces["fold"] == k)
+        model = load_predictor(spec, device="cpu")
+        _, out["answer"][idx], out["critic"][idx] = model.read_labels(crops[idx], label[idx])
+        out["cycle"][idx] = model.answer(crops[idx], out["answer"][idx])
+        out["shuffled"][idx] = model.answer(crops[idx], label[idx][derangement(len(idx), seed=k)])
+        out["blank"][idx] = model.points(blank_map_params(model, crops[idx]))
+    return out
+
+
+def measure(faces: dict, read: dict) -> dict:
+    """NME against the references per yaw bin, and each score's ROC-AUC for bad labels."""
+    bins, fold, label, verifier = faces["bins"], faces["fold"], faces["label"], faces["verifier"]
+
+    def nme21(points_crop: np.ndarray) -> np.ndarray:
+        return nme21_pct(np.stack([apply_affine(p, b) for p, b in zip(points_crop, faces["back"])]), faces["ref"])
+
+    def by_bin(v: np.ndarray) -> dict:
+        return {"bins": [round(float(np.nanmean(v[bins == b])), 3) for b in range(3)],
+                "mean": round(float(np.nanmean(v)), 3),
+                "balanced": round(float(np.mean([np.nanmean(v[bins == b]) for b in range(3)])), 3)}
+
+    label_nme = nme21(label)
+    residual, cycle, critic = nme_pct(read["answer"], label), nme_pct(read["cycle"], label), read["critic"]
+    result = {"nme21": {"label": by_bin(label_nme), "answer_given_label": by_bin(nme21(read["answer"])),
+                        "answer_given_other_label": by_bin(nme21(read["shuffled"])),
+                        "answer_given_none": by_bin(nme21(read["blank"]))}, "auc": {}}
+    logit = np.log(np.clip(critic, 1e-6, 1 - 1e-6) / np.clip(1 - critic, 1e-6, 1))
+    cross = len(np.unique(fold)) > 1
+    for t in THRESHOLDS:
+        bad = label_nme > t
+        feats_all = np.column_stack([np.log(verifier), np.log(cycle + 1e-3), np.log(residual + 1e-3), logit])
+        result["auc"][f"gt_{t:g}"] = {
+            "bad": int(bad.sum()),
+            "cycle_error": round(roc_auc(cycle, bad), 4),
+            "residual": round(roc_auc(residual, bad), 4),
+            "one_minus_critic": round(roc_auc(1 - critic, bad), 4),
+            "verifier": round(roc_auc(verifier, bad), 4),
+            "verifier_refit": round(roc_auc(cross_fitted_logit(np.log(verifier)[:, None], bad, fold), bad), 4)
+            if cross else None,
+            "verifier_plus_trainer": round(roc_auc(cross_fitted_logit(feats_all, bad, fold), bad), 4)
+            if cross else None,
+        }
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", default="wild@v1")
@@ -63,79 +141,9 @@ def main() -> None:
                     help="one per fold, in fold order ('-': skip that fold's faces)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    folds_n = len(args.checkpoints)
-
-    name, version = parse_ref(args.dataset)
-    store = Store(args.root, name)
-    version = resolve_version(store, version)
-    faces = read_faces(store, version, columns=["face_id", "crop", "crop_affine", "landmarks", "ref_points21",
-                                                "yaw_deg", "verifier_nme_pct"])
-    faces = faces.filter(pc.is_valid(faces.column("ref_points21")))
-    folds_all = np.array([fold_of(f, folds_n) for f in faces.column("face_id").to_pylist()])
-    scored_folds = [k for k, spec in enumerate(args.checkpoints) if spec != "-"]
-    faces = faces.filter(pa.array(np.isin(folds_all, scored_folds)))
-    n = faces.num_rows
-    label = np.asarray(faces.column("landmarks").to_pylist(), np.float32).reshape(n, 68, 2)
-    affine = np.asarray(faces.column("crop_affine").to_pylist(), np.float32).reshape(n, 6)
-    ref = np.asarray(faces.column("ref_points21").to_pylist(), np.float64).reshape(n, 21, 2)
-    bins = yaw_bins(faces.column("yaw_deg").to_numpy(zero_copy_only=False))
-    verifier = faces.column("verifier_nme_pct").to_numpy(zero_copy_only=False).astype(np.float64)
-    fold = np.array([fold_of(f, folds_n) for f in faces.column("face_id").to_pylist()])
-    crops = np.stack([cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1]
-                      for b in faces.column("crop").to_pylist()])
-    back = np.stack([invert_affine(a) for a in affine])
-    label_crop = np.stack([apply_affine(p, a) for p, a in zip(label, affine)])
-
-    answer = np.zeros_like(label_crop)
-    cycle_pts = np.zeros_like(label_crop)
-    shuffled = np.zeros_like(label_crop)
-    blank = np.zeros_like(label_crop)
-    critic = np.full(n, np.nan)
-    for k, spec in enumerate(args.checkpoints):
-        if spec == "-":
-            continue
-        idx = np.flatnonzero(fold == k)
-        model = load_predictor(spec, device="cpu")
-        _, answer[idx], critic[idx] = model.read_labels(crops[idx], label_crop[idx])
-        cycle_pts[idx] = model.answer(crops[idx], answer[idx])
-        other = label_crop[idx][derangement(len(idx), seed=k)]
-        shuffled[idx] = model.answer(crops[idx], other)
-        blank[idx] = model.points(blank_map_params(model, crops[idx]))
-
-    def to_image(points_crop: np.ndarray) -> np.ndarray:
-        return np.stack([apply_affine(p, b) for p, b in zip(points_crop, back)])
-
-    def nme21(points_crop: np.ndarray) -> np.ndarray:
-        return nme21_pct(to_image(points_crop), ref)
-
-    def by_bin(v: np.ndarray) -> dict:
-        return {"bins": [round(float(np.nanmean(v[bins == b])), 3) for b in range(3)],
-                "mean": round(float(np.nanmean(v)), 3),
-                "balanced": round(float(np.mean([np.nanmean(v[bins == b]) for b in range(3)])), 3)}
-
-    label_nme = nme21(label_crop)
-    residual = nme_pct(answer, label_crop)
-    cycle = nme_pct(cycle_pts, label_crop)
-    result = {"dataset": f"{name}@v{version}", "faces": n, "checkpoints": args.checkpoints,
-              "nme21": {"label": by_bin(label_nme), "answer_given_label": by_bin(nme21(answer)),
-                        "answer_given_other_label": by_bin(nme21(shuffled)), "answer_given_none": by_bin(nme21(blank))},
-              "auc": {}}
-    logit = lambda p: np.log(np.clip(p, 1e-6, 1 - 1e-6) / np.clip(1 - p, 1e-6, 1))  # noqa: E731
-    for t in THRESHOLDS:
-        bad = label_nme > t
-        feats_v = np.log(verifier)[:, None]
-        feats_all = np.column_stack([np.log(verifier), np.log(cycle + 1e-3), np.log(residual + 1e-3), logit(critic)])
-        result["auc"][f"gt_{t:g}"] = {
-            "bad": int(bad.sum()),
-            "cycle_error": round(roc_auc(cycle, bad), 4),
-            "residual": round(roc_auc(residual, bad), 4),
-            "one_minus_critic": round(roc_auc(1 - critic, bad), 4),
-            "verifier": round(roc_auc(verifier, bad), 4),
-            "verifier_refit": (round(roc_auc(cross_fitted_logit(feats_v, bad, fold), bad), 4)
-                               if len(np.unique(fold)) > 1 else None),
-            "verifier_plus_trainer": (round(roc_auc(cross_fitted_logit(feats_all, bad, fold), bad), 4)
-                                      if len(np.unique(fold)) > 1 else None),
-        }
+    faces = load_faces(args.root, args.dataset, args.checkpoints)
+    result = {"dataset": faces["dataset"], "faces": len(faces["label"]), "checkpoints": args.checkpoints,
+              **measure(faces, read_with_students(faces, args.checkpoints))}
     text = json.dumps(result, indent=1)
     print(text)
     if args.json:

@@ -222,26 +222,31 @@ class Relabeller:
         out["student_label_nme_pred"] = [student_nme.get(i) for i in range(n)]
         out["fused_label_nme_pred"] = [fused_nme.get(i) for i in range(n)]
         for i in todo:
-            current = out["label_nme_pred"][i]
-            options = [(fused_nme[i], proposals[i][0], proposals[i][1], f"fused+{name}", "fused with")] if self.fuse else []
+            options = [(fused_nme[i], *proposals[i], f"fused+{name}", "fused with")] if self.fuse else []
             weights = np.zeros((len(stacks[i]), 68), np.float32)
             weights[-1] = 1.0
             options.append((student_nme[i], student[i], region_weights(weights), name, "replaced by"))
-            proposed, points, region_w, source, verb = min(options, key=lambda o: o[0])
-            reason = f"{verb} {name}: predicted NME {current:.2f}% -> {proposed:.2f}%"
-            if critic is not None and np.isfinite(critic[i]) and critic[i] <= self.critic_relabel:
-                # the self-critic finds the label wrong: the student's corrected label replaces it
-                proposed, points, region_w, source = options[-1][:4]
-                reason = f"the self-critic finds the label wrong ({critic[i]:.2f}): replaced by {name}"
-            elif not (np.isfinite(current) and np.isfinite(proposed)) or \
-                    current - proposed < max(self.min_gain_pct, self.min_gain_rel * current):
-                continue
-            out["relabel_crop"][i] = points
-            out["relabel_nme_pred"][i] = proposed
-            out["relabel_source"][i] = source
-            out["relabel_fusion_weights"][i] = region_w.tolist()
-            out["relabel_reason"][i] = reason
+            decision = self._decide(out["label_nme_pred"][i], options, None if critic is None else critic[i], name)
+            if decision is not None:
+                for key, value in zip(("relabel_nme_pred", "relabel_crop", "relabel_fusion_weights",
+                                       "relabel_source", "relabel_reason"), decision):
+                    out[key][i] = value
         return out
+
+    def _decide(self, current: float, options: list[tuple], critic: float | None, name: str) -> tuple | None:
+        """One face: (predicted NME, points, region weights as a list, source, reason) of its new label, or
+        None to keep it. `options` are (predicted NME, points, region weights, source, verb), the student's
+        own answer last."""
+        proposed, points, region_w, source, verb = min(options, key=lambda o: o[0])
+        reason = f"{verb} {name}: predicted NME {current:.2f}% -> {proposed:.2f}%"
+        if critic is not None and np.isfinite(critic) and critic <= self.critic_relabel:
+            # the self-critic finds the label wrong: the student's corrected label replaces it
+            proposed, points, region_w, source = options[-1][:4]
+            reason = f"the self-critic finds the label wrong ({critic:.2f}): replaced by {name}"
+        elif not (np.isfinite(current) and np.isfinite(proposed)) or \
+                current - proposed < max(self.min_gain_pct, self.min_gain_rel * current):
+            return None
+        return proposed, points, region_w.tolist(), source, reason
 
 
 def _candidates(alt_column: list, affines: np.ndarray) -> list[list[tuple[str, np.ndarray]]]:

@@ -245,6 +245,63 @@ def train(cfg: TrainConfig) -> TrainResult:
         world.close()
 
 
+@dataclass
+class _Run:
+    """What a training run carries from step to step: the models, their optimisers and the data position."""
+
+    net: TwoDASLNet
+    encoder: torch.nn.Module
+    critic: torch.nn.Module
+    opt: torch.optim.Optimizer
+    opt_critic: torch.optim.Optimizer
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+
+
+def _resume(run: _Run, ckpt_dir: Path, world: World) -> str:
+    """Load the newest checkpoint of `ckpt_dir` into `run`, exactly (models, optimisers, position, RNGs);
+    returns its path ("" when there is none)."""
+    found = latest_checkpoint(ckpt_dir)
+    if found is None:
+        return ""
+    state = load_checkpoint(found)
+    run.net.load_state_dict(state["model"])
+    run.encoder.load_state_dict(state["encoder"])
+    run.critic.load_state_dict(state["critic"])
+    run.opt.load_state_dict(state["optimizer"])
+    run.opt_critic.load_state_dict(state["critic_optimizer"])
+    run.step, run.epoch, run.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+    if world.enabled:  # each rank continues its own shard where it stopped
+        if state.get("world_size", 1) != world.size:
+            raise ValueError(f"checkpoint {found} was written by {state.get('world_size', 1)} processes; "
+                             f"resume it with as many (got {world.size})")
+        run.epoch, run.batch_in_epoch = state["positions"][world.rank]
+    set_rng_state(state["rng"])
+    log.info("resumed from %s at step %d (epoch %d, batch %d)", found, run.step, run.epoch, run.batch_in_epoch)
+    return str(found)
+
+
+def _save(run: _Run, cfg: TrainConfig, ckpt_dir: Path, world: World, dataset: dict) -> str:
+    """Write the run's checkpoint (rank 0; the others wait for it) and prune old ones; returns its path."""
+    path = ckpt_dir / f"step-{run.step:07d}.pt"
+    positions = world.gather((run.epoch, run.batch_in_epoch))  # every rank, since each reads its own shard
+    world.check_in_sync(run.net, run.encoder, run.critic)
+    if not world.is_main:
+        world.barrier()  # rank 0 writes; the others wait until the file is there
+        return str(path)
+    save_checkpoint(path, {
+        "world_size": world.size, "positions": positions,
+        "model": run.net.state_dict(), "encoder": run.encoder.state_dict(), "critic": run.critic.state_dict(),
+        "optimizer": run.opt.state_dict(), "critic_optimizer": run.opt_critic.state_dict(),
+        "step": run.step, "epoch": run.epoch, "batch_in_epoch": run.batch_in_epoch, "rng": rng_state(),
+        "config": cfg.to_dict(), "dataset": dataset,
+    })
+    prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
+    world.barrier()
+    return str(path)
+
+
 def _train(cfg: TrainConfig, world: World) -> TrainResult:
     seed_everything(cfg.seed)  # the same seed on every rank: the same initial weights (broadcast too)
     device = world.device(cfg.device)
@@ -261,50 +318,16 @@ def _train(cfg: TrainConfig, world: World) -> TrainResult:
     bfm = load_bfm(cfg.bfm_path, device=device)
     net = build_model(cfg).to(device)
     encoder, critic = (m.to(device) for m in build_critic(cfg))
-    opt, opt_critic = build_optimizers(cfg, net, encoder, critic)
+    run = _Run(net, encoder, critic, *build_optimizers(cfg, net, encoder, critic))
     world.broadcast(net, encoder, critic)
 
     ckpt_dir = Path(cfg.checkpoint_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    step, epoch, batch_in_epoch = 0, 0, 0
-    last_ckpt = ""
-    if cfg.resume and (found := latest_checkpoint(ckpt_dir)) is not None:
-        state = load_checkpoint(found)
-        net.load_state_dict(state["model"])
-        encoder.load_state_dict(state["encoder"])
-        critic.load_state_dict(state["critic"])
-        opt.load_state_dict(state["optimizer"])
-        opt_critic.load_state_dict(state["critic_optimizer"])
-        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        if world.enabled:  # each rank continues its own shard where it stopped
-            if state.get("world_size", 1) != world.size:
-                raise ValueError(f"checkpoint {found} was written by {state.get('world_size', 1)} processes; "
-                                 f"resume it with as many (got {world.size})")
-            epoch, batch_in_epoch = state["positions"][world.rank]
-        set_rng_state(state["rng"])
-        last_ckpt = str(found)
-        log.info("resumed from %s at step %d (epoch %d, batch %d)", found, step, epoch, batch_in_epoch)
+    last_ckpt = _resume(run, ckpt_dir, world) if cfg.resume else ""
     log_path = ckpt_dir / LOG_FILE
     if world.is_main:
-        _truncate_log(log_path, step)  # steps past the checkpoint were lost with the crash: redo them
-
-    def checkpoint() -> str:
-        path = ckpt_dir / f"step-{step:07d}.pt"
-        positions = world.gather((epoch, batch_in_epoch))  # every rank, since each reads its own shard
-        world.check_in_sync(net, encoder, critic)
-        if not world.is_main:
-            world.barrier()  # rank 0 writes; the others wait until the file is there
-            return str(path)
-        save_checkpoint(path, {
-            "world_size": world.size, "positions": positions,
-            "model": net.state_dict(), "encoder": encoder.state_dict(), "critic": critic.state_dict(),
-            "optimizer": opt.state_dict(), "critic_optimizer": opt_critic.state_dict(),
-            "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "rng": rng_state(),
-            "config": cfg.to_dict(), "dataset": {"root": cfg.dataset_root, "name": name, "version": version},
-        })
-        prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
-        world.barrier()
-        return str(path)
+        _truncate_log(log_path, run.step)  # steps past the checkpoint were lost with the crash: redo them
+    dataset = {"root": cfg.dataset_root, "name": name, "version": version}
 
     log.info("training %s on %s@v%d: %d faces, %d steps, device %s%s", cfg.backbone, name, version, n_rows,
              total_steps, device, " (bf16)" if amp else "")
@@ -312,39 +335,40 @@ def _train(cfg: TrainConfig, world: World) -> TrainResult:
     progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[msg]}"),
                         TimeRemainingColumn(), disable=not sys.stderr.isatty() or not world.is_main)
     with progress, open(log_path if world.is_main else os.devnull, "a") as log_file:
-        task = progress.add_task("train", total=total_steps, completed=step, msg="")
-        while step < total_steps:
-            loader = build_loader(cfg, store, version, epoch=epoch, skip_batches=batch_in_epoch,
+        task = progress.add_task("train", total=total_steps, completed=run.step, msg="")
+        while run.step < total_steps:
+            loader = build_loader(cfg, store, version, epoch=run.epoch, skip_batches=run.batch_in_epoch,
                                   rank=world.rank, world_size=world.size)
             for batch in loader:
-                factor = lr_factor(cfg, step, total_steps)
-                for group in opt.param_groups:
+                factor = lr_factor(cfg, run.step, total_steps)
+                for group in run.opt.param_groups:
                     group["lr"] = group.get("base_lr", cfg.lr) * factor
                 set_train_mode(net, cfg.bn_frozen)
                 encoder.train()
                 critic.train()
                 started = time.perf_counter()
-                last = train_step(batch, net, encoder, critic, bfm, cfg, opt, opt_critic, amp, world)
-                step += 1
-                batch_in_epoch += 1
-                record = {"step": step, "epoch": epoch, "lr": opt.param_groups[0]["lr"], "batch": len(batch["face_id"]),
-                          "sec": round(time.perf_counter() - started, 4), **last}
+                last = train_step(batch, net, encoder, critic, bfm, cfg, run.opt, run.opt_critic, amp, world)
+                run.step += 1
+                run.batch_in_epoch += 1
+                record = {"step": run.step, "epoch": run.epoch, "lr": run.opt.param_groups[0]["lr"],
+                          "batch": len(batch["face_id"]), "sec": round(time.perf_counter() - started, 4), **last}
                 log_file.write(json.dumps(record) + "\n")
                 progress.update(task, advance=1, msg=f"loss {last['total']:.4f}")
-                if step % cfg.log_every == 0 or step == total_steps:
-                    log.info("step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in last.items()))
-                if step % cfg.checkpoint_every == 0 and step < total_steps:
+                if run.step % cfg.log_every == 0 or run.step == total_steps:
+                    log.info("step %d: %s", run.step, " ".join(f"{k}={v:.4g}" for k, v in last.items()))
+                if run.step % cfg.checkpoint_every == 0 and run.step < total_steps:
                     log_file.flush()
-                    last_ckpt = checkpoint()
-                if step >= total_steps:
+                    last_ckpt = _save(run, cfg, ckpt_dir, world, dataset)
+                if run.step >= total_steps:
                     break
             else:
-                epoch += 1
-                batch_in_epoch = 0
+                run.epoch += 1
+                run.batch_in_epoch = 0
         log_file.flush()
-    if not last_ckpt or not last_ckpt.endswith(f"step-{step:07d}.pt"):
-        last_ckpt = checkpoint()
-    return TrainResult(checkpoint=last_ckpt, steps=step, epochs=epoch, final_losses=last, log_path=str(log_path))
+    if not last_ckpt or not last_ckpt.endswith(f"step-{run.step:07d}.pt"):
+        last_ckpt = _save(run, cfg, ckpt_dir, world, dataset)
+    return TrainResult(checkpoint=last_ckpt, steps=run.step, epochs=run.epoch, final_losses=last,
+                       log_path=str(log_path))
 
 
 def _truncate_log(path: Path, step: int) -> None:
