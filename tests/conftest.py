@@ -1,4 +1,5 @@
-"""Shared fixtures: a project-local Prefect home, Prefect's test harness, small real catalogs."""
+"""Shared fixtures: a project-local Prefect home, Prefect's test harness, small real catalogs, and the
+built versions several modules read (built once per session: only tests that build read a fresh one)."""
 
 from __future__ import annotations
 
@@ -83,3 +84,12 @@ def small_catalog(tmp_path) -> Path:
         {"name": "wild", "kind": "folder", "path": str(wild), "pre_cropped": True},
         {"name": "scenes", "kind": "folder", "path": str(scenes)},
     ])
+
+
+@pytest.fixture(scope="session")
+def browse_version(tmp_path_factory):
+    """(store, version) of `tests.browse_fixture`'s version, built once for the browse, browser and export
+    tests: they only read it (a test that breaks a shard breaks a copy)."""
+    from tests.browse_fixture import build_browse_version
+
+    return build_browse_version(tmp_path_factory.mktemp("browse"))
