@@ -71,19 +71,35 @@ def write_catalog(path: Path, sources: list[dict], *, output_root: str = "out", 
     return path
 
 
-@pytest.fixture
-def small_catalog(tmp_path) -> Path:
-    """4 AFLW2000-3D images with labels, 6 wild crops and one two-face scene: real images, all kinds."""
-    dev = copy_images(tmp_path / "src" / "dev", "aflw2000-dev", AFLW_DEV[:4], with_mat=True)
-    wild = copy_images(tmp_path / "src" / "wild", "aflw-wild-crops", WILD[:6])
-    scenes = tmp_path / "src" / "scenes"
+def _small_catalog(root: Path) -> Path:
+    dev = copy_images(root / "src" / "dev", "aflw2000-dev", AFLW_DEV[:4], with_mat=True)
+    wild = copy_images(root / "src" / "wild", "aflw-wild-crops", WILD[:6])
+    scenes = root / "src" / "scenes"
     scenes.mkdir(parents=True)
     shutil.copy(DATA / "scenes" / "3ddfa_v2_trump_hillary.jpg", scenes)
-    return write_catalog(tmp_path / "catalog.yaml", [
+    return write_catalog(root / "catalog.yaml", [
         {"name": "dev", "kind": "folder", "path": str(dev), "labels": "mat", "split": "eval"},
         {"name": "wild", "kind": "folder", "path": str(wild), "pre_cropped": True},
         {"name": "scenes", "kind": "folder", "path": str(scenes)},
     ])
+
+
+@pytest.fixture
+def small_catalog(tmp_path) -> Path:
+    """4 AFLW2000-3D images with labels, 6 wild crops and one two-face scene: real images, all kinds."""
+    return _small_catalog(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def built_small_catalog(tmp_path_factory):
+    """(catalog path, version, plan): `small_catalog` built once with `pipeline.build.build`, for the
+    tests that only read its first version (tests that rebuild or edit it take `small_catalog`)."""
+    from pipeline.build import build
+    from pipeline.catalog import load_catalog
+
+    path = _small_catalog(tmp_path_factory.mktemp("small"))
+    version, plan = build(load_catalog(path))
+    return path, version, plan
 
 
 @pytest.fixture(scope="session")
