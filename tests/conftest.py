@@ -1,4 +1,5 @@
-"""Shared fixtures: a project-local Prefect home, Prefect's test harness, small real catalogs."""
+"""Shared fixtures: a project-local Prefect home, Prefect's test harness, small real catalogs, and the
+built versions several modules read (built once per session: only tests that build read a fresh one)."""
 
 from __future__ import annotations
 
@@ -70,16 +71,41 @@ def write_catalog(path: Path, sources: list[dict], *, output_root: str = "out", 
     return path
 
 
-@pytest.fixture
-def small_catalog(tmp_path) -> Path:
-    """4 AFLW2000-3D images with labels, 6 wild crops and one two-face scene: real images, all kinds."""
-    dev = copy_images(tmp_path / "src" / "dev", "aflw2000-dev", AFLW_DEV[:4], with_mat=True)
-    wild = copy_images(tmp_path / "src" / "wild", "aflw-wild-crops", WILD[:6])
-    scenes = tmp_path / "src" / "scenes"
+def _small_catalog(root: Path) -> Path:
+    dev = copy_images(root / "src" / "dev", "aflw2000-dev", AFLW_DEV[:4], with_mat=True)
+    wild = copy_images(root / "src" / "wild", "aflw-wild-crops", WILD[:6])
+    scenes = root / "src" / "scenes"
     scenes.mkdir(parents=True)
     shutil.copy(DATA / "scenes" / "3ddfa_v2_trump_hillary.jpg", scenes)
-    return write_catalog(tmp_path / "catalog.yaml", [
+    return write_catalog(root / "catalog.yaml", [
         {"name": "dev", "kind": "folder", "path": str(dev), "labels": "mat", "split": "eval"},
         {"name": "wild", "kind": "folder", "path": str(wild), "pre_cropped": True},
         {"name": "scenes", "kind": "folder", "path": str(scenes)},
     ])
+
+
+@pytest.fixture
+def small_catalog(tmp_path) -> Path:
+    """4 AFLW2000-3D images with labels, 6 wild crops and one two-face scene: real images, all kinds."""
+    return _small_catalog(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def built_small_catalog(tmp_path_factory):
+    """(catalog path, version, plan): `small_catalog` built once with `pipeline.build.build`, for the
+    tests that only read its first version (tests that rebuild or edit it take `small_catalog`)."""
+    from pipeline.build import build
+    from pipeline.catalog import load_catalog
+
+    path = _small_catalog(tmp_path_factory.mktemp("small"))
+    version, plan = build(load_catalog(path))
+    return path, version, plan
+
+
+@pytest.fixture(scope="session")
+def browse_version(tmp_path_factory):
+    """(store, version) of `tests.browse_fixture`'s version, built once for the browse, browser and export
+    tests: they only read it (a test that breaks a shard breaks a copy)."""
+    from tests.browse_fixture import build_browse_version
+
+    return build_browse_version(tmp_path_factory.mktemp("browse"))

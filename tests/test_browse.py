@@ -21,7 +21,6 @@ from tests.browse_fixture import (
     GONE,
     IMG_NAME,
     SCRIPT_NAME,
-    build_browse_version,
     default_sort,
     expected,
     faces_frame,
@@ -29,8 +28,8 @@ from tests.browse_fixture import (
 
 
 @pytest.fixture(scope="module")
-def version(tmp_path_factory):
-    return build_browse_version(tmp_path_factory.mktemp("browse"))
+def version(browse_version):
+    return browse_version
 
 
 @pytest.fixture(scope="module")

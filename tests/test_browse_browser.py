@@ -15,17 +15,17 @@ import pytest
 
 from pipeline.browse.app import bind, create_app
 from pipeline.browse.queries import View
-from tests.browse_fixture import build_browse_version, default_sort, expected, faces_frame
+from tests.browse_fixture import default_sort, expected, faces_frame
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def served(browse_version):
     """(base url, store, version): the app under uvicorn on a free port of 127.0.0.1, as `browse` runs it."""
     import uvicorn
 
-    store, version = build_browse_version(tmp_path_factory.mktemp("browse-browser"))
+    store, version = browse_version
     sock = bind("127.0.0.1", 0)
     server = uvicorn.Server(uvicorn.Config(create_app(store, version), log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)

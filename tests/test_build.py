@@ -24,9 +24,9 @@ def _faces(catalog, version=None) -> pd.DataFrame:
         "split", "agreement_nme_pct", "flip_nme_pct"]).to_pandas()
 
 
-def test_build_small_catalog_end_to_end(small_catalog):
-    catalog = load_catalog(small_catalog)
-    version, plan = build(catalog)
+def test_build_small_catalog_end_to_end(built_small_catalog):
+    path, version, plan = built_small_catalog
+    catalog = load_catalog(path)
     assert version == 1 and plan.new_items == 11
     store = store_of(catalog)
     manifest = shards.read_manifest(store, 1)

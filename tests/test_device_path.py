@@ -132,9 +132,12 @@ def _nme_between(a, b) -> np.ndarray:
     return np.array(out)
 
 
+N_DEV = 16  # the host labels' AFLW2000-3D images; the scenes follow them
+
+
 @pytest.fixture(scope="module")
 def host_labels():
-    images = _images(16)
+    images = _images(N_DEV)
     return images, label_images(_chain("fp32"), images, [False] * len(images))
 
 
@@ -152,9 +155,13 @@ def test_labelling_device_tensors_gives_the_host_landmarks(host_labels):
 
 
 def test_fp16_inference_keeps_landmarks_within_tolerance(host_labels):
+    """On 4 of the AFLW2000-3D images and every scene (16 faces, half of the host's): the CPU has no fast
+    fp16 kernels, so each fp16 face costs several fp32 ones; the tolerance is per face all the same."""
     images, host = host_labels
+    some = [*range(4), *range(N_DEV, len(images))]
+    images, host = [images[i] for i in some], [host[i] for i in some]
     half = label_images(_chain("fp16"), to_device(images, CPU), [False] * len(images))
-    assert [len(f) for f in half] == [len(f) for f in host]
+    assert [len(f) for f in half] == [len(f) for f in host] and sum(len(f) for f in host) >= 12
     nme = _nme_between(host, half)
     assert np.median(nme) < 0.1 and np.quantile(nme, 0.9) < 0.5, nme
 

@@ -11,13 +11,13 @@ import pytest
 
 from pipeline import shards
 from pipeline.export import ExportError, export_coco, keypoint_names, skeleton
-from tests.browse_fixture import build_browse_version, faces_frame
+from tests.browse_fixture import faces_frame
 from tests.conftest import write_catalog
 
 
 @pytest.fixture(scope="module")
-def version(tmp_path_factory):
-    return build_browse_version(tmp_path_factory.mktemp("export"))
+def version(browse_version):
+    return browse_version
 
 
 def test_coco_round_trip(version, tmp_path):

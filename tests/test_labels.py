@@ -281,16 +281,15 @@ def test_the_scoring_pass_gives_the_marked_point_chances_a_pass_of_their_own_giv
         blind.label_nme(faces, head_nme, context_nme)
 
 
-def test_build_keeps_candidates_verifier_scores_and_the_fused_label(small_catalog):
+def test_build_keeps_candidates_verifier_scores_and_the_fused_label(built_small_catalog):
     """A build with the bundled chain: every face has the five candidates in one convention, their
     predicted errors and region weights, and a label that is per point a convex mix of them."""
     from flows.catalog import load_catalog
     from pipeline import shards
-    from pipeline.build import build
     from pipeline.catalog import store_of
 
-    catalog = load_catalog(small_catalog)
-    version, _ = build(catalog)
+    path, version, _ = built_small_catalog
+    catalog = load_catalog(path)
     faces = shards.read_faces(store_of(catalog), version).to_pylist()
     assert faces
     names = ["tddfa_mb05", "tddfa_mb05.flip", "peppa68", "openseeface"]
