@@ -51,6 +51,7 @@ class AugmentSettings:
     map_dropout: float = 0.15  # probability that the map carries no points at all
     map_candidate: float = 0.3  # probability that the map is another landmarker's points for the face
     map_corrupt: float = 0.35  # probability that the map is the label corrupted (`corrupt_label`)
+    map_extra: int = 3  # more labels drawn the same way per face, for the reader and the critic alone
     map_point_dropout: float = 0.1  # probability of each map point missing
     map_noise_pct: float = 1.5  # per-point Gaussian noise of the map, % of the face size (sqrt(w*h))
 

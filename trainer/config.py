@@ -43,6 +43,9 @@ class TrainConfig:
     map_dropout: float = 0.15  # the whole map empty (what the zero-map ablation feeds)
     map_candidate: float = 0.3  # another landmarker's points for the face (a real, independent error)
     map_corrupt: float = 0.35  # the label corrupted (jaw, an eye, the mouth, whole-label moves, L/R swap)
+    # More labels per face, read on the same backbone features by the reader and judged by the critic
+    # (they train those two alone): their examples multiply at little cost, the backbone's do not.
+    map_extra: int = 3
     map_point_dropout: float = 0.1
     map_noise_pct: float = 1.5  # per-point noise of the map's points, % of face size
 
@@ -118,6 +121,7 @@ class TrainConfig:
     # label kept where trusted, the fit elsewhere) vs the best label (late fusion only).
     w_trust: float = 0.1
     w_answer: float = 1.0
+    w_extra: float = 1.0  # the reader's answers and trust on the extra labels (map_extra)
     # Anchor: MSE of whitened params to the teacher's params_62, on rows without trusted params;
     # stands in for L_3d when the version has no reference labels (keeps the student near the teacher).
     w_anchor: float = 0.1
@@ -153,6 +157,7 @@ class TrainConfig:
                                mirror=self.aug_mirror, color=self.aug_color, blur=self.aug_blur,
                                occlude=self.aug_occlude, map_dropout=self.map_dropout,
                                map_candidate=self.map_candidate, map_corrupt=self.map_corrupt,
+                               map_extra=self.map_extra,
                                map_point_dropout=self.map_point_dropout, map_noise_pct=self.map_noise_pct)
 
     def loss_weights(self) -> dict[str, float]:

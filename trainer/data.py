@@ -94,13 +94,14 @@ def decode_row(row: dict[str, Any], augment: AugmentSettings | None = None, seed
     points_img = np.asarray(row["landmarks"], dtype=np.float32).reshape(68, 2)
     points = apply_affine(points_img, np.asarray(row["crop_affine"]))
     params = [None if row[k] is None else np.asarray(row[k], np.float32) for k in ("ref_params", "params_62")]
-    map_pts = points
+    map_pts, extra = points, []
     if augment is not None:
         rng = sample_rng(seed, epoch, row["face_id"])
         candidates = [apply_affine(np.asarray(a["points"], np.float32).reshape(68, 2), np.asarray(row["crop_affine"]))
                       for a in (row.get("alt_landmarks") or [])]
         rgb, points, params, _ = augment_face(rgb, points, params, rng, augment, others=candidates)
         map_pts = choose_map(points, candidates, rng, augment)
+        extra = [choose_map(points, candidates, rng, augment) for _ in range(augment.map_extra)]
     ref_params, has_params = _nan62(params[0])
     teacher, has_teacher = _nan62(params[1])
     return {
@@ -108,6 +109,8 @@ def decode_row(row: dict[str, Any], augment: AugmentSettings | None = None, seed
         "points": torch.from_numpy(points),
         "map_points": torch.from_numpy(np.ascontiguousarray(map_pts, dtype=np.float32)),
         "map_nme": torch.tensor(_map_nme(map_pts, points), dtype=torch.float32),
+        "map_extra": torch.from_numpy(np.asarray(extra, np.float32).reshape(len(extra), 68, 2)),
+        "map_extra_nme": torch.tensor([_map_nme(e, points) for e in extra], dtype=torch.float32),
         "weight": torch.tensor(float(row["weight"]), dtype=torch.float32),
         "params": ref_params,
         "has_params": torch.tensor(has_params),

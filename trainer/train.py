@@ -29,7 +29,7 @@ from trainer.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpo
 from trainer.config import TrainConfig
 from trainer.data import batches_per_epoch, build_loader, count_train_rows
 from trainer.distributed import World
-from trainer.model import TwoDASLNet, build_critic, build_model, map_points
+from trainer.model import TwoDASLNet, build_critic, build_model, corrected_label, map_points
 
 log = logging.getLogger(__name__)
 LOG_FILE = "train_log.jsonl"
@@ -177,12 +177,29 @@ def compute_losses(batch: dict[str, Any], net: TwoDASLNet, encoder: torch.nn.Mod
     loss_d = None
     terms["critic_g"] = params_1.sum() * 0.0
     if late:
+        # More labels for the same faces, read on the same (detached) features: the reader's and the
+        # critic's examples multiply, the backbone's pass does not.
+        judged = [(out_1.features, given, image_points, y2d, batch["map_nme"].to(device))]
+        extra = batch.get("map_extra")
+        if extra is not None and extra.shape[1] > 0:
+            k = extra.shape[1]
+            given_k = extra.to(device).flatten(0, 1)
+            feats_k = out_1.features.detach().repeat_interleave(k, 0)
+            w_k, trust_k = net.reader(net.whiten(out_1.params_image).detach().repeat_interleave(k, 0), feats_k, given_k)
+            fit_k = net.reader.project(w_k)
+            answer_k = corrected_label(given_k, fit_k, trust_k[:, -1])
+            target_k, weight_k = pseudo.repeat_interleave(k, 0), weight.repeat_interleave(k, 0)
+            terms["extra"] = (losses.landmark_2d_loss(answer_k, target_k, weight_k)
+                              + cfg.w_trust * losses.trust_loss(trust_k, given_k, target_k))
+            judged.append((feats_k, given_k, image_points.repeat_interleave(k, 0), fit_k,
+                           batch["map_extra_nme"].to(device).flatten()))
         # The label critic: (image, given label) pairs, real when the label is close to the best one.
         # Not adversarial: it judges labels and does not train the regressor (its inputs are detached).
-        target = losses.label_goodness(batch["map_nme"].to(device))
+        feats, labels, image_pts, answers, nme = (torch.cat(parts) for parts in zip(*judged))
+        target = losses.label_goodness(nme)
         rows = torch.isfinite(target)
         if bool(rows.any()):
-            logits = critic(out_1.features[rows], given[rows], image_points[rows], y2d[rows])
+            logits = critic(feats[rows], labels[rows], image_pts[rows], answers[rows])
             loss_d = losses.label_critic_loss(logits, target[rows])
     elif cfg.w_critic > 0:
         # 2DASL's self-critic. Real pairs: (E(J), α*) for rows with trusted params; without any in the
