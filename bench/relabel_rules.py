@@ -76,16 +76,21 @@ def collect(catalog, store: Store, version: int, checkpoints: list[str], batch: 
     return data
 
 
-def apply_rule(d: dict, bounds: np.ndarray, *, min_gain: float, min_rel: float, max_critic: float,
+def apply_rule(d: dict, bounds: np.ndarray, *, min_gain: float, min_rel: float, critic_relabel: float,
                use: tuple[str, ...] = ("student", "fused")) -> dict:
-    """The relabelling rule on the recorded faces -> what it changes, measured on the references."""
+    """The relabelling rule (trainer.rescore.Relabeller._decide) on the recorded faces -> what it changes,
+    measured on the references: the self-critic's verdict first (the student's answer where the critic
+    gives the label a chance of at most `critic_relabel`), else the verifier's margin over the better
+    proposal."""
     pred = {k: d[f"pred_{k}"] for k in use}
     best = np.argmin(np.column_stack([np.nan_to_num(pred[k], nan=np.inf) for k in use]), axis=1)
     proposed = np.column_stack([pred[k] for k in use])[np.arange(len(best)), best]
     new_nme = np.column_stack([d[f"nme_{k}"] for k in use])[np.arange(len(best)), best]
-    gain = d["pred_label"] - proposed
-    change = (gain >= np.maximum(min_gain, min_rel * d["pred_label"])) & (d["critic"] <= max_critic)
-    change &= np.isfinite(proposed)
+    by_margin = (d["pred_label"] - proposed >= np.maximum(min_gain, min_rel * d["pred_label"])) & np.isfinite(proposed)
+    by_critic = d["critic"] <= critic_relabel
+    change = by_critic | by_margin
+    new_nme = np.where(by_critic, d["nme_student"], new_nme)
+    proposed = np.where(by_critic, d["pred_student"], proposed)
     after = np.where(change, new_nme, d["nme_label"])
     pred_after = np.where(change, proposed, d["pred_label"])
     bins = d["bin"]
@@ -96,7 +101,8 @@ def apply_rule(d: dict, bounds: np.ndarray, *, min_gain: float, min_rel: float, 
         return [round(float(v[mask & (bins == b)].mean()), 3) for b in range(3)]
 
     closer = (after < d["nme_label"])[change]
-    return {"relabelled": int(change.sum()), "relabelled_share": round(float(change.mean()), 4),
+    return {"relabelled": int(change.sum()), "by_critic": int(by_critic.sum()), "by_margin": int(by_margin.sum()),
+            "relabelled_share": round(float(change.mean()), 4),
             "moved_closer_share": round(float(closer.mean()), 4) if change.any() else None,
             "mean_change_pct": round(float((after - d["nme_label"])[change].mean()), 3) if change.any() else None,
             "kept_before": int(kept_before.sum()), "kept_after": int(kept_after.sum()),
@@ -131,10 +137,13 @@ def main() -> None:
     result = {"dataset": f"{name}@v{version}", "faces": int(len(data["bin"])), "checkpoints": args.checkpoints,
               "nme21_mean": {k: round(float(np.nanmean(data[f"nme_{k}"])), 3) for k in ("label", "student", "fused")},
               "rules": {}}
-    for min_gain in (0.1, 0.2, 0.3):
-        for max_critic in (1.0, 0.9, 0.7, 0.5):
-            key = f"gain>={min_gain} critic<={max_critic}"
-            result["rules"][key] = apply_rule(data, bounds, min_gain=min_gain, min_rel=0.03, max_critic=max_critic)
+    for min_gain in (0.1, 0.3):
+        for critic_relabel in (-1.0, 0.3, 0.5, 0.7):  # -1: the verifier's margin alone
+            for fold in sorted(set(data["fold"].tolist())) + ["all"]:
+                part = data if fold == "all" else {k: v[data["fold"] == fold] for k, v in data.items()}
+                key = f"gain>={min_gain} critic<={critic_relabel} fold={fold}"
+                result["rules"][key] = apply_rule(part, bounds, min_gain=min_gain, min_rel=0.03,
+                                                  critic_relabel=critic_relabel)
     text = json.dumps(result, indent=1)
     print(text)
     if args.json:
