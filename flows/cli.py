@@ -257,7 +257,8 @@ def cmd_export(args) -> int:
 def cmd_verifier_train(args) -> int:
     """Train the label verifier from the catalog's referenced faces (cross-fitted report + shipped head)."""
     from flows.catalog import load_catalog
-    from trainer.verifier import VerifierTrainConfig, train_verifier_for_catalog
+    from flows.verifier import train_verifier_for_catalog
+    from trainer.verifier import VerifierTrainConfig
 
     cfg = VerifierTrainConfig(epochs=args.epochs, folds=args.folds, seed=args.seed,
                               **({"target_clean": args.target_clean} if args.target_clean else {}))

@@ -17,6 +17,11 @@ FORBIDDEN = {
     "trainer": {"flows", "bench", "prefect", "prefect_dask"},
     "flows": {"bench"},
 }
+# package -> modules of the other libraries it must never import: the trainer reads versions the flows
+# built; building, planning and committing them stays with the flows.
+FORBIDDEN_MODULES = {
+    "trainer": {"pipeline.build", "pipeline.plan", "pipeline.batch", "pipeline.commit"},
+}
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -33,6 +38,16 @@ def imported_modules(path: Path) -> set[str]:
                 names.add(f"{base}.{node.module}" if node.module else base)
             elif node.module:
                 names.add(node.module)
+    return names
+
+
+def imported_names(path: Path) -> set[str]:
+    """`imported_modules`, plus `X.y` for every `from X import y`: `y` may be the module `X.y`."""
+    names = imported_modules(path)
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    for node in _walk_run_time(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
     return names
 
 
@@ -58,6 +73,23 @@ def test_libraries_import_only_downstream(package):
             if name.split(".")[0] in FORBIDDEN[package]:
                 bad.append(f"{path.relative_to(ROOT)} imports {name}")
     assert not bad, "imports against the direction of flow:\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN_MODULES))
+def test_libraries_leave_building_data_to_the_flows(package):
+    bad = []
+    for path in _modules(package):
+        for name in sorted(imported_names(path)):
+            for forbidden in sorted(FORBIDDEN_MODULES[package]):
+                if name == forbidden or name.startswith(forbidden + "."):
+                    bad.append(f"{path.relative_to(ROOT)} imports {name}")
+    assert not bad, "modules this library must leave to the flows:\n" + "\n".join(bad)
+
+
+def test_the_checker_sees_a_module_imported_from_its_package(tmp_path):
+    module = tmp_path / "probe.py"
+    module.write_text("from pipeline import build\n\ndef f():\n    from pipeline.commit import commit\n")
+    assert {"pipeline.build", "pipeline.commit"} <= imported_names(module)
 
 
 def test_the_checker_sees_imports_inside_functions(tmp_path):
