@@ -257,7 +257,8 @@ def cmd_export(args) -> int:
 def cmd_verifier_train(args) -> int:
     """Train the label verifier from the catalog's referenced faces (cross-fitted report + shipped head)."""
     from flows.catalog import load_catalog
-    from trainer.verifier import VerifierTrainConfig, train_verifier_for_catalog
+    from flows.verifier import train_verifier_for_catalog
+    from trainer.verifier import VerifierTrainConfig
 
     cfg = VerifierTrainConfig(epochs=args.epochs, folds=args.folds, seed=args.seed,
                               **({"target_clean": args.target_clean} if args.target_clean else {}))
@@ -296,35 +297,44 @@ def cmd_server(args) -> int:
                             "--port", str(args.port)])
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="facecurate", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _in_process(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--in-process", action="store_true",
+                   help="build in this process without Prefect or dask (no flow run, event or report)")
+    return p
 
-    def in_process(p):
-        p.add_argument("--in-process", action="store_true",
-                       help="build in this process without Prefect or dask (no flow run, event or report)")
-        return p
 
-    def with_catalog(p):
-        p.add_argument("--catalog", default=DEFAULT_CATALOG, help="catalog file (default: ./catalog.yaml)")
-        return p
+def _with_catalog(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--catalog", default=DEFAULT_CATALOG, help="catalog file (default: ./catalog.yaml)")
+    return p
 
-    p = with_catalog(sub.add_parser("build", help="crawl, label and commit the next dataset version"))
+
+def _scoring(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--checkpoint", required=True, help="a checkpoint path, or 'teacher'")
+    p.add_argument("--round", type=int, default=1)
+    p.add_argument("--device", default="auto")
+    return p
+
+
+def _add_dataset_commands(sub) -> None:
+    """build, datasets, show: make versions and look at them."""
+    p = _with_catalog(sub.add_parser("build", help="crawl, label and commit the next dataset version"))
     p.add_argument("--dask-address", default=None, help="an existing dask scheduler (default: a LocalCluster)")
     p.add_argument("--workers", type=int, default=None, help="LocalCluster workers (default: catalog)")
     p.add_argument("--scores", default=None, help="a trainer round's scores file to fold into the new version")
     p.add_argument("--profile", action="store_true",
                    help="print each stage's seconds and faces/s (the manifest keeps them under `timings`)")
-    in_process(p)
+    _in_process(p)
     p.set_defaults(fn=cmd_build)
-    with_catalog(sub.add_parser("datasets", help="list versions with counts")).set_defaults(fn=cmd_datasets)
-    p = with_catalog(sub.add_parser("show", help="summarise NAME@vN (funnel, reasons, pose, reference NME)"))
+    _with_catalog(sub.add_parser("datasets", help="list versions with counts")).set_defaults(fn=cmd_datasets)
+    p = _with_catalog(sub.add_parser("show", help="summarise NAME@vN (funnel, reasons, pose, reference NME)"))
     p.add_argument("ref", help="NAME@vN, or NAME for the latest")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_show)
 
-    p = with_catalog(sub.add_parser("train", help="train the 2DASL model on a dataset version"))
+
+def _add_train_command(sub) -> None:
+    # Every flag defaults to None so that only the flags given override the catalog and the config file.
+    p = _with_catalog(sub.add_parser("train", help="train the 2DASL model on a dataset version"))
     p.add_argument("--dataset", required=True, help="NAME@vN (or NAME for the latest)")
     p.add_argument("--config", default=None, help="YAML of TrainConfig fields (flags override it)")
     p.add_argument("--backbone", choices=["mobilenet", "resnet50"], default=None)
@@ -346,32 +356,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue exactly from the newest checkpoint")
     p.set_defaults(fn=cmd_train)
 
-    def scoring(p):
-        p.add_argument("--checkpoint", required=True, help="a checkpoint path, or 'teacher'")
-        p.add_argument("--round", type=int, default=1)
-        p.add_argument("--device", default="auto")
-        return p
 
-    p = scoring(with_catalog(sub.add_parser("rescore", help="score every pseudo-label of a version")))
+def _add_round_commands(sub) -> None:
+    """rescore, round, rounds: the trainer's judgement folded back into the data."""
+    p = _scoring(_with_catalog(sub.add_parser("rescore", help="score every pseudo-label of a version")))
     p.add_argument("--dataset", required=True, help="NAME@vN (or NAME for the latest)")
     p.add_argument("--bad-above", type=float, default=8.0,
                    help="with reference labels: a label is bad above this NME %% (default 8)")
     p.add_argument("--json", default=None, help="with reference labels: write the score-vs-references report here")
     p.set_defaults(fn=cmd_rescore)
-    p = scoring(with_catalog(sub.add_parser("round", help="rescore the latest version, build the next with it")))
+    p = _scoring(_with_catalog(sub.add_parser("round", help="rescore the latest version, build the next with it")))
     p.add_argument("--dask-address", default=None)
     p.add_argument("--workers", type=int, default=None)
-    in_process(p)
+    _in_process(p)
     p.set_defaults(fn=cmd_round)
-    p = with_catalog(sub.add_parser("rounds", help="N rounds in this process: train -> rescore/relabel -> next "
-                                                   "version; prints the final checkpoint last"))
+    p = _with_catalog(sub.add_parser("rounds", help="N rounds in this process: train -> rescore/relabel -> next "
+                                                    "version; prints the final checkpoint last"))
     p.add_argument("--rounds", type=int, default=2, help="rounds the latest version should hold (default 2)")
     p.add_argument("--max-steps", type=int, default=None, help="training steps per round (default: catalog)")
     p.add_argument("--batch-size", type=int, default=None, help="default: the catalog's training section")
     p.add_argument("--device", default=None, help="cpu | cuda | auto (default: the catalog's training section)")
     p.set_defaults(fn=cmd_rounds)
 
-    p = with_catalog(sub.add_parser("evaluate", help="AFLW2000-3D protocol on a folder of jpg + mat"))
+
+def _add_evaluate_command(sub) -> None:
+    p = _with_catalog(sub.add_parser("evaluate", help="AFLW2000-3D protocol on a folder of jpg + mat"))
     p.add_argument("--checkpoint", required=True,
                    help="'teacher' (3DDFA_V2 mb05), 'untrained' (the 4-channel model at step 0) or a path")
     p.add_argument("--data", required=True, help="folder in the AFLW2000-3D layout")
@@ -390,11 +399,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="write the full result (tables, CED, per image) here")
     p.set_defaults(fn=cmd_evaluate)
 
-    p = with_catalog(sub.add_parser("report", help="write the HTML landmark quality report of a version"))
+
+def _add_output_commands(sub) -> None:
+    """report, verifier-train, browse, export: what a version yields for people and for the build."""
+    p = _with_catalog(sub.add_parser("report", help="write the HTML landmark quality report of a version"))
     p.add_argument("ref", nargs="?", default=None, help="NAME@vN (default: the catalog's latest version)")
     p.add_argument("--out", default=None, help="folder for the HTML file (default: <dataset>/reports/)")
     p.set_defaults(fn=cmd_report)
-    p = with_catalog(sub.add_parser("verifier-train", help="train the label verifier (cross-fitted report)"))
+    p = _with_catalog(sub.add_parser("verifier-train", help="train the label verifier (cross-fitted report)"))
     p.add_argument("--dataset", default=None, help="NAME@vN to train from (default: build the catalog, use the latest)")
     p.add_argument("--out", default="pipeline/assets/verifier.pt", help="where the trained verifier goes")
     p.add_argument("--epochs", type=int, default=20)
@@ -405,23 +417,39 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: trainer.verifier.VerifierTrainConfig's)")
     p.add_argument("--json", default=None, help="write the report (docs/labels.json) here")
     p.set_defaults(fn=cmd_verifier_train)
-    p = with_catalog(sub.add_parser("browse", help="browse a version's faces in a local read-only web app"))
+    p = _with_catalog(sub.add_parser("browse", help="browse a version's faces in a local read-only web app"))
     p.add_argument("ref", nargs="?", default=None, help="NAME@vN (default: the catalog's latest version)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8765)
     p.set_defaults(fn=cmd_browse)
-    p = with_catalog(sub.add_parser("export", help="export a version as COCO keypoints JSON"))
+    p = _with_catalog(sub.add_parser("export", help="export a version as COCO keypoints JSON"))
     p.add_argument("ref", help="NAME@vN, or NAME for the latest")
     p.add_argument("--format", choices=["coco"], default="coco",
                    help="coco: COCO keypoints (68 points; fiftyone needs a database server, see the README)")
     p.add_argument("--out", default=None, help="output file (default: <dataset>/exports/NAME-vNNNN.coco.json)")
     p.set_defaults(fn=cmd_export)
-    with_catalog(sub.add_parser("serve", help="serve the build (cron), retrain (on landed) and report deployments")
-                 ).set_defaults(fn=cmd_serve)
+
+
+def _add_server_commands(sub) -> None:
+    """serve, server: the Prefect deployments and a local server for them."""
+    _with_catalog(sub.add_parser("serve", help="serve the build (cron), retrain (on landed) and report deployments")
+                  ).set_defaults(fn=cmd_serve)
     p = sub.add_parser("server", help="start a local Prefect server")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=4200)
     p.set_defaults(fn=cmd_server)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="facecurate", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_dataset_commands(sub)
+    _add_train_command(sub)
+    _add_round_commands(sub)
+    _add_evaluate_command(sub)
+    _add_output_commands(sub)
+    _add_server_commands(sub)
     return parser
 
 

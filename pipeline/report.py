@@ -240,28 +240,25 @@ def _label_quality_html(quality: dict) -> str:
     return "".join(html)
 
 
-def render_report(store: Store, version: int | None = None, *, seed: int = 0,
-                  summary: dict | None = None) -> str:
-    version = shards.resolve_version(store, version)
-    summary = summary or version_summary(store, version)
-    manifest, counts = summary["manifest"], summary["manifest"]["counts"]
-    cols = ["face_id", "uri", "source", "keep", "weight", "reject_reason", "crop", "crop_affine", "landmarks",
-            "ref_landmarks", "alt_landmarks", "landmarker", "det_score", *FEATURE_COLUMNS]
-    present = set(shards.faces_schema(store, version).names)  # versions before the verifier lack its columns
-    faces = shards.read_faces(store, version, columns=[c for c in cols if c in present]).to_pandas()
-    quarantine = shards.read_side_table(store, version, "quarantine").to_pandas()
-    vdir = Path(store.version_dir(version))
+_REPORT_COLUMNS = ["face_id", "uri", "source", "keep", "weight", "reject_reason", "crop", "crop_affine", "landmarks",
+                   "ref_landmarks", "alt_landmarks", "landmarker", "det_score", *FEATURE_COLUMNS]
 
-    parts = [f"<h1>Landmark quality report: {esc(summary['ref'])}</h1>",
-             f"<p class='muted'>created {esc(manifest['created_at'])}, parent v{esc(manifest['parent'])}, catalog "
-             f"{esc(manifest['catalog_hash'][:12])}; detectors: "
-             + ", ".join(f"{esc(d['name'])} ({esc(d['role'])})" for d in manifest["detectors"]) + "</p>"]
 
+def _header_html(summary: dict) -> list[str]:
+    manifest = summary["manifest"]
+    return [f"<h1>Landmark quality report: {esc(summary['ref'])}</h1>",
+            f"<p class='muted'>created {esc(manifest['created_at'])}, parent v{esc(manifest['parent'])}, catalog "
+            f"{esc(manifest['catalog_hash'][:12])}; detectors: "
+            + ", ".join(f"{esc(d['name'])} ({esc(d['role'])})" for d in manifest["detectors"]) + "</p>"]
+
+
+def _funnel_html(counts: dict, quarantine: pd.DataFrame) -> list[str]:
+    """Images and faces through each stage, with the reasons files were quarantined and faces dropped."""
     funnel = [["images seen", counts["images_seen"]], ["decoded", counts["images_decoded"]],
               ["quarantined", counts["images_quarantined"]], ["duplicates", counts["images_duplicate"]],
               ["images with faces", counts["images_with_faces"]], ["faces found", counts["faces"]],
               ["faces kept", counts["faces_kept"]], ["faces dropped", counts["faces_dropped"]]]
-    parts += ["<h2 id='funnel'>Funnel</h2>", _table(["stage", "count"], funnel, id_="funnel-table")]
+    parts = ["<h2 id='funnel'>Funnel</h2>", _table(["stage", "count"], funnel, id_="funnel-table")]
     if counts["quarantine_reasons"]:
         parts.append("<h3>Quarantined, by reason</h3>" + _table(
             ["reason", "images"], sorted(counts["quarantine_reasons"].items()), id_="quarantine-reasons"))
@@ -272,10 +269,13 @@ def render_report(store: Store, version: int | None = None, *, seed: int = 0,
     if counts["drop_reasons"]:
         parts.append("<h3>Dropped, by rule</h3>" + _table(["rule", "faces"], sorted(counts["drop_reasons"].items()),
                                                           id_="drop-reasons"))
+    return parts
 
-    parts.append("<h2 id='features'>Quality features (<span class='kept'>kept</span> vs <span class='dropped'>dropped</span>)</h2>")
-    kept = faces[faces.keep]
-    dropped = faces[~faces.keep]
+
+def _features_html(faces: pd.DataFrame) -> list[str]:
+    """One histogram per quality feature, kept against dropped."""
+    parts = ["<h2 id='features'>Quality features (<span class='kept'>kept</span> vs <span class='dropped'>dropped</span>)</h2>"]
+    kept, dropped = faces[faces.keep], faces[~faces.keep]
     features = [c for c in ("det_score", *FEATURE_COLUMNS) if c in faces.columns]
     constant = constant_features(faces, features)
     if constant:
@@ -283,44 +283,48 @@ def render_report(store: Store, version: int | None = None, *, seed: int = 0,
             f"{esc(src)}: {', '.join(esc(f) for f in names)}" for src, names in sorted(constant.items())) + "</p>")
     for name in features:
         parts.append(_histogram_svg(name, kept[name].to_numpy(np.float64), dropped[name].to_numpy(np.float64)))
+    return parts
 
+
+def _pose_html(faces: pd.DataFrame) -> list[str]:
     yaw_bin = yaw_bins(faces.yaw_deg.to_numpy(np.float64))
     rows = []
     for b, label in enumerate(YAW_BINS):
         sel = faces[yaw_bin == b]
         rows.append([label, len(sel), int(sel.keep.sum()), float(sel.agreement_nme_pct.median()) if len(sel) else None,
                      float(sel.flip_nme_pct.median()) if len(sel) else None])
-    parts += ["<h2 id='pose'>Per yaw bin</h2>",
-              _table(["yaw", "faces", "kept", "median agreement NME %", "median flip NME %"], rows, id_="yaw-table")]
+    return ["<h2 id='pose'>Per yaw bin</h2>",
+            _table(["yaw", "faces", "kept", "median agreement NME %", "median flip NME %"], rows, id_="yaw-table")]
 
-    if summary["reference_nme"]:
-        rows, curves = [], {}
-        ref_rows = faces[faces.ref_landmarks.notna()]
-        ref = np.stack(ref_rows.ref_landmarks.to_numpy()).reshape(-1, 68, 2)
-        for name, t in summary["reference_nme"].items():
-            b = t["bins"]
-            rows.append([name, b[0]["mean"], b[1]["mean"], b[2]["mean"], t["balanced"], t.get("auc_7"),
-                         t.get("failure_10"), t["kept_mean"], t["dropped_mean"], t["count"]])
-        label_name = "label" if "label_source" in present else str(ref_rows.landmarker.iloc[0])
-        predictions = {label_name: np.stack(ref_rows.landmarks.to_numpy()).reshape(-1, 68, 2)}
-        for i, alts in enumerate(ref_rows.alt_landmarks):
-            for alt in (alts if alts is not None else []):
-                predictions.setdefault(alt["name"], np.full((len(ref_rows), 68, 2), np.nan))[i] = \
-                    np.asarray(alt["points"], np.float64).reshape(68, 2)
-        for name, pred in predictions.items():  # one CED curve per landmarker
-            curves[name] = ced_curve(nme_pct(pred, ref), max_pct=10)
-        parts += ["<h2 id='nme'>Against reference labels (AFLW2000-3D protocol)</h2>",
-                  _table(["landmarker", "0-30", "30-60", "60-90", "balanced", "AUC@7", "fail@10", "kept", "dropped",
-                          "n"], rows, id_="nme-table"), _ced_svg(curves)]
 
-    if summary.get("label_quality"):
-        parts += ["<h2 id='label-quality'>Labels, verifier and rules against references</h2>",
-                  _label_quality_html(summary["label_quality"])]
+def _reference_nme_html(summary: dict, faces: pd.DataFrame, present: set[str]) -> list[str]:
+    """NME per yaw bin of each landmarker against the reference labels, and their CED curves."""
+    if not summary["reference_nme"]:
+        return []
+    rows, curves = [], {}
+    ref_rows = faces[faces.ref_landmarks.notna()]
+    ref = np.stack(ref_rows.ref_landmarks.to_numpy()).reshape(-1, 68, 2)
+    for name, t in summary["reference_nme"].items():
+        b = t["bins"]
+        rows.append([name, b[0]["mean"], b[1]["mean"], b[2]["mean"], t["balanced"], t.get("auc_7"),
+                     t.get("failure_10"), t["kept_mean"], t["dropped_mean"], t["count"]])
+    label_name = "label" if "label_source" in present else str(ref_rows.landmarker.iloc[0])
+    predictions = {label_name: np.stack(ref_rows.landmarks.to_numpy()).reshape(-1, 68, 2)}
+    for i, alts in enumerate(ref_rows.alt_landmarks):
+        for alt in (alts if alts is not None else []):
+            predictions.setdefault(alt["name"], np.full((len(ref_rows), 68, 2), np.nan))[i] = \
+                np.asarray(alt["points"], np.float64).reshape(68, 2)
+    for name, pred in predictions.items():  # one CED curve per landmarker
+        curves[name] = ced_curve(nme_pct(pred, ref), max_pct=10)
+    return ["<h2 id='nme'>Against reference labels (AFLW2000-3D protocol)</h2>",
+            _table(["landmarker", "0-30", "30-60", "60-90", "balanced", "AUC@7", "fail@10", "kept", "dropped",
+                    "n"], rows, id_="nme-table"), _ced_svg(curves)]
 
-    parts += ["<h2 id='rounds'>Trainer rounds</h2>", _rounds_section(store, version)]
 
+def _galleries_html(store: Store, version: int, faces: pd.DataFrame, seed: int) -> list[str]:
+    """Crops with their points: kept, dropped, the worst by each score, a random draw, and each yaw bin."""
+    kept, dropped = faces[faces.keep], faces[~faces.keep]
     rng = np.random.default_rng(seed)
-    parts.append("<h2 id='galleries'>Galleries</h2>")
     galleries = [("kept", kept.sample(min(GALLERY_SIZE, len(kept)), random_state=seed) if len(kept) else kept),
                  ("dropped", dropped.sample(min(GALLERY_SIZE, len(dropped)), random_state=seed) if len(dropped) else dropped),
                  ("worst agreement", faces.nlargest(GALLERY_SIZE, "agreement_nme_pct")),
@@ -332,17 +336,39 @@ def render_report(store: Store, version: int | None = None, *, seed: int = 0,
         name, scores = latest
         scored = faces.merge(scores[["face_id", "new_weight"]].rename(columns={"new_weight": "score"}), on="face_id")
         galleries.insert(3, (f"worst scored ({name})", scored.nsmallest(GALLERY_SIZE, "score")))
+    yaw_bin = yaw_bins(faces.yaw_deg.to_numpy(np.float64))
     for b, label in enumerate(YAW_BINS):
         sel = faces[yaw_bin == b]
         galleries.append((f"yaw {label}", sel.sample(min(6, len(sel)), random_state=seed) if len(sel) else sel))
-    for title, rows_ in galleries:
-        parts.append(_gallery(title, rows_, "gallery-" + title.replace(" ", "-")))
+    return ["<h2 id='galleries'>Galleries</h2>",
+            *(_gallery(title, rows, "gallery-" + title.replace(" ", "-")) for title, rows in galleries)]
 
+
+def _files_html(store: Store, version: int, manifest: dict) -> list[str]:
+    vdir = Path(store.version_dir(version))
     links = [f"<li><a href='{esc((vdir / e['file']).as_uri())}'>{esc(e['file'])}</a> ({e['rows']} faces)</li>"
              for e in manifest["shards"][:200]]
-    parts += ["<h2 id='files'>Files</h2>",
-              f"<p><a id='manifest-link' href='{esc((vdir / 'manifest.json').as_uri())}'>manifest.json</a></p>",
-              f"<ul>{''.join(links)}</ul>"]
+    return ["<h2 id='files'>Files</h2>",
+            f"<p><a id='manifest-link' href='{esc((vdir / 'manifest.json').as_uri())}'>manifest.json</a></p>",
+            f"<ul>{''.join(links)}</ul>"]
+
+
+def render_report(store: Store, version: int | None = None, *, seed: int = 0,
+                  summary: dict | None = None) -> str:
+    version = shards.resolve_version(store, version)
+    summary = summary or version_summary(store, version)
+    manifest, counts = summary["manifest"], summary["manifest"]["counts"]
+    present = set(shards.faces_schema(store, version).names)  # versions before the verifier lack its columns
+    faces = shards.read_faces(store, version, columns=[c for c in _REPORT_COLUMNS if c in present]).to_pandas()
+    quarantine = shards.read_side_table(store, version, "quarantine").to_pandas()
+
+    parts = [*_header_html(summary), *_funnel_html(counts, quarantine), *_features_html(faces), *_pose_html(faces),
+             *_reference_nme_html(summary, faces, present)]
+    if summary.get("label_quality"):
+        parts += ["<h2 id='label-quality'>Labels, verifier and rules against references</h2>",
+                  _label_quality_html(summary["label_quality"])]
+    parts += ["<h2 id='rounds'>Trainer rounds</h2>", _rounds_section(store, version),
+              *_galleries_html(store, version, faces, seed), *_files_html(store, version, manifest)]
     body = "\n".join(p for p in parts if p)
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(summary['ref'])} quality report</title>"
             f"<style>{_CSS}</style></head><body>{body}<div id='lightbox'><div><img alt='enlarged'><p></p></div></div>"

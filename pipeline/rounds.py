@@ -127,6 +127,100 @@ def _pick(rows: int, old: pa.Array, replace_at: np.ndarray, new: pa.Array) -> pa
     return pa.concat_arrays([old, new.cast(old.type)]).take(pa.array(source))
 
 
+def _rejudged_rows(faces: pa.Table, best: pa.Table) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """(rows of `faces` the round re-judged with a student, each face's row in `best` or -1, faces judged);
+    None when the round judged none of these faces."""
+    index = pc.index_in(faces.column("face_id"), value_set=best.column("face_id")).fill_null(-1)
+    index = index.to_numpy(zero_copy_only=False).astype(np.int64)
+    matched = index >= 0
+    judged_ok = best.column("candidate_nme_pred").is_valid().to_numpy(zero_copy_only=False)
+    if not matched.any() or not judged_ok[index[matched]].any():
+        return None
+    student_ok = best.column("student_landmarks").is_valid().to_numpy(zero_copy_only=False)
+    safe = np.where(matched, index, 0)
+    rows = np.flatnonzero(matched & judged_ok[safe] & student_ok[safe])
+    return rows, index, int((matched & judged_ok[safe]).sum())
+
+
+def _rows_of(table: pa.Table, name: str, rows: np.ndarray) -> pa.Array:
+    return table.column(name).combine_chunks().take(pa.array(rows))
+
+
+def _column(table: pa.Table, name: str) -> pa.Array:
+    return table.column(name).combine_chunks()
+
+
+def _keep_like_alts(lists: pa.Array, alt_rows: np.ndarray, keep_alt: np.ndarray, m: int) -> np.ndarray:
+    """Items of `lists` at positions whose candidate is kept (lists run parallel to alt_landmarks)."""
+    item_rows, item_pos = _item_positions(lists)
+    alt_len = np.bincount(alt_rows, minlength=m)
+    within = item_pos < alt_len[item_rows]
+    alt_start = np.concatenate([[0], np.cumsum(alt_len)[:-1]]).astype(np.int64)
+    at = np.where(within, alt_start[item_rows] + item_pos, 0)
+    return within & (keep_alt[at] if len(keep_alt) else np.zeros(len(at), bool))
+
+
+def _candidate_columns(faces: pa.Table, rows: np.ndarray, score_rows: pa.Table,
+                       at_new: np.ndarray) -> dict[str, pa.Array]:
+    """The re-judged rows' alt_landmarks, candidate_nme_pred and fusion_weights with this round's student."""
+    m = len(rows)
+    # The candidates: the row's own (earlier students dropped), then this round's student.
+    alts = _rows_of(faces, "alt_landmarks", rows)
+    alt_rows, _ = _item_positions(alts)
+    names = pc.struct_field(pc.list_flatten(alts), "name")
+    keep_alt = pc.invert(pc.fill_null(pc.starts_with(names, STUDENT_PREFIX), False)).to_numpy(zero_copy_only=False)
+    struct_type = faces.schema.field("alt_landmarks").type.value_type
+    student = pa.StructArray.from_arrays(
+        [pc.binary_join_element_wise(f"{STUDENT_PREFIX}r", pc.cast(_column(score_rows, "round"), pa.string()), ""),
+         _column(score_rows, "student_landmarks").cast(struct_type.field("points").type)],
+        fields=list(struct_type))
+    new_alts = _kept_plus_one(alts, keep_alt, student, null_stays_null=False)
+    new_alt_len = pc.list_value_length(new_alts).to_numpy(zero_copy_only=False)
+
+    # Predicted NMEs: the round's own judgement where it judged exactly these candidates, else the
+    # row's kept ones and the student's.
+    preds = _rows_of(faces, "candidate_nme_pred", rows)
+    judged = _column(score_rows, "candidate_nme_pred")
+    judged_whole = pc.list_value_length(judged).to_numpy(zero_copy_only=False) == new_alt_len
+    kept_preds = _kept_plus_one(preds, _keep_like_alts(preds, alt_rows, keep_alt, m),
+                                _column(score_rows, "student_nme_pred"), null_stays_null=True)
+    new_preds = _pick(m, kept_preds, np.flatnonzero(judged_whole), judged.take(pa.array(np.flatnonzero(judged_whole))))
+
+    # Region weights: a new label brings its own; otherwise the student, which took no part, weighs 0.
+    fusion = _rows_of(faces, "fusion_weights", rows)
+    zeros = pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(5 * m, np.float32)), 5).cast(fusion.type.value_type)
+    kept_fusion = _kept_plus_one(fusion, _keep_like_alts(fusion, alt_rows, keep_alt, m), zeros, null_stays_null=True)
+    new_fusion = _pick(m, kept_fusion, at_new, _column(score_rows, "relabel_fusion_weights").take(pa.array(at_new)))
+    return {"alt_landmarks": new_alts, "candidate_nme_pred": new_preds, "fusion_weights": new_fusion}
+
+
+def _labels_changed(faces: pa.Table, rows: np.ndarray, score_rows: pa.Table, at_new: np.ndarray) -> int:
+    """How many of the proposed labels differ from the face's current one (0 when re-applied)."""
+    old_points = pc.list_flatten(_rows_of(faces, "landmarks", rows).take(pa.array(at_new)))
+    old_points = old_points.to_numpy(zero_copy_only=False)
+    new_points = pc.list_flatten(_column(score_rows, "relabel_landmarks").take(pa.array(at_new)))
+    new_points = new_points.cast(pa.float32()).to_numpy(zero_copy_only=False)
+    return int(np.any(old_points.reshape(-1, 136) != new_points.reshape(-1, 136), axis=1).sum())
+
+
+def _with_relabels(faces: pa.Table, rows: np.ndarray, score_rows: pa.Table, at_new: np.ndarray,
+                   candidates: dict[str, pa.Array]) -> pa.Table:
+    """`faces` with the re-judged rows' candidate columns, and the new labels where the round proposed one."""
+    schema, n = faces.schema, faces.num_rows
+    out = faces
+    for name, values in candidates.items():
+        k = schema.get_field_index(name)
+        out = out.set_column(k, schema.field(k), _pick(n, _column(faces, name), rows, values))
+    replaced = rows[at_new]
+    for name, score_name in (("landmarks", "relabel_landmarks"), ("label_source", "relabel_source"),
+                             ("verifier_nme_pct", "relabel_nme_pred"), ("relabel_round", "round"),
+                             ("relabel_reason", "relabel_reason")):
+        k = schema.get_field_index(name)
+        new_values = _column(score_rows, score_name).take(pa.array(at_new))
+        out = out.set_column(k, schema.field(k), _pick(n, _column(faces, name), replaced, new_values))
+    return out
+
+
 def apply_relabels(faces: pa.Table, scores: pa.Table) -> tuple[pa.Table, int]:
     """The round's relabels into `faces` (FACES_SCHEMA): returns (faces, how many labels changed).
 
@@ -147,87 +241,16 @@ def apply_relabels(faces: pa.Table, scores: pa.Table) -> tuple[pa.Table, int]:
     if faces.num_rows == 0 or "candidate_nme_pred" not in scores.column_names:
         return faces, 0
     best = latest_round_per_face(scores)
-    index = pc.index_in(faces.column("face_id"), value_set=best.column("face_id")).fill_null(-1)
-    index = index.to_numpy(zero_copy_only=False).astype(np.int64)
-    matched = index >= 0
-    judged_ok = best.column("candidate_nme_pred").is_valid().to_numpy(zero_copy_only=False)
-    if not matched.any() or not judged_ok[index[matched]].any():
+    rejudged = _rejudged_rows(faces, best)
+    if rejudged is None:
         return faces, 0
-    student_ok = best.column("student_landmarks").is_valid().to_numpy(zero_copy_only=False)
-    safe = np.where(matched, index, 0)
-    rows = np.flatnonzero(matched & judged_ok[safe] & student_ok[safe])  # the faces the round re-judged
-    n_judged = int((matched & judged_ok[safe]).sum())
+    rows, index, n_judged = rejudged
     if len(rows) == 0:
         log.info("apply_relabels: %d of %d faces judged by the round, %d labels changed", n_judged, faces.num_rows, 0)
         return faces, 0
-
-    def face_col(name: str) -> pa.Array:
-        return faces.column(name).combine_chunks().take(pa.array(rows))
-
     score_rows = best.take(pa.array(index[rows]))
-
-    def score(name: str) -> pa.Array:
-        return score_rows.column(name).combine_chunks()
-
-    schema = faces.schema
-    n, m = faces.num_rows, len(rows)
-
-    # The candidates: the row's own (earlier students dropped), then this round's student.
-    alts = face_col("alt_landmarks")
-    alt_rows, alt_pos = _item_positions(alts)
-    names = pc.struct_field(pc.list_flatten(alts), "name")
-    keep_alt = pc.invert(pc.fill_null(pc.starts_with(names, STUDENT_PREFIX), False)).to_numpy(zero_copy_only=False)
-    struct_type = schema.field("alt_landmarks").type.value_type
-    student = pa.StructArray.from_arrays(
-        [pc.binary_join_element_wise(f"{STUDENT_PREFIX}r", pc.cast(score("round"), pa.string()), ""),
-         score("student_landmarks").cast(struct_type.field("points").type)],
-        fields=list(struct_type))
-    new_alts = _kept_plus_one(alts, keep_alt, student, null_stays_null=False)
-    new_alt_len = pc.list_value_length(new_alts).to_numpy(zero_copy_only=False)
-
-    def keep_like_alts(lists: pa.Array) -> np.ndarray:
-        """Items of `lists` at positions whose candidate is kept (lists run parallel to alt_landmarks)."""
-        item_rows, item_pos = _item_positions(lists)
-        alt_len = np.bincount(alt_rows, minlength=m)
-        within = item_pos < alt_len[item_rows]
-        alt_start = np.concatenate([[0], np.cumsum(alt_len)[:-1]]).astype(np.int64)
-        at = np.where(within, alt_start[item_rows] + item_pos, 0)
-        return within & (keep_alt[at] if len(keep_alt) else np.zeros(len(at), bool))
-
-    # Predicted NMEs: the round's own judgement where it judged exactly these candidates, else the
-    # row's kept ones and the student's.
-    preds = face_col("candidate_nme_pred")
-    judged = score("candidate_nme_pred")
-    judged_whole = pc.list_value_length(judged).to_numpy(zero_copy_only=False) == new_alt_len
-    kept_preds = _kept_plus_one(preds, keep_like_alts(preds), score("student_nme_pred"), null_stays_null=True)
-    new_preds = _pick(m, kept_preds, np.flatnonzero(judged_whole), judged.take(pa.array(np.flatnonzero(judged_whole))))
-
-    # Region weights: a new label brings its own; otherwise the student, which took no part, weighs 0.
-    relabelled = score("relabel_landmarks").is_valid().to_numpy(zero_copy_only=False)
-    at_new = np.flatnonzero(relabelled)
-    fusion = face_col("fusion_weights")
-    zeros = pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(5 * m, np.float32)), 5).cast(fusion.type.value_type)
-    kept_fusion = _kept_plus_one(fusion, keep_like_alts(fusion), zeros, null_stays_null=True)
-    new_fusion = _pick(m, kept_fusion, at_new, score("relabel_fusion_weights").take(pa.array(at_new)))
-
-    old_points = pc.list_flatten(face_col("landmarks").take(pa.array(at_new))).to_numpy(zero_copy_only=False)
-    new_points = pc.list_flatten(score("relabel_landmarks").take(pa.array(at_new)))
-    new_points = new_points.cast(pa.float32()).to_numpy(zero_copy_only=False)
-    changed = int(np.any(old_points.reshape(-1, 136) != new_points.reshape(-1, 136), axis=1).sum())
-
-    replaced = rows[at_new]
-    out = faces
-    for name, values in (
-            ("alt_landmarks", _pick(n, faces.column("alt_landmarks").combine_chunks(), rows, new_alts)),
-            ("candidate_nme_pred", _pick(n, faces.column("candidate_nme_pred").combine_chunks(), rows, new_preds)),
-            ("fusion_weights", _pick(n, faces.column("fusion_weights").combine_chunks(), rows, new_fusion))):
-        k = schema.get_field_index(name)
-        out = out.set_column(k, schema.field(k), values)
-    for name, score_name in (("landmarks", "relabel_landmarks"), ("label_source", "relabel_source"),
-                             ("verifier_nme_pct", "relabel_nme_pred"), ("relabel_round", "round"),
-                             ("relabel_reason", "relabel_reason")):
-        k = schema.get_field_index(name)
-        new_values = score(score_name).take(pa.array(at_new))
-        out = out.set_column(k, schema.field(k), _pick(n, faces.column(name).combine_chunks(), replaced, new_values))
+    at_new = np.flatnonzero(_column(score_rows, "relabel_landmarks").is_valid().to_numpy(zero_copy_only=False))
+    out = _with_relabels(faces, rows, score_rows, at_new, _candidate_columns(faces, rows, score_rows, at_new))
+    changed = _labels_changed(faces, rows, score_rows, at_new)
     log.info("apply_relabels: %d of %d faces judged by the round, %d labels changed", n_judged, faces.num_rows, changed)
     return out, changed

@@ -1,5 +1,6 @@
 """Data flows one way: pipeline <- trainer <- flows, and bench only uses them. Checked on every
-module's imports (top level and inside functions), read with `ast`, so no import runs."""
+module's imports (top level and inside functions), read with `ast`, so no import runs; the same
+reading keeps every function of the code short enough to read on one screen."""
 
 from __future__ import annotations
 
@@ -17,6 +18,16 @@ FORBIDDEN = {
     "trainer": {"flows", "bench", "prefect", "prefect_dask"},
     "flows": {"bench"},
 }
+# package -> modules of the other libraries it must never import: the trainer reads versions the flows
+# built; building, planning and committing them stays with the flows.
+FORBIDDEN_MODULES = {
+    "trainer": {"pipeline.build", "pipeline.plan", "pipeline.batch", "pipeline.commit"},
+}
+CODE = (*LIBRARIES, "bench")  # every folder of code outside tests/
+MAX_FUNCTION_LINES = 80
+# Functions still longer than MAX_FUNCTION_LINES: being split in the trainer branch.
+LONG_FUNCTIONS_BEING_SPLIT = {"trainer/train.py:_train", "trainer/rescore.py:Relabeller.judge",
+                              "bench/label_reading.py:main"}
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -33,6 +44,16 @@ def imported_modules(path: Path) -> set[str]:
                 names.add(f"{base}.{node.module}" if node.module else base)
             elif node.module:
                 names.add(node.module)
+    return names
+
+
+def imported_names(path: Path) -> set[str]:
+    """`imported_modules`, plus `X.y` for every `from X import y`: `y` may be the module `X.y`."""
+    names = imported_modules(path)
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    for node in _walk_run_time(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
     return names
 
 
@@ -58,6 +79,23 @@ def test_libraries_import_only_downstream(package):
             if name.split(".")[0] in FORBIDDEN[package]:
                 bad.append(f"{path.relative_to(ROOT)} imports {name}")
     assert not bad, "imports against the direction of flow:\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN_MODULES))
+def test_libraries_leave_building_data_to_the_flows(package):
+    bad = []
+    for path in _modules(package):
+        for name in sorted(imported_names(path)):
+            for forbidden in sorted(FORBIDDEN_MODULES[package]):
+                if name == forbidden or name.startswith(forbidden + "."):
+                    bad.append(f"{path.relative_to(ROOT)} imports {name}")
+    assert not bad, "modules this library must leave to the flows:\n" + "\n".join(bad)
+
+
+def test_the_checker_sees_a_module_imported_from_its_package(tmp_path):
+    module = tmp_path / "probe.py"
+    module.write_text("from pipeline import build\n\ndef f():\n    from pipeline.commit import commit\n")
+    assert {"pipeline.build", "pipeline.commit"} <= imported_names(module)
 
 
 def test_the_checker_sees_imports_inside_functions(tmp_path):
@@ -93,3 +131,41 @@ def test_library_modules_import_each_other_without_cycles(package):
     for start in sorted(graph):
         if start not in state and (found := cycle_from(start, [])):
             pytest.fail(f"import cycle in {package}/: {' -> '.join(found)}")
+
+
+def long_functions(path: Path, max_lines: int) -> dict[str, int]:
+    """`file:Class.function` -> lines, for every function (methods and nested ones too) over `max_lines`."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    where = path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else path.name
+    found: dict[str, int] = {}
+
+    def visit(node: ast.AST, prefix: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                name = f"{prefix}{child.name}"
+                lines = child.end_lineno - child.lineno + 1
+                if not isinstance(child, ast.ClassDef) and lines > max_lines:
+                    found[f"{where}:{name}"] = lines
+                visit(child, name + ".")
+            else:
+                visit(child, prefix)
+
+    visit(tree, "")
+    return found
+
+
+def test_no_function_is_longer_than_a_screen():
+    found = {}
+    for package in CODE:
+        for path in _modules(package):
+            found.update(long_functions(path, MAX_FUNCTION_LINES))
+    bad = [f"{name}: {lines} lines" for name, lines in sorted(found.items()) if name not in LONG_FUNCTIONS_BEING_SPLIT]
+    assert not bad, f"functions over {MAX_FUNCTION_LINES} lines (split them):\n" + "\n".join(bad)
+
+
+def test_the_length_checker_sees_methods_and_nested_functions(tmp_path):
+    module = tmp_path / "probe.py"
+    module.write_text("def short():\n    pass\n\n\nclass C:\n    def long(self):\n        a = 1\n        b = 2\n"
+                      "        def inner():\n            c = 3\n            d = 4\n            return c + d\n"
+                      "        return inner() + a + b\n")
+    assert long_functions(module, 3) == {"probe.py:C.long": 8, "probe.py:C.long.inner": 4}

@@ -22,12 +22,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pipeline import shards
-from pipeline.build import build
-from pipeline.catalog import store_for_ref
 from pipeline.fusion import fusion_weights, voters
 from pipeline.label_score import LabelScore, score_features
 from pipeline.landmarks import nme_pct, roc_auc, yaw_bins
-from pipeline.mobilenet import fused_for_inference, load_teacher_mobilenet
 from pipeline.references import AFLW21_FROM_68, aflw21_from_68
 from pipeline.verifier import (
     CONTEXT,
@@ -526,23 +523,7 @@ def train_verifier(store, version: int, teacher_net: torch.nn.Module, out_path, 
     return report
 
 
-def train_verifier_for_catalog(catalog, out_path, cfg: VerifierTrainConfig, *, dataset_ref: str | None = None,
-                              tau: float | None = None) -> dict:
-    """The reproducible command: build the catalog's dataset in this process (candidates and references;
-    nothing when it is up to date), then `train_verifier` on its latest (or the given) version."""
-    teacher = next((s for s in catalog.detectors.landmarkers if s.name == "tddfa_mb05"), None)
-    if teacher is None:
-        raise ValueError("the verifier reads tddfa_mb05's features: the catalog's chain needs that landmarker")
-    if dataset_ref is None:
-        build(catalog)
-    store, version = store_for_ref(catalog, dataset_ref)
-
-    version = shards.resolve_version(store, version)
-    net = fused_for_inference(load_teacher_mobilenet(teacher.weights, weights_sha256=teacher.sha256))
-    return train_verifier(store, version, net, out_path, cfg, tau)
-
-
 __all__ = ["VerifierTrainConfig", "VerifierData", "CONTEXT", "teacher_maps", "measured_errors", "median_label",
            "corrupt", "label_set", "fit", "predict", "predict_with_visibility", "cross_fit", "fold_of", "load_faces",
            "judge_labels", "cross_fitted_judgements", "calibrate_yaw_thresholds", "label_features", "train_verifier",
-           "judge_report", "train_verifier_for_catalog"]
+           "judge_report"]
