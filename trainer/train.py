@@ -177,30 +177,7 @@ def compute_losses(batch: dict[str, Any], net: TwoDASLNet, encoder: torch.nn.Mod
     loss_d = None
     terms["critic_g"] = params_1.sum() * 0.0
     if late:
-        # More labels for the same faces, read on the same (detached) features: the reader's and the
-        # critic's examples multiply, the backbone's pass does not.
-        judged = [(out_1.features, given, image_points, y2d, batch["map_nme"].to(device))]
-        extra = batch.get("map_extra")
-        if extra is not None and extra.shape[1] > 0:
-            k = extra.shape[1]
-            given_k = extra.to(device).flatten(0, 1)
-            feats_k = out_1.features.detach().repeat_interleave(k, 0)
-            w_k, trust_k = net.reader(net.whiten(out_1.params_image).detach().repeat_interleave(k, 0), feats_k, given_k)
-            fit_k = net.reader.project(w_k)
-            answer_k = corrected_label(given_k, fit_k, trust_k[:, -1])
-            target_k, weight_k = pseudo.repeat_interleave(k, 0), weight.repeat_interleave(k, 0)
-            terms["extra"] = (losses.landmark_2d_loss(answer_k, target_k, weight_k)
-                              + cfg.w_trust * losses.trust_loss(trust_k, given_k, target_k))
-            judged.append((feats_k, given_k, image_points.repeat_interleave(k, 0), fit_k,
-                           batch["map_extra_nme"].to(device).flatten()))
-        # The label critic: (image, given label) pairs, real when the label is close to the best one.
-        # Not adversarial: it judges labels and does not train the regressor (its inputs are detached).
-        feats, labels, image_pts, answers, nme = (torch.cat(parts) for parts in zip(*judged))
-        target = losses.label_goodness(nme)
-        rows = torch.isfinite(target)
-        if bool(rows.any()):
-            logits = critic(feats[rows], labels[rows], image_pts[rows], answers[rows])
-            loss_d = losses.label_critic_loss(logits, target[rows])
+        loss_d = _read_more_labels(batch, net, critic, cfg, out_1, given, image_points, y2d, terms)
     elif cfg.w_critic > 0:
         # 2DASL's self-critic. Real pairs: (E(J), α*) for rows with trusted params; without any in the
         # batch the teacher's params stand in as "real" (D judges drift from the teacher's labelling).
@@ -222,6 +199,38 @@ def compute_losses(batch: dict[str, Any], net: TwoDASLNet, encoder: torch.nn.Mod
     if loss_d is not None:
         logged["critic_d"] = float(loss_d.detach())
     return total, loss_d, logged
+
+
+def _read_more_labels(batch: dict[str, Any], net: TwoDASLNet, critic: torch.nn.Module, cfg: TrainConfig,
+                      out_1, given: torch.Tensor, image_points: torch.Tensor, answer_points: torch.Tensor,
+                      terms: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """Late fusion: the reader on the batch's extra labels (`map_extra`, read on the same detached
+    features, so the reader's and the critic's examples multiply and the backbone's pass does not: the
+    `extra` term), and the label critic's loss on every (image, label) pair of the batch (or None)."""
+    device = given.device
+    pseudo, weight = batch["points"].to(device), batch["weight"].to(device)
+    judged = [(out_1.features, given, image_points, answer_points, batch["map_nme"].to(device))]
+    extra = batch.get("map_extra")
+    if extra is not None and extra.shape[1] > 0:
+        k = extra.shape[1]
+        given_k = extra.to(device).flatten(0, 1)
+        feats_k = out_1.features.detach().repeat_interleave(k, 0)
+        w_k, trust_k = net.reader(net.whiten(out_1.params_image).detach().repeat_interleave(k, 0), feats_k, given_k)
+        fit_k = net.reader.project(w_k)
+        answer_k = corrected_label(given_k, fit_k, trust_k[:, -1])
+        target_k, weight_k = pseudo.repeat_interleave(k, 0), weight.repeat_interleave(k, 0)
+        terms["extra"] = (losses.landmark_2d_loss(answer_k, target_k, weight_k)
+                          + cfg.w_trust * losses.trust_loss(trust_k, given_k, target_k))
+        judged.append((feats_k, given_k, image_points.repeat_interleave(k, 0), fit_k,
+                       batch["map_extra_nme"].to(device).flatten()))
+    # The label critic: (image, given label) pairs, real when the label is close to the best one.
+    # Not adversarial: it judges labels and does not train the regressor (its inputs are detached).
+    feats, labels, image_pts, answers, nme = (torch.cat(parts) for parts in zip(*judged))
+    target = losses.label_goodness(nme)
+    rows = torch.isfinite(target)
+    if not bool(rows.any()):
+        return None
+    return losses.label_critic_loss(critic(feats[rows], labels[rows], image_pts[rows], answers[rows]), target[rows])
 
 
 def train_step(batch: dict[str, Any], net: TwoDASLNet, encoder: torch.nn.Module, critic: torch.nn.Module, bfm,
