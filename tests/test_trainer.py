@@ -289,8 +289,8 @@ def test_data_parallel_training_on_two_processes(tmp_path):
     folder = copy_images(tmp_path / "wild", "aflw-wild-crops", WILD[600:624])
     path = write_catalog(tmp_path / "c.yaml", [{"name": "wild", "kind": "folder", "path": str(folder),
                                                 "pre_cropped": True}], output_root=str(tmp_path / "out"),
-                         batch_images=4)  # 6 row groups: 3 per rank
-    build(load_catalog(path))
+                         batch_images=4, extra={"execution": {"batch_images": 4, "row_group_rows": 4}})
+    build(load_catalog(path))  # 24 faces in row groups of 4: 3 per rank
     config = tmp_path / "train.yaml"
     config.write_text("checkpoint_every: 2\nnum_workers: 0\ndevice: cpu\n")
 

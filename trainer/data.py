@@ -195,7 +195,8 @@ class FaceStream(IterableDataset):
         mine = units[self.rank::self.world_size]
         if not mine:
             raise ValueError(f"{self.store.dataset}@v{self.version} has {len(units)} row groups, fewer than the "
-                             f"{self.world_size} training processes: rebuild with smaller batches or use fewer")
+                             f"{self.world_size} training processes: rebuild it with a smaller "
+                             "execution.row_group_rows in the catalog, or use fewer processes")
         rows = self._rows(mine[worker::n_workers])
         if self.shuffle:
             rows = _shuffled(rows, self.buffer_size,
