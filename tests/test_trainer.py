@@ -210,7 +210,7 @@ def test_resnet50_backbone_learns(tiny, tmp_path):
     opt, opt_critic = build_optimizers(cfg, net, encoder, critic)
     batch = next(iter(build_loader(dataclasses.replace(cfg, batch_size=64), store_of(tiny), 1, shuffle=False)))
     totals = []
-    for _ in range(8):
+    for _ in range(5):  # from a random init the total falls well past the 20% bound within 5 steps
         set_train_mode(net, cfg.bn_frozen)
         logged = train_step(batch, net, encoder, critic, bfm, cfg, opt, opt_critic, amp=False)
         assert logged["params"] > 0 and all(math.isfinite(v) for v in logged.values()), logged
