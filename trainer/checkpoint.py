@@ -161,7 +161,8 @@ class Predictor:
                 logit = self.critic(out.features, label, self._project(out.params_image), self._project(out.params))
                 scores.append(torch.sigmoid(logit).float().cpu().numpy())
         params_np = np.concatenate(params).astype(np.float32)
-        critic = np.concatenate(scores).astype(np.float32) if scores else self.critic_score(crops, params_np)
+        critic = (np.concatenate([np.zeros(0, np.float32), *scores]).astype(np.float32)
+                  if isinstance(self.critic, LabelCritic) else self.critic_score(crops, params_np))
         return params_np, np.concatenate(points).astype(np.float32), critic
 
     def answer(self, crops: np.ndarray, labels_crop: np.ndarray) -> np.ndarray:
@@ -177,7 +178,11 @@ class Predictor:
     @torch.inference_mode()
     def critic_score(self, crops: np.ndarray, params: np.ndarray) -> np.ndarray:
         """[B] sigmoid(D(E(crop), whitened params)) in [0, 1]; NaN without a critic (the teacher)."""
+        from trainer.model import LabelCritic
+
         crops = np.asarray(crops)
+        if isinstance(self.critic, LabelCritic):
+            raise TypeError("this student's self-critic judges labels, not params: use read_labels(crops, labels)")
         if self.critic is None or self.encoder is None:
             return np.full(len(crops), np.nan, dtype=np.float32)
         params = np.asarray(params, dtype=np.float32)
