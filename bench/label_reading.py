@@ -14,12 +14,12 @@ Usage: .venv/bin/python bench/label_reading.py --dataset wild@v1 --checkpoints C
 from __future__ import annotations
 
 import argparse
-import json
 
 import cv2
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from common import emit, header
 
 from pipeline.crops import apply_affine, invert_affine
 from pipeline.landmarks import nme_pct, roc_auc, yaw_bins
@@ -144,10 +144,7 @@ def main() -> None:
     faces = load_faces(args.root, args.dataset, args.checkpoints)
     result = {"dataset": faces["dataset"], "faces": len(faces["label"]), "checkpoints": args.checkpoints,
               **measure(faces, read_with_students(faces, args.checkpoints))}
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.json:
-        open(args.json, "w").write(text + "\n")
+    emit({**header(), **result}, args.json)
 
 
 if __name__ == "__main__":

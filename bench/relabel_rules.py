@@ -15,10 +15,10 @@ Usage: .venv/bin/python bench/relabel_rules.py --catalog docs/catalogs/wild-only
 from __future__ import annotations
 
 import argparse
-import json
 
 import numpy as np
 import pyarrow.compute as pc
+from common import emit, header
 
 from pipeline.crops import apply_affine, invert_affine
 from pipeline.landmarks import yaw_bins
@@ -144,10 +144,7 @@ def main() -> None:
                 key = f"gain>={min_gain} critic<={critic_relabel} fold={fold}"
                 result["rules"][key] = apply_rule(part, bounds, min_gain=min_gain, min_rel=0.03,
                                                   critic_relabel=critic_relabel)
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.json:
-        open(args.json, "w").write(text + "\n")
+    emit({**header(), **result}, args.json)
 
 
 if __name__ == "__main__":

@@ -8,10 +8,10 @@ Usage: .venv/bin/python bench/rounds_effect.py --root out/datasets --dataset wil
 from __future__ import annotations
 
 import argparse
-import json
 
 import numpy as np
 import pyarrow.compute as pc
+from common import emit, header
 
 from pipeline.landmarks import yaw_bins
 from pipeline.references import nme21_pct
@@ -56,10 +56,7 @@ def main() -> None:
                         "mean_change_pct": round(float(delta.mean()), 3) if changed else None})
         out.append(row)
         previous = v
-    text = json.dumps({"dataset": args.dataset, "versions": out}, indent=1)
-    print(text)
-    if args.json:
-        open(args.json, "w").write(text + "\n")
+    emit({**header(), "dataset": args.dataset, "versions": out}, args.json)
 
 
 if __name__ == "__main__":

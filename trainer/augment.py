@@ -56,6 +56,13 @@ class AugmentSettings:
     map_noise_pct: float = 1.5  # per-point Gaussian noise of the map, % of the face size (sqrt(w*h))
 
 
+def face_size_px(points: np.ndarray) -> float:
+    """sqrt(w * h) of the points' bounding box (NaN points left out), at least 1 px: the face size the
+    noise, the corruptions and the map's NME are measured in."""
+    span = np.nanmax(points, 0) - np.nanmin(points, 0)
+    return math.sqrt(max(float(span[0] * span[1]), 1.0))
+
+
 def sample_rng(seed: int, epoch: int, face_id: str) -> np.random.Generator:
     """A generator for one sample, from what identifies it (not from a stream position)."""
     digest = hashlib.sha256(f"{seed}:{epoch}:{face_id}".encode()).digest()
@@ -177,8 +184,7 @@ def noisy_map_points(points: np.ndarray, rng: np.random.Generator, s: AugmentSet
     if s.map_dropout and rng.random() < s.map_dropout:
         return np.full_like(out, np.nan)
     if s.map_noise_pct:
-        span = out.max(0) - out.min(0)
-        size = math.sqrt(max(float(span[0] * span[1]), 1.0))
+        size = face_size_px(out)
         out += rng.normal(0.0, s.map_noise_pct / 100.0 * size, size=out.shape).astype(np.float32)
     if s.map_point_dropout:
         out[rng.random(len(out)) < s.map_point_dropout] = np.nan
@@ -193,18 +199,13 @@ _MOUTH = np.arange(48, 68)
 CORRUPTIONS = ("jaw", "eye", "nose", "mouth", "shift", "scale", "rotate", "swap")
 
 
-def _size(points: np.ndarray) -> float:
-    span = np.nanmax(points, 0) - np.nanmin(points, 0)
-    return math.sqrt(max(float(span[0] * span[1]), 1.0))
-
-
 def corrupt_label(points: np.ndarray, rng: np.random.Generator, kind: str | None = None) -> np.ndarray:
     """The label with one kind of error real landmarkers make, at a random strength (fractions of face size):
     the jaw pulled off the face (bent toward one side or widened), one eye with its brow, the nose or
     the mouth moved, the whole label shifted / scaled / rotated, or its left and right swapped."""
     kind = kind or CORRUPTIONS[int(rng.integers(len(CORRUPTIONS)))]
     out = points.astype(np.float32).copy()
-    size, centre = _size(points), points.mean(0)
+    size, centre = face_size_px(points), points.mean(0)
 
     def move(idx: np.ndarray, lo: float, hi: float) -> None:
         angle = rng.uniform(0, 2 * math.pi)

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.crops import CROP_SIZE, apply_affine
 from pipeline.shards import Store, read_manifest
-from trainer.augment import AugmentSettings, choose_map, sample_rng
+from trainer.augment import AugmentSettings, choose_map, face_size_px, sample_rng
 from trainer.augment import augment as augment_face  # the name `augment` is the settings argument below
 
 log = logging.getLogger(__name__)
@@ -126,12 +126,7 @@ def _map_nme(map_pts: np.ndarray, label: np.ndarray) -> float:
     if not present.any():
         return float("nan")
     err = np.linalg.norm(map_pts[present] - label[present], axis=-1).mean()
-    return float(100.0 * err / _box_size(label))
-
-
-def _box_size(points: np.ndarray) -> float:
-    span = points.max(0) - points.min(0)
-    return math.sqrt(max(float(span[0] * span[1]), 1.0))
+    return float(100.0 * err / face_size_px(label))
 
 
 def _shuffled(rows: Iterator[dict], buffer_size: int, rng: random.Random) -> Iterator[dict]:

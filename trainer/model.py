@@ -11,9 +11,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from pipeline.bfm import load_param_stats
+from pipeline.bfm import BFM, landmarks_3d, load_bfm, load_param_stats
 from pipeline.crops import CROP_SIZE
 from trainer.config import TrainConfig
+from trainer.losses import face_size
 
 N_PARAMS = 62
 
@@ -133,9 +134,8 @@ class ResNet50(nn.Module):
 # ---------------------------------------------------------------------------------- regressor
 
 
-def _pooled_features_dim(backbone: nn.Module) -> int:
-    head = _head(backbone)
-    return head.in_features
+# The width of each backbone's pooled features (what the label reader and the label critic read).
+FEATURE_DIM = {"mobilenet": 512, "resnet50": 2048}
 
 
 def _head(backbone: nn.Module) -> nn.Linear:
@@ -164,13 +164,11 @@ class LabelReader(nn.Module):
     def __init__(self, feat_dim: int, bfm_path: str, param_mean: Tensor, param_std: Tensor, steps: int = 2,
                  hidden: int = 256):
         super().__init__()
-        from pipeline.bfm import load_bfm
-
         bfm = load_bfm(bfm_path)
         # Loaded from the BFM file at build time, not stored in checkpoints (the file is sha256-checked).
-        self.register_buffer("u", bfm.u.view(68, 3), persistent=False)
-        self.register_buffer("w_shp", bfm.w_shp.view(68, 3, -1), persistent=False)
-        self.register_buffer("w_exp", bfm.w_exp.view(68, 3, -1), persistent=False)
+        self.register_buffer("u", bfm.u, persistent=False)
+        self.register_buffer("w_shp", bfm.w_shp, persistent=False)
+        self.register_buffer("w_exp", bfm.w_exp, persistent=False)
         self.register_buffer("mean", torch.as_tensor(param_mean, dtype=torch.float32), persistent=False)
         self.register_buffer("std", torch.as_tensor(param_std, dtype=torch.float32), persistent=False)
         self.steps = int(steps)
@@ -183,24 +181,17 @@ class LabelReader(nn.Module):
         nn.init.constant_(self.trust[-1].bias, 0.0)  # trust 0.5 everywhere at step 0
         self.log_prior = nn.Parameter(torch.tensor(-3.0))  # lambda = e^-3 ~ 0.05 (normalised units)
 
-    def vertices(self, params: Tensor) -> Tensor:
-        """[B, 62] de-whitened -> [B, 68, 3] BFM points before the pose."""
-        return self.u + torch.einsum("pdk,bk->bpd", self.w_shp, params[:, 12:52]) \
-            + torch.einsum("pdk,bk->bpd", self.w_exp, params[:, 52:62])
-
     def project(self, w: Tensor) -> Tensor:
-        """Whitened [B, 62] -> [B, 68, 2] crop px (pipeline.bfm.landmarks_3d's convention)."""
-        p = w * self.std + self.mean
-        pose = p[:, :12].view(-1, 3, 4)
-        pts = self.vertices(p) @ pose[:, :2, :3].transpose(1, 2) + pose[:, None, :2, 3]
-        return torch.stack([pts[..., 0] - 1, CROP_SIZE - pts[..., 1]], dim=-1)
+        """Whitened [B, 62] -> [B, 68, 2] crop px (pipeline.bfm.landmarks_3d)."""
+        return landmarks_3d(w * self.std + self.mean, BFM(self.u, self.w_shp, self.w_exp))[..., :2]
 
     def jacobian(self, w: Tensor) -> Tensor:
         """d project / d w, analytic: [B, 68, 2, 62] (x is linear in pose row 0, y in row 1; both
         bilinear in the pose and the shape / expression coefficients)."""
         p = w * self.std + self.mean
         pose = p[:, :12].view(-1, 3, 4)
-        v = self.vertices(p)
+        w_shp, w_exp = self.w_shp.view(68, 3, -1), self.w_exp.view(68, 3, -1)  # xyz interleaved per point
+        v = (self.u + p[:, 12:52] @ self.w_shp.T + p[:, 52:62] @ self.w_exp.T).view(-1, 68, 3)
         b = w.shape[0]
         jac = w.new_zeros(b, 68, 2, 62)
         jac[:, :, 0, 0:3] = v
@@ -208,8 +199,8 @@ class LabelReader(nn.Module):
         jac[:, :, 1, 4:7] = -v
         jac[:, :, 1, 7] = -1.0
         for row, sign in ((0, 1.0), (1, -1.0)):
-            jac[:, :, row, 12:52] = sign * torch.einsum("bd,pdk->bpk", pose[:, row, :3], self.w_shp)
-            jac[:, :, row, 52:62] = sign * torch.einsum("bd,pdk->bpk", pose[:, row, :3], self.w_exp)
+            jac[:, :, row, 12:52] = sign * torch.einsum("bd,pdk->bpk", pose[:, row, :3], w_shp)
+            jac[:, :, row, 52:62] = sign * torch.einsum("bd,pdk->bpk", pose[:, row, :3], w_exp)
         return jac * self.std
 
     def forward(self, w_img: Tensor, features: Tensor, points68: Tensor) -> tuple[Tensor, Tensor]:
@@ -218,7 +209,7 @@ class LabelReader(nn.Module):
         label = torch.nan_to_num(points68.float(), nan=0.0)
         w_img = w_img.float()
         fit_img = self.project(w_img)
-        size = _face_size(fit_img).detach()[:, None, None]
+        size = face_size(fit_img)[:, None, None]
         # The label against the image's own opinion: the same reference at every step, so a label the
         # fit has already moved toward still shows how far it is from what the image says.
         from_image = (label - fit_img) / size * present[..., None] / RESIDUAL_UNIT
@@ -240,11 +231,6 @@ class LabelReader(nn.Module):
             rhs = jac.transpose(1, 2) @ (cw * residual.flatten(1)[..., None]) - prior * (w - w_img)[..., None]
             w = w + torch.linalg.solve(lhs, rhs).squeeze(-1)
         return w, torch.stack(trusts, 1)
-
-
-def _face_size(points: Tensor) -> Tensor:
-    wh = points.amax(-2) - points.amin(-2)
-    return (wh[..., 0] * wh[..., 1]).clamp_min(1.0).sqrt()
 
 
 def corrected_label(label: Tensor, fit: Tensor, trust: Tensor) -> Tensor:
@@ -291,10 +277,15 @@ class TwoDASLNet(nn.Module):
         w_img = _head(self.backbone)(features).float()
         if self.reader is None:
             return StudentOutput(self.dewhiten(w_img), self.dewhiten(w_img), features.float())
+        w, trust, points = self.read_label(w_img, features, points68)
+        return StudentOutput(self.dewhiten(w), self.dewhiten(w_img), features.float(), trust, points)
+
+    def read_label(self, w_img: Tensor, features: Tensor, points68: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The label reader on the image's estimate (whitened) and features: (whitened params of the fit,
+        the trust of every step [B, steps, 68], the 2D answer [B, 68, 2] crop px)."""
         label = points68.to(w_img.device).float()
         w, trust = self.reader(w_img, features, label)
-        return StudentOutput(self.dewhiten(w), self.dewhiten(w_img), features.float(), trust,
-                             corrected_label(label, self.reader.project(w), trust[:, -1]))
+        return w, trust, corrected_label(label, self.reader.project(w), trust[:, -1])
 
     def forward(self, img_norm: Tensor, points68: Tensor) -> Tensor:
         return self.run(img_norm, points68).params
@@ -396,7 +387,7 @@ class LabelCritic(nn.Module):
     def forward(self, features: Tensor, label: Tensor, image_points: Tensor, answer_points: Tensor) -> Tensor:
         present = torch.isfinite(label).all(-1)
         lab = torch.nan_to_num(label.float(), nan=0.0)
-        size = _face_size(image_points).detach()[:, None, None]
+        size = face_size(image_points)[:, None, None]
         r_img = (lab - image_points.detach()) / size * present[..., None] / RESIDUAL_UNIT
         r_out = (lab - answer_points.detach()) / size * present[..., None] / RESIDUAL_UNIT
         x = torch.cat([self.norm(features.detach().float()), r_img.flatten(1), r_out.flatten(1),
@@ -412,7 +403,7 @@ def build_model(cfg: TrainConfig) -> TwoDASLNet:
     backbone = build_backbone(cfg.backbone, cfg.teacher_weights)
     reader = None
     if cfg.map_fusion == "late":
-        reader = LabelReader(_pooled_features_dim(backbone), cfg.bfm_path, torch.as_tensor(mean),
+        reader = LabelReader(FEATURE_DIM[cfg.backbone], cfg.bfm_path, torch.as_tensor(mean),
                              torch.as_tensor(std), steps=cfg.reader_steps)
     net = TwoDASLNet(backbone, mean, std, cfg.map_points, cfg.map_scale, cfg.map_sigma, reader=reader)
     return net.to(memory_format=torch.channels_last)
@@ -422,7 +413,6 @@ def build_critic(cfg: TrainConfig) -> tuple[nn.Module, nn.Module]:
     """(E, D). Late fusion: the label critic reads the student's own features, so E has nothing to do
     (an empty module keeps the checkpoint layout); early: 2DASL's E and D on params."""
     if cfg.map_fusion == "late":
-        feat_dim = 2048 if cfg.backbone == "resnet50" else 512
-        return nn.Identity(), LabelCritic(feat_dim)
+        return nn.Identity(), LabelCritic(FEATURE_DIM[cfg.backbone])
     encoder = Encoder(width=cfg.encoder_width)
     return encoder, Critic(encoder.z_dim)

@@ -204,10 +204,6 @@ class Relabeller:
             if self.fuse:  # the build's fusion rule (who votes on the jaw), the student a 3DMM fit
                 fused, weights = fuse(stacks[i], err[:-1], self.tau_pct, voters([n for n, _ in candidates[i]] + [name]))
                 proposals[i] = (fused, region_weights(weights))
-            else:  # the label is one candidate's points: the student's own are the proposal
-                weights = np.zeros((len(stacks[i]), 68), np.float32)
-                weights[-1] = 1.0
-                proposals[i] = (student[i], region_weights(weights))
         # Each face's proposals in the rules' units: the fusion with the student (a fusing chain) and the
         # student's own answer (the label it was given, read and corrected).
         student_nme = dict(zip(todo, self.verifier.label_nme([inputs(i, student[i][None]) for i in todo],
@@ -218,7 +214,7 @@ class Relabeller:
             judged = [inputs(i, proposals[i][0][None]) for i in todo]
             head_nme = np.array([nme[0] for nme in face_nmes(self.verifier.score(judged))])
             fused_nme = dict(zip(todo, self.verifier.label_nme(judged, head_nme, context, scored.visibility)))
-        out["fused_crop"] = [proposals[i][0] if self.fuse and i in proposals else None for i in range(n)]
+        out["fused_crop"] = [proposals[i][0] if i in proposals else None for i in range(n)]
         out["student_label_nme_pred"] = [student_nme.get(i) for i in range(n)]
         out["fused_label_nme_pred"] = [fused_nme.get(i) for i in range(n)]
         for i in todo:

@@ -29,7 +29,7 @@ from trainer.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpo
 from trainer.config import TrainConfig
 from trainer.data import batches_per_epoch, build_loader, count_train_rows
 from trainer.distributed import World
-from trainer.model import TwoDASLNet, build_critic, build_model, corrected_label, map_points
+from trainer.model import TwoDASLNet, build_critic, build_model, map_points
 
 log = logging.getLogger(__name__)
 LOG_FILE = "train_log.jsonl"
@@ -51,7 +51,7 @@ def build_optimizers(cfg: TrainConfig, net: TwoDASLNet, encoder: torch.nn.Module
                      critic: torch.nn.Module) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
     """AdamW for the regressor: the backbone at the fine-tuning rate, the label reader (new, small) at its
     own; Adam with beta1 0.5 for the critic side, the usual GAN setting (the critic's target moves as F
-    trains). Each group keeps its `base_lr`; the schedule scales it."""
+    trains). Each regressor group keeps its `base_lr`, which the schedule scales; the critic's is constant."""
     reader = [p for n, p in net.named_parameters() if n.startswith("reader.")]
     rest = [p for n, p in net.named_parameters() if not n.startswith("reader.")]
     groups = [{"params": rest, "lr": cfg.lr, "base_lr": cfg.lr}]
@@ -61,8 +61,6 @@ def build_optimizers(cfg: TrainConfig, net: TwoDASLNet, encoder: torch.nn.Module
     critic_lr = cfg.reader_lr if cfg.map_fusion == "late" else cfg.critic_lr
     opt_critic = torch.optim.Adam(list(encoder.parameters()) + list(critic.parameters()), lr=critic_lr,
                                   betas=(0.5, 0.999))
-    for group in opt_critic.param_groups:
-        group["base_lr"] = critic_lr
     return opt, opt_critic
 
 
@@ -215,9 +213,9 @@ def _read_more_labels(batch: dict[str, Any], net: TwoDASLNet, critic: torch.nn.M
         k = extra.shape[1]
         given_k = extra.to(device).flatten(0, 1)
         feats_k = out_1.features.detach().repeat_interleave(k, 0)
-        w_k, trust_k = net.reader(net.whiten(out_1.params_image).detach().repeat_interleave(k, 0), feats_k, given_k)
+        w_img_k = net.whiten(out_1.params_image).detach().repeat_interleave(k, 0)
+        w_k, trust_k, answer_k = net.read_label(w_img_k, feats_k, given_k)
         fit_k = net.reader.project(w_k)
-        answer_k = corrected_label(given_k, fit_k, trust_k[:, -1])
         target_k, weight_k = pseudo.repeat_interleave(k, 0), weight.repeat_interleave(k, 0)
         terms["extra"] = (losses.landmark_2d_loss(answer_k, target_k, weight_k)
                           + cfg.w_trust * losses.trust_loss(trust_k, given_k, target_k))
