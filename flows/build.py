@@ -20,6 +20,7 @@ from flows.runtime import dask_task_runner, default_task_runner
 from pipeline.build import Batch, BatchResult, build
 from pipeline.catalog import store_of
 from pipeline.summary import format_summary, version_summary
+from pipeline.threads import model_threads
 
 
 @task(name="process-batch", cache_policy=NONE, retries=1, retry_delay_seconds=2)
@@ -51,15 +52,17 @@ def _on_task_runner(dataset: str) -> Callable:
 
 
 @flow(name="build-dataset", task_runner=default_task_runner())
-def build_dataset(catalog_path: str = "catalog.yaml", lock_wait_s: float = 0.0, scores_path: str | None = None) -> dict:
+def build_dataset(catalog_path: str = "catalog.yaml", lock_wait_s: float = 0.0, scores_path: str | None = None,
+                  model_threads: int | None = None) -> dict:
     """Build the next version of the catalog's dataset; returns {'dataset', 'version', 'created', ...}.
 
     `scores_path`: a trainer round's scores table (`facecurate rescore`) folded into the new version.
+    `model_threads`: threads per model where the batches run (None: `pipeline.threads` decides).
     """
     logger = get_run_logger()
     catalog = load_catalog(catalog_path)
     version, plan = build(catalog, map_batches=_on_task_runner(catalog.dataset), lock_wait_s=lock_wait_s,
-                          scores_path=scores_path)
+                          scores_path=scores_path, model_threads=model_threads)
     if version == plan.parent:  # nothing new, or only retries of quarantined items that all failed again
         logger.info("nothing new: %s@v%d stays the latest", catalog.dataset, plan.parent)
         return {"dataset": catalog.dataset, "version": plan.parent, "created": False, "processed": 0}
@@ -79,6 +82,11 @@ def run_build(catalog_path: str, *, dask_address: str | None = None, workers: in
     """Run the flow with the dask runner the catalog (or the caller) asks for."""
     catalog = load_catalog(catalog_path)  # fail fast, before any Prefect or dask start-up
     ex = catalog.execution
-    runner = dask_task_runner(dask_address or ex.dask_address, workers or ex.dask_workers, ex.dask_processes,
-                              cuda=ex.dask_cuda, threads=ex.threads_per_worker)
-    return build_dataset.with_options(task_runner=runner)(catalog_path=str(catalog.path), scores_path=scores_path)
+    workers = workers or ex.dask_workers
+    address = dask_address or ex.dask_address
+    runner = dask_task_runner(address, workers, ex.dask_processes, cuda=ex.dask_cuda,
+                              threads=ex.threads_per_worker)
+    # A remote cluster's workers have cores of their own: only the catalog's model_threads speaks for them.
+    threads = ex.model_threads if address else model_threads(ex, workers=workers)
+    return build_dataset.with_options(task_runner=runner)(catalog_path=str(catalog.path), scores_path=scores_path,
+                                                          model_threads=threads)

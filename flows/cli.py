@@ -50,11 +50,12 @@ def _build(args, scores_path: str | None) -> int:
     from flows.catalog import load_catalog
     from pipeline.catalog import store_of
     from pipeline.summary import format_summary, version_summary
+    from pipeline.threads import batches_per_worker
 
     catalog = load_catalog(args.catalog)
     started = time.perf_counter()
     if args.in_process:
-        result = _build_in_process(args.catalog, scores_path, catalog.execution.threads_per_worker or 1)
+        result = _build_in_process(args.catalog, scores_path, batches_per_worker(catalog.execution.threads_per_worker, 1))
     else:
         from flows.build import run_build
 

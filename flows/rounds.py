@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from pipeline import shards
 from pipeline.catalog import Catalog, store_of
 from pipeline.shards import DatasetLock, Store, write_atomic
+from pipeline.threads import batches_per_worker
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ def _build(catalog: Catalog, scores_path: str | None = None) -> int:
     """The library build in this process (no Prefect, no dask): the round trip runs anywhere."""
     from pipeline.build import build
 
-    with ThreadPoolExecutor(catalog.execution.threads_per_worker or 1) as pool:
+    with ThreadPoolExecutor(batches_per_worker(catalog.execution.threads_per_worker, 1)) as pool:
         version, _ = build(catalog, map_batches=pool.map, scores_path=scores_path)
     return version
 

@@ -9,6 +9,8 @@ import os
 
 from prefect_dask import DaskTaskRunner
 
+from pipeline.threads import batches_per_worker
+
 
 def prefect_server_configured() -> bool:
     from prefect.settings import PREFECT_API_URL
@@ -30,7 +32,7 @@ def dask_task_runner(address: str | None, workers: int = 1, processes: bool | No
         return cuda_task_runner(threads)
     if processes is None:
         processes = prefect_server_configured()
-    kwargs = {"n_workers": workers, "threads_per_worker": threads or 1, "processes": processes,
+    kwargs = {"n_workers": workers, "threads_per_worker": batches_per_worker(threads, workers), "processes": processes,
               "dashboard_address": None}
     return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=kwargs)
 

@@ -37,6 +37,7 @@ from pipeline.shards import (
     write_table,
 )
 from pipeline.sources import FetchError, SourceItem, TarReader, fetch_url, read_file
+from pipeline.threads import use_model_threads
 from pipeline.timings import stage
 from pipeline.weights import ModelError
 
@@ -302,10 +303,12 @@ def faces_table(rows: list[dict], rules: Rules) -> pa.Table:
 # ------------------------------------------------------------------------------------------ batch
 
 
-def process_batch(catalog: Catalog, plan_staging_key: str, batch: Batch) -> BatchResult:
+def process_batch(catalog: Catalog, plan_staging_key: str, batch: Batch, *,
+                  model_threads: int | None = None) -> BatchResult:
     """Read, hash, decode, label and score one batch; write its three part files and a done marker.
 
     Idempotent: a batch whose marker exists returns the recorded result without work.
+    `model_threads`: threads per model (`pipeline.threads`), set for this process before the models run.
     """
     store = store_of(catalog)
     fs = store.fs
@@ -315,6 +318,8 @@ def process_batch(catalog: Catalog, plan_staging_key: str, batch: Batch) -> Batc
         with fs.open(marker, "rb") as f:
             return BatchResult(**json.loads(f.read()))
 
+    if model_threads:
+        use_model_threads(model_threads)
     tars = TarReader()
     timings: dict[str, float] = {}
     try:

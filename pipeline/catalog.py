@@ -148,9 +148,13 @@ class Execution(_Strict):
     dask_workers: int = Field(default=1, ge=1)
     dask_processes: bool | None = None  # None: threads in ephemeral Prefect mode, processes with a server
     dask_cuda: bool = False  # a dask_cuda.LocalCUDACluster: one worker process per GPU (needs dask-cuda)
-    # Batches each local worker runs at once. None: 1 on CPU workers (torch already uses every core),
-    # 2 on GPU workers, so one batch's host work (read, hash, JPEG encode, Parquet) overlaps another's GPU work.
+    # Batches each local worker runs at once. None: one per core of the worker's share on CPU, each batch's
+    # models on one thread; 2 on GPU workers, so one batch's host work overlaps another's GPU work
+    # (pipeline/threads.py says why).
     threads_per_worker: int | None = Field(default=None, ge=1, le=64)
+    # Threads of each model (torch intra-op, ONNX Runtime intra-op). None: the local cores shared by every
+    # batch the local workers run at once. Set it for a remote cluster, whose workers have their own cores.
+    model_threads: int | None = Field(default=None, ge=1, le=256)
     decode: Literal["auto", "cpu", "gpu"] = "auto"  # auto: nvJPEG when the face detector runs on CUDA
     # The committed layout of a version's faces (pipeline/compact.py): batches' part files are rewritten
     # at commit into files of `shard_rows` rows, so a version's file count follows its size, not its

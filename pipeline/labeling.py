@@ -18,6 +18,7 @@ from pipeline.crops import CROP_SIZE, box_from_full_crop, crop_affine, roi_from_
 from pipeline.detect.base import FaceBox, Landmarks
 from pipeline.device_images import crop_rois, crops_to_numpy, image_hw, mirror
 from pipeline.landmarks import mirror_points
+from pipeline.threads import onnx_threads
 from pipeline.timings import stage
 
 log = logging.getLogger(__name__)
@@ -71,8 +72,9 @@ _CHAINS_LOCK = threading.Lock()
 
 
 def get_chain(spec: DetectorChain) -> Chain:
-    """The process-wide chain for `spec` (models load once per worker, not once per batch)."""
-    key = json.dumps(spec.model_dump(mode="json"), sort_keys=True)
+    """The process-wide chain for `spec` (models load once per worker, not once per batch), one per
+    ONNX Runtime thread count (a session's is fixed when it is made: `pipeline.threads`)."""
+    key = json.dumps([spec.model_dump(mode="json"), onnx_threads()], sort_keys=True)
     with _CHAINS_LOCK:
         if key not in _CHAINS:
             _CHAINS[key] = Chain(spec)

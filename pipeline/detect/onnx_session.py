@@ -23,9 +23,19 @@ def providers_for(device: torch.device) -> list[str]:
 def session(model: bytes | str, device: torch.device):
     import onnxruntime as ort
 
+    return ort.InferenceSession(model, sess_options=session_options(), providers=providers_for(device))
+
+
+def session_options():
+    """Quiet logs, and the intra-op threads the build set for its models (`pipeline.threads`)."""
+    import onnxruntime as ort
+
+    from pipeline.threads import onnx_threads
+
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # ORT's per-initializer warnings would drown the progress output
-    return ort.InferenceSession(model, sess_options=opts, providers=providers_for(device))
+    opts.intra_op_num_threads = onnx_threads()
+    return opts
 
 
 class OnnxRunner:

@@ -16,7 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.detect.base import FaceBox
-from pipeline.detect.onnx_session import providers_for, resolve_backend
+from pipeline.detect.onnx_session import providers_for, resolve_backend, session_options
 from pipeline.device import autocast, pick_device, resolve_precision
 from pipeline.device_images import as_numpy, image_hw, is_tensor_batch, resize
 from pipeline.weights import sha256_file, verified_path
@@ -54,7 +54,7 @@ class ScrfdDetector:
             return
         from insightface.model_zoo import get_model
 
-        self.model = get_model(str(path), providers=providers_for(self.device))
+        self.model = get_model(str(path), providers=providers_for(self.device), sess_options=session_options())
         if self.model is None or getattr(self.model, "taskname", None) != "detection":
             raise ValueError(f"{path} is not an insightface detection model")
         ctx = self.device.index or 0 if self.device.type == "cuda" else -1
