@@ -19,7 +19,7 @@ from common import emit, header
 from pipeline.bfm import load_bfm
 from pipeline.device import pick_device
 from pipeline.shards import Store, parse_ref, resolve_version
-from trainer.config import TrainConfig
+from trainer.config import DataConfig, ModelConfig, TrainConfig, TrainingConfig
 from trainer.data import build_loader
 from trainer.model import build_critic, build_model
 from trainer.train import build_optimizers, set_train_mode, train_step
@@ -38,16 +38,17 @@ def loader_rate(cfg: TrainConfig, store: Store, version: int, batches: int) -> f
 
 
 def step_rate(cfg: TrainConfig, store: Store, version: int, steps: int) -> float:
-    device = pick_device(cfg.device)
-    batch = next(iter(build_loader(dataclasses.replace(cfg, num_workers=0), store, version)))
-    bfm = load_bfm(cfg.bfm_path, device=device)
+    device = pick_device(cfg.training.device)
+    in_process = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_workers=0))
+    batch = next(iter(build_loader(in_process, store, version)))
+    bfm = load_bfm(cfg.model.bfm_path, device=device)
     net = build_model(cfg).to(device)
     encoder, critic = (m.to(device) for m in build_critic(cfg))
     opt, opt_c = build_optimizers(cfg, net, encoder, critic)
-    amp = cfg.amp and device.type == "cuda"
+    amp = cfg.training.amp and device.type == "cuda"
 
     def step():
-        set_train_mode(net, cfg.bn_frozen)
+        set_train_mode(net, cfg.model.bn_frozen)
         train_step(batch, net, encoder, critic, bfm, cfg, opt, opt_c, amp)
 
     step()  # warm up
@@ -76,8 +77,10 @@ def main() -> None:
     version = resolve_version(store, version)
     result = {**header(), "dataset": f"{name}@v{version}", "batch": args.batch, "loader_workers": args.workers}
     for backbone in ("mobilenet", "resnet50"):
-        cfg = TrainConfig(dataset_root=args.root, dataset=f"{name}@v{version}", backbone=backbone,
-                          batch_size=args.batch, num_workers=args.workers, device=args.device)
+        data = DataConfig(root=args.root, dataset=f"{name}@v{version}", num_workers=args.workers)
+        cfg = TrainConfig(data=data,
+                          model=ModelConfig(backbone=backbone),
+                          training=TrainingConfig(batch_size=args.batch, device=args.device))
         loader = loader_rate(cfg, store, version, batches=args.steps * 2)
         step = step_rate(cfg, store, version, args.steps)
         result.update({f"{backbone}_loader_images_per_s": loader, f"{backbone}_step_images_per_s": step,

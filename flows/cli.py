@@ -113,19 +113,17 @@ def cmd_show(args) -> int:
 
 def train_config_of(args):
     """The catalog's `training:` section, under the --config file, under the flags that were given
-    (a flag sets the TrainConfig field of its own name)."""
-    import dataclasses
-
+    (a flag sets the TrainConfig field of its own flat name, trainer.config.FLAT_KEYS)."""
     import yaml
 
     from flows.catalog import load_catalog
-    from trainer.config import TrainConfig, train_config
+    from trainer.config import FLAT_KEYS, train_config
 
     catalog = load_catalog(args.catalog)
     overrides = yaml.safe_load(open(args.config)) if args.config else {}
     overrides["dataset_root"] = catalog.output_root
-    overrides.update({f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-                      if getattr(args, f.name, None) is not None})
+    overrides.update({name: getattr(args, name) for name in FLAT_KEYS
+                      if getattr(args, name, None) is not None})
     return train_config(catalog.training, overrides)
 
 

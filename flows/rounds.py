@@ -68,7 +68,7 @@ def train_round(catalog: Catalog, store: Store, version: int, *, overrides: dict
         result = train(cfg)
         logger.info("trained %d steps on %s@v%d: %s (last total loss %.4g)", result.steps, store.dataset, version,
                     result.checkpoint, result.final_losses.get("total", float("nan")))
-        predictor = load_predictor(result.checkpoint, device=cfg.device)
+        predictor = load_predictor(result.checkpoint, device=cfg.training.device)
         # round index = the version it scores: the name a relabelled face's label_source carries
         scores = rescore(predictor, store, version, round_index=version, chain=catalog.detectors)
         scores_file = write_scores(store, version, scores, version)

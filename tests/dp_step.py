@@ -13,7 +13,7 @@ import torch
 
 from pipeline.bfm import load_bfm
 from pipeline.shards import Store
-from trainer.config import TrainConfig
+from trainer.config import AugmentationConfig, DataConfig, OptimizerConfig, TrainConfig, TrainingConfig
 from trainer.data import build_loader
 from trainer.distributed import World
 from trainer.model import build_critic, build_model
@@ -26,11 +26,13 @@ def main(dataset_root: str, out_dir: str) -> None:
     # No augmentation: every process reads the same 8 faces. Equal face weights: each loss is a
     # weighted mean over its batch, and only with equal weights (and equal halves) is the mean of the
     # two halves' gradients the whole batch's gradient, which the single process computes.
-    cfg = TrainConfig(dataset_root=dataset_root, dataset="faces@v1", batch_size=BATCH, num_workers=0, device="cpu",
-                      augment=False, lr_schedule="constant", seed=5)
+    cfg = TrainConfig(data=DataConfig(root=dataset_root, dataset="faces@v1", num_workers=0),
+                      augmentation=AugmentationConfig(enabled=False),
+                      optimizer=OptimizerConfig(lr_schedule="constant"),
+                      training=TrainingConfig(batch_size=BATCH, device="cpu", seed=5))
     world = World.from_env("cpu")
     try:
-        seed_everything(cfg.seed)
+        seed_everything(cfg.training.seed)
         batch = next(iter(build_loader(cfg, Store(dataset_root, "faces"), 1, shuffle=False)))
         assert len(batch["face_id"]) == BATCH, batch["face_id"]
         batch["weight"] = torch.ones_like(batch["weight"])
@@ -41,8 +43,9 @@ def main(dataset_root: str, out_dir: str) -> None:
         encoder, critic = build_critic(cfg)
         opt, opt_critic = build_optimizers(cfg, net, encoder, critic)
         world.broadcast(net, encoder, critic)
-        set_train_mode(net, cfg.bn_frozen)
-        train_step(batch, net, encoder, critic, load_bfm(cfg.bfm_path), cfg, opt, opt_critic, amp=False, world=world)
+        set_train_mode(net, cfg.model.bn_frozen)
+        train_step(batch, net, encoder, critic, load_bfm(cfg.model.bfm_path), cfg, opt, opt_critic, amp=False,
+                   world=world)
         modules = {"net": net, "encoder": encoder, "critic": critic}
         torch.save({"weights": {f"{m}.{k}": v for m, mod in modules.items() for k, v in mod.state_dict().items()},
                     "grads": {f"{m}.{k}": p.grad for m, mod in modules.items() for k, p in mod.named_parameters()

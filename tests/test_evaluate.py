@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import DATA, ROOT
+from tests.conftest import DATA, NME_MARGIN, ROOT
 from trainer.evaluate import (
     StudentModel,
     derangement,
@@ -24,6 +24,9 @@ from trainer.evaluate import (
 
 DEV = DATA / "aflw2000-dev"
 N = 8
+# The chain's fused labels on these N images, balanced NME per crop protocol (docs/labels.md, "The tests'
+# subsets of aflw2000-dev"; 3.55 / 3.70 on all 183 / 187 images): six of the eight are under 30 degrees.
+FUSED_LABEL_BALANCED = {"gt": 3.002, "detector": 3.089}
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +72,7 @@ def test_fused_map_is_the_chains_label_on_the_curation_crop(chain, data, faces):
     from pipeline.crops import crop_roi
     from pipeline.labeling import label_images
 
-    for f in faces.values():
+    for protocol, f in faces.items():
         n = len(f.index)
         assert n == N and f.label_points.shape == f.teacher_points.shape == (n, 68, 2)
         assert f.label_sources == ["fused"] * n  # the verifier's fusion, not the teacher's points
@@ -81,8 +84,9 @@ def test_fused_map_is_the_chains_label_on_the_curation_crop(chain, data, faces):
         # Every crop is cut where the roi says (the detector's is the labelled face's own crop_rgb).
         for i, roi, crop in zip(f.index, f.rois, f.crops):
             np.testing.assert_array_equal(crop, crop_roi(data.images[i], roi))
-        # The labels are good ones (the fused label of the chain on dev faces).
-        assert label_table(f, data)["balanced"] < 6.0
+        # The labels are the chain's fused labels, as measured on these faces.
+        balanced = label_table(f, data)["balanced"]
+        assert balanced == pytest.approx(FUSED_LABEL_BALANCED[protocol], rel=NME_MARGIN), protocol
     # detector: the label is the one `label_images` gives the matched face, moved by its affine.
     found = label_images(chain, data.images[:2], [False, False])
     from pipeline.crops import apply_affine, match_reference

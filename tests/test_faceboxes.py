@@ -72,15 +72,23 @@ def test_batched_equals_single(detector):
             assert abs(a.score - b.score) < 1e-4
 
 
+# IoU of FaceBoxes' one box with the box of the 68 reference points, per image (docs/benchmarks.md,
+# "Detectors, single model"): 0.63-0.73, not 1, as a face box also holds the forehead. Deterministic on
+# the CPU (1 and 2 threads alike): 0.02 (3% of the figure) is room for float drift across library
+# versions; decoding the box centre with the size's variance (0.2 for 0.1) moves image00100 by 0.035.
+BOX_IOU = {"image00042": 0.7023, "image00047": 0.7307, "image00055": 0.6559, "image00066": 0.6265,
+           "image00100": 0.6765}
+BOX_IOU_MARGIN = 0.02
+
+
 def test_boxes_match_ground_truth(detector):
     paths = AFLW_DEV[:5]
     results = detector([rgb(p) for p in paths])
     for path, faces in zip(paths, results):
         pts = scipy.io.loadmat(path.with_suffix(".mat"))["pt3d_68"][:2] - 1  # 1-based -> 0-based x, y
         gt = np.array([pts[0].min(), pts[1].min(), pts[0].max(), pts[1].max()])
-        assert faces, f"no face in {path.name}"
-        for f in faces:
-            assert iou(f.bbox, gt) > 0.3, (path.name, f.bbox, gt)
+        assert len(faces) == 1, (path.name, faces)
+        assert iou(faces[0].bbox, gt) == pytest.approx(BOX_IOU[path.stem], abs=BOX_IOU_MARGIN), (path.name, gt)
 
 
 def test_options(detector):

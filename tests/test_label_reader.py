@@ -11,7 +11,7 @@ from pipeline.bfm import landmarks_3d, load_bfm
 from pipeline.landmarks import FLIP_68
 from trainer import losses
 from trainer.augment import CORRUPTIONS, AugmentSettings, choose_map, corrupt_label
-from trainer.config import TrainConfig
+from trainer.config import ModelConfig, TrainConfig
 from trainer.model import build_model
 
 
@@ -37,7 +37,7 @@ def test_the_projection_is_the_bfms(reader):
     cfg = TrainConfig()
     w = _face(reader)
     params = w * reader.std + reader.mean
-    torch.testing.assert_close(reader.project(w), landmarks_3d(params, load_bfm(cfg.bfm_path))[..., :2])
+    torch.testing.assert_close(reader.project(w), landmarks_3d(params, load_bfm(cfg.model.bfm_path))[..., :2])
 
 
 def _gate(reader, logit: float):
@@ -47,7 +47,7 @@ def _gate(reader, logit: float):
 
 
 def test_a_trusted_label_is_fitted_and_an_untrusted_one_ignored():
-    reader = build_model(TrainConfig(reader_steps=4)).reader.eval()
+    reader = build_model(TrainConfig(model=ModelConfig(reader_steps=4))).reader.eval()
     truth = _face(reader, 1)
     label = reader.project(truth)  # a label a 3DMM can fit exactly
     start = truth + torch.randn(truth.shape, generator=torch.Generator().manual_seed(2)) * 0.2

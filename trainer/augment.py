@@ -39,7 +39,7 @@ _OFFSET = np.array([-1.0, float(CROP_SIZE)])
 
 @dataclass(frozen=True)
 class AugmentSettings:
-    """Strengths of each augmentation (0 switches one off); TrainConfig's aug_* / map_* fields."""
+    """Strengths of each augmentation (0 switches one off); TrainConfig's augmentation section."""
 
     shift: float = 0.06  # roi centre moves up to this fraction of its side (uniform, x and y)
     scale: float = 0.12  # roi side x exp(U(-scale, scale))

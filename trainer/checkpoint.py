@@ -197,25 +197,26 @@ class Predictor:
 def load_predictor(spec: str, device: str = "auto") -> Predictor:
     """'teacher' (the untrained 4-channel MobileNet = 3DDFA_V2 mb05) or a checkpoint path -> Predictor."""
     from pipeline.bfm import load_bfm
-    from trainer.config import TrainConfig
+    from trainer.config import ModelConfig, TrainConfig
     from trainer.model import build_critic, build_model
 
     dev = pick_device(device)
     if spec == "teacher":
-        cfg = TrainConfig(backbone="mobilenet", map_fusion="early")  # the image alone: exactly the teacher
-        sha = verified_path(cfg.teacher_weights, what="teacher weights")  # refuses a tampered file
+        # The image alone: exactly the teacher.
+        cfg = TrainConfig(model=ModelConfig(backbone="mobilenet", map_fusion="early"))
+        sha = verified_path(cfg.model.teacher_weights, what="teacher weights")  # refuses a tampered file
         from pipeline.weights import sha256_file
 
         net = build_model(cfg).to(dev)
-        return Predictor(net, None, None, load_bfm(cfg.bfm_path, device=dev), sha256_file(sha), dev)
+        return Predictor(net, None, None, load_bfm(cfg.model.bfm_path, device=dev), sha256_file(sha), dev)
     state = load_checkpoint(spec)
-    # Checkpoints written before the label reader existed are early-fusion students.
-    cfg = TrainConfig.from_dict({"map_fusion": "early", **state["config"]})
+    cfg = TrainConfig.from_checkpoint(state["config"])  # flat (before the per-concern split) or nested
     net = build_model(cfg)
     net.load_state_dict(state["model"])
     encoder, critic = build_critic(cfg)
     encoder.load_state_dict(state["encoder"])
     critic.load_state_dict(state["critic"])
-    log.info("loaded %s (%s, step %d, sha256 %s...)", spec, cfg.backbone, state["step"], state["sha256"][:12])
-    return Predictor(net.to(dev), encoder.to(dev), critic.to(dev), load_bfm(cfg.bfm_path, device=dev),
+    log.info("loaded %s (%s, step %d, sha256 %s...)", spec, cfg.model.backbone, state["step"],
+             state["sha256"][:12])
+    return Predictor(net.to(dev), encoder.to(dev), critic.to(dev), load_bfm(cfg.model.bfm_path, device=dev),
                      state["sha256"], dev)

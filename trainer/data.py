@@ -213,12 +213,13 @@ def build_loader(cfg, store: Store, version: int, shuffle: bool = True, epoch: i
                  skip_batches: int = 0, rank: int = 0, world_size: int = 1) -> DataLoader:
     """A DataLoader over the version's training faces for `epoch`, `skip_batches` batches in; with
     several training processes, over this `rank`'s share of the row groups."""
-    stream = FaceStream(store, version, shuffle=shuffle, seed=cfg.seed, buffer_size=cfg.shuffle_buffer,
-                        batch_size=cfg.batch_size, epoch=epoch, skip_batches=skip_batches, rank=rank,
-                        world_size=world_size, augment=cfg.augment_settings(), holdout=cfg.holdout())
+    stream = FaceStream(store, version, shuffle=shuffle, seed=cfg.training.seed,
+                        buffer_size=cfg.data.shuffle_buffer, batch_size=cfg.training.batch_size, epoch=epoch,
+                        skip_batches=skip_batches, rank=rank, world_size=world_size,
+                        augment=cfg.augmentation.settings(), holdout=cfg.data.holdout())
     share = len(stream.units()[rank::world_size])
-    workers = min(cfg.num_workers, max(share, 1))  # idle workers would only cost memory
-    return DataLoader(stream, batch_size=cfg.batch_size, num_workers=workers, collate_fn=collate,
+    workers = min(cfg.data.num_workers, max(share, 1))  # idle workers would only cost memory
+    return DataLoader(stream, batch_size=cfg.training.batch_size, num_workers=workers, collate_fn=collate,
                       pin_memory=torch.cuda.is_available(), drop_last=False,
                       prefetch_factor=4 if workers else None, persistent_workers=False)
 

@@ -399,20 +399,21 @@ class LabelCritic(nn.Module):
 
 
 def build_model(cfg: TrainConfig) -> TwoDASLNet:
-    mean, std = load_param_stats(cfg.param_stats_path)
-    backbone = build_backbone(cfg.backbone, cfg.teacher_weights)
+    mean, std = load_param_stats(cfg.model.param_stats_path)
+    backbone = build_backbone(cfg.model.backbone, cfg.model.teacher_weights)
     reader = None
-    if cfg.map_fusion == "late":
-        reader = LabelReader(FEATURE_DIM[cfg.backbone], cfg.bfm_path, torch.as_tensor(mean),
-                             torch.as_tensor(std), steps=cfg.reader_steps)
-    net = TwoDASLNet(backbone, mean, std, cfg.map_points, cfg.map_scale, cfg.map_sigma, reader=reader)
+    if cfg.model.map_fusion == "late":
+        reader = LabelReader(FEATURE_DIM[cfg.model.backbone], cfg.model.bfm_path, torch.as_tensor(mean),
+                             torch.as_tensor(std), steps=cfg.model.reader_steps)
+    net = TwoDASLNet(backbone, mean, std, cfg.model.map_points, cfg.model.map_scale, cfg.model.map_sigma,
+                     reader=reader)
     return net.to(memory_format=torch.channels_last)
 
 
 def build_critic(cfg: TrainConfig) -> tuple[nn.Module, nn.Module]:
     """(E, D). Late fusion: the label critic reads the student's own features, so E has nothing to do
     (an empty module keeps the checkpoint layout); early: 2DASL's E and D on params."""
-    if cfg.map_fusion == "late":
-        return nn.Identity(), LabelCritic(FEATURE_DIM[cfg.backbone])
-    encoder = Encoder(width=cfg.encoder_width)
+    if cfg.model.map_fusion == "late":
+        return nn.Identity(), LabelCritic(FEATURE_DIM[cfg.model.backbone])
+    encoder = Encoder(width=cfg.model.encoder_width)
     return encoder, Critic(encoder.z_dim)

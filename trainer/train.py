@@ -54,11 +54,11 @@ def build_optimizers(cfg: TrainConfig, net: TwoDASLNet, encoder: torch.nn.Module
     trains). Each regressor group keeps its `base_lr`, which the schedule scales; the critic's is constant."""
     reader = [p for n, p in net.named_parameters() if n.startswith("reader.")]
     rest = [p for n, p in net.named_parameters() if not n.startswith("reader.")]
-    groups = [{"params": rest, "lr": cfg.lr, "base_lr": cfg.lr}]
+    groups = [{"params": rest, "lr": cfg.optimizer.lr, "base_lr": cfg.optimizer.lr}]
     if reader:
-        groups.append({"params": reader, "lr": cfg.reader_lr, "base_lr": cfg.reader_lr})
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    critic_lr = cfg.reader_lr if cfg.map_fusion == "late" else cfg.critic_lr
+        groups.append({"params": reader, "lr": cfg.optimizer.reader_lr, "base_lr": cfg.optimizer.reader_lr})
+    opt = torch.optim.AdamW(groups, lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay)
+    critic_lr = cfg.optimizer.reader_lr if cfg.model.map_fusion == "late" else cfg.optimizer.critic_lr
     opt_critic = torch.optim.Adam(list(encoder.parameters()) + list(critic.parameters()), lr=critic_lr,
                                   betas=(0.5, 0.999))
     return opt, opt_critic
@@ -106,11 +106,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def lr_factor(cfg: TrainConfig, step: int, total_steps: int) -> float:
     """Linear warm-up then constant or cosine-to-zero; a function of the step so resumes need no state."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    if cfg.lr_schedule == "constant":
+    warmup = cfg.optimizer.warmup_steps
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if cfg.optimizer.lr_schedule == "constant":
         return 1.0
-    progress = min((step - cfg.warmup_steps) / max(total_steps - cfg.warmup_steps, 1), 1.0)
+    progress = min((step - warmup) / max(total_steps - warmup, 1), 1.0)
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
@@ -136,7 +137,7 @@ def compute_losses(batch: dict[str, Any], net: TwoDASLNet, encoder: torch.nn.Mod
     teacher = batch["teacher_params"].to(device)
     given = batch["map_points"].to(device)  # [B, 68, 2] the label the student is given (NaN: absent)
     to_points = partial(landmarks_3d, bfm=bfm)
-    which = cfg.map_points
+    which = cfg.model.map_points
 
     # Pass 1: α̂ = F(I, X_given); Y_2d = Proj(α̂).  BFM maths and losses stay fp32 (outside autocast).
     # The given label may be noisy, another landmarker's or corrupted (trainer.augment.choose_map); every
@@ -176,7 +177,7 @@ def compute_losses(batch: dict[str, Any], net: TwoDASLNet, encoder: torch.nn.Mod
     terms["critic_g"] = params_1.sum() * 0.0
     if late:
         loss_d = _read_more_labels(batch, net, critic, cfg, out_1, given, image_points, y2d, terms)
-    elif cfg.w_critic > 0:
+    elif cfg.loss.critic > 0:
         # 2DASL's self-critic. Real pairs: (E(J), α*) for rows with trusted params; without any in the
         # batch the teacher's params stand in as "real" (D judges drift from the teacher's labelling).
         # Fake pairs: (E(I), α̂) for the other rows (all rows if none).
@@ -190,7 +191,7 @@ def compute_losses(batch: dict[str, Any], net: TwoDASLNet, encoder: torch.nn.Mod
                 d_fake = critic(z[fake_rows], net.whiten(params_1[fake_rows]))
             loss_d, terms["critic_g"] = losses.critic_losses(d_real.float(), d_fake.float())
 
-    weights = cfg.loss_weights()
+    weights = cfg.loss.weights()
     total = sum(weights["critic" if k == "critic_g" else k] * v for k, v in terms.items())
     logged = {k: float(v.detach()) for k, v in terms.items()}
     logged["total"] = float(total.detach())
@@ -218,7 +219,7 @@ def _read_more_labels(batch: dict[str, Any], net: TwoDASLNet, critic: torch.nn.M
         fit_k = net.reader.project(w_k)
         target_k, weight_k = pseudo.repeat_interleave(k, 0), weight.repeat_interleave(k, 0)
         terms["extra"] = (losses.landmark_2d_loss(answer_k, target_k, weight_k)
-                          + cfg.w_trust * losses.trust_loss(trust_k, given_k, target_k))
+                          + cfg.loss.trust * losses.trust_loss(trust_k, given_k, target_k))
         judged.append((feats_k, given_k, image_points.repeat_interleave(k, 0), fit_k,
                        batch["map_extra_nme"].to(device).flatten()))
     # The label critic: (image, given label) pairs, real when the label is close to the best one.
@@ -251,8 +252,8 @@ def train_step(batch: dict[str, Any], net: TwoDASLNet, encoder: torch.nn.Module,
         world.average_gradients(critic_params)
         opt_critic.step()
     world.average_gradients(net_params)
-    if cfg.grad_clip > 0:
-        logged["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(net_params, cfg.grad_clip))
+    if cfg.optimizer.grad_clip > 0:
+        logged["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(net_params, cfg.optimizer.grad_clip))
     opt.step()
     return logged
 
@@ -261,8 +262,9 @@ def train_step(batch: dict[str, Any], net: TwoDASLNet, encoder: torch.nn.Module,
 
 
 def train(cfg: TrainConfig) -> TrainResult:
-    """Train on `cfg.dataset` for `cfg.max_steps` steps (or `cfg.epochs` passes); returns the last checkpoint."""
-    world = World.from_env(cfg.device)
+    """Train on `cfg.data.dataset` for `cfg.training.max_steps` steps (or `cfg.training.epochs` passes);
+    returns the last checkpoint."""
+    world = World.from_env(cfg.training.device)
     try:
         return _train(cfg, world)
     finally:
@@ -321,40 +323,41 @@ def _save(run: _Run, cfg: TrainConfig, ckpt_dir: Path, world: World, dataset: di
         "step": run.step, "epoch": run.epoch, "batch_in_epoch": run.batch_in_epoch, "rng": rng_state(),
         "config": cfg.to_dict(), "dataset": dataset,
     })
-    prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
+    prune_checkpoints(ckpt_dir, cfg.checkpoint.keep)
     world.barrier()
     return str(path)
 
 
 def _train(cfg: TrainConfig, world: World) -> TrainResult:
-    seed_everything(cfg.seed)  # the same seed on every rank: the same initial weights (broadcast too)
-    device = world.device(cfg.device)
-    amp = cfg.amp and device.type == "cuda"
-    name, wanted = parse_ref(cfg.dataset)
-    store = Store(cfg.dataset_root, name)
+    # The same seed on every rank: the same initial weights (broadcast too).
+    seed_everything(cfg.training.seed)
+    device = world.device(cfg.training.device)
+    amp = cfg.training.amp and device.type == "cuda"
+    name, wanted = parse_ref(cfg.data.dataset)
+    store = Store(cfg.data.root, name)
     version = resolve_version(store, wanted)
-    n_rows = count_train_rows(store, version, cfg.holdout())
+    n_rows = count_train_rows(store, version, cfg.data.holdout())
     if n_rows == 0:
         raise ValueError(f"{name}@v{version}: no training faces (split 'train', keep, weight > 0)")
-    per_epoch = batches_per_epoch(n_rows, cfg.batch_size * world.size)
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * per_epoch
+    per_epoch = batches_per_epoch(n_rows, cfg.training.batch_size * world.size)
+    total_steps = cfg.training.max_steps if cfg.training.max_steps > 0 else cfg.training.epochs * per_epoch
 
-    bfm = load_bfm(cfg.bfm_path, device=device)
+    bfm = load_bfm(cfg.model.bfm_path, device=device)
     net = build_model(cfg).to(device)
     encoder, critic = (m.to(device) for m in build_critic(cfg))
     run = _Run(net, encoder, critic, *build_optimizers(cfg, net, encoder, critic))
     world.broadcast(net, encoder, critic)
 
-    ckpt_dir = Path(cfg.checkpoint_dir)
+    ckpt_dir = Path(cfg.checkpoint.dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    last_ckpt = _resume(run, ckpt_dir, world) if cfg.resume else ""
+    last_ckpt = _resume(run, ckpt_dir, world) if cfg.checkpoint.resume else ""
     log_path = ckpt_dir / LOG_FILE
     if world.is_main:
         _truncate_log(log_path, run.step)  # steps past the checkpoint were lost with the crash: redo them
-    dataset = {"root": cfg.dataset_root, "name": name, "version": version}
+    dataset = {"root": cfg.data.root, "name": name, "version": version}
 
-    log.info("training %s on %s@v%d: %d faces, %d steps, device %s%s", cfg.backbone, name, version, n_rows,
-             total_steps, device, " (bf16)" if amp else "")
+    log.info("training %s on %s@v%d: %d faces, %d steps, device %s%s", cfg.model.backbone, name, version,
+             n_rows, total_steps, device, " (bf16)" if amp else "")
     last: dict[str, float] = {}
     progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[msg]}"),
                         TimeRemainingColumn(), disable=not sys.stderr.isatty() or not world.is_main)
@@ -366,8 +369,8 @@ def _train(cfg: TrainConfig, world: World) -> TrainResult:
             for batch in loader:
                 factor = lr_factor(cfg, run.step, total_steps)
                 for group in run.opt.param_groups:
-                    group["lr"] = group.get("base_lr", cfg.lr) * factor
-                set_train_mode(net, cfg.bn_frozen)
+                    group["lr"] = group.get("base_lr", cfg.optimizer.lr) * factor
+                set_train_mode(net, cfg.model.bn_frozen)
                 encoder.train()
                 critic.train()
                 started = time.perf_counter()
@@ -378,9 +381,9 @@ def _train(cfg: TrainConfig, world: World) -> TrainResult:
                           "batch": len(batch["face_id"]), "sec": round(time.perf_counter() - started, 4), **last}
                 log_file.write(json.dumps(record) + "\n")
                 progress.update(task, advance=1, msg=f"loss {last['total']:.4f}")
-                if run.step % cfg.log_every == 0 or run.step == total_steps:
+                if run.step % cfg.checkpoint.log_every == 0 or run.step == total_steps:
                     log.info("step %d: %s", run.step, " ".join(f"{k}={v:.4g}" for k, v in last.items()))
-                if run.step % cfg.checkpoint_every == 0 and run.step < total_steps:
+                if run.step % cfg.checkpoint.every == 0 and run.step < total_steps:
                     log_file.flush()
                     last_ckpt = _save(run, cfg, ckpt_dir, world, dataset)
                 if run.step >= total_steps:
