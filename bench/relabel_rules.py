@@ -52,8 +52,8 @@ def collect(catalog, store: Store, version: int, checkpoints: list[str], batch: 
             label = apply_affine(np.asarray(rows.column("landmarks").to_pylist(), np.float32).reshape(n, 68, 2), affine)
             raw = score_batch(model, crops, label)
             poses = np.asarray(rows.column("pose").to_pylist(), np.float32)
-            judged = relabeller.judge(crops, ok, label, _candidates(rows.column("alt_landmarks").to_pylist(), affine),
-                                      raw["points"], poses, round_index=1, critic=None)
+            judged = relabeller.propose(crops, ok, label, _candidates(rows.column("alt_landmarks").to_pylist(), affine),
+                                        raw["points"], poses, round_index=1, critic=None)
             fused = np.stack([label[i] if f is None else f for i, f in enumerate(judged["fused_crop"])])
             out["label"].append(label)
             out["student"].append(raw["points"])

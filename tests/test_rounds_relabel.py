@@ -298,8 +298,8 @@ def test_a_label_the_self_critic_finds_wrong_is_replaced_by_the_students_answer(
     critic = np.full(n, 0.99, np.float32)
     critic[[1, 4]] = [0.2, CRITIC_RELABEL]  # the critic finds these two labels wrong
     relabeller = Relabeller.for_chain(catalog.detectors)
-    judged = relabeller.judge(crops, ok, labels, candidates, student, np.asarray(v1.column("pose").to_pylist(),
-                                                                                  np.float32), 1, critic=critic)
+    poses = np.asarray(v1.column("pose").to_pylist(), np.float32)
+    judged = relabeller.propose(crops, ok, labels, candidates, student, poses, 1, critic=critic)
     replaced = {i for i, p in enumerate(judged["relabel_crop"]) if p is not None}
     assert {1, 4} <= replaced
     for i in (1, 4):
