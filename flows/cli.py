@@ -154,12 +154,12 @@ def _rescore(catalog, store, version: int | None, args):
 def cmd_rescore(args) -> int:
     from flows.catalog import load_catalog
     from pipeline.catalog import store_for_ref
-    from trainer.rescore import judge_scores
+    from trainer.rescore import scores_against_references
 
     catalog = load_catalog(args.catalog)
     store, version = store_for_ref(catalog, args.dataset)
     version, _, scores = _rescore(catalog, store, version, args)
-    report = judge_scores(store, version, scores, threshold_pct=args.bad_above)
+    report = scores_against_references(store, version, scores, threshold_pct=args.bad_above)
     if report is not None and "auc" in report:  # 68-point reference labels ride along: judge the score
         aucs = ", ".join(f"{k} {v:.3f}" for k, v in report["auc"].items())
         kept, dropped = (f"{v:.2f}%" if v is not None else "n/a"

@@ -346,7 +346,7 @@ def rescore_version(store: Store, version: int | None, checkpoint: str, *, round
 # ------------------------------------------------------------------------ checking the scores
 
 
-def judge_scores(store: Store, version: int, scores: pa.Table, threshold_pct: float = 8.0) -> dict | None:
+def scores_against_references(store: Store, version: int, scores: pa.Table, threshold_pct: float = 8.0) -> dict | None:
     """`score_auc` on the version's faces that carry 68-point reference labels, and the version's
     `label_quality` (the verifier's ROC-AUC, kept/dropped NME per yaw bin, every kind of reference);
     None when no face has a reference."""
