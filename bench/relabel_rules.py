@@ -53,7 +53,7 @@ def collect(catalog, store: Store, version: int, checkpoints: list[str], batch: 
             raw = score_batch(model, crops, label)
             poses = np.asarray(rows.column("pose").to_pylist(), np.float32)
             proposed = relabeller.propose(crops, ok, label, _candidates(rows.column("alt_landmarks").to_pylist(), affine),
-                                        raw["points"], poses, round_index=1, critic=None)
+                                          raw["points"], poses, round_index=1, critic=None)
             fused = np.stack([label[i] if f is None else f for i, f in enumerate(proposed["fused_crop"])])
             out["label"].append(label)
             out["student"].append(raw["points"])
