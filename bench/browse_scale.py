@@ -56,7 +56,7 @@ def rss_mib() -> float:
 
 def build_base(tmp: Path) -> tuple[shards.Store, int]:
     """A real version of ~40 faces from the bundled images (wild crops, dev faces, a scene)."""
-    from pipeline.build import build
+    from flows.inprocess import build_in_process
     from pipeline.catalog import load_catalog, store_of
 
     data = shared_root() / "data"
@@ -78,8 +78,7 @@ def build_base(tmp: Path) -> tuple[shards.Store, int]:
         "dataset": "faces", "output_root": str(tmp / "base"), "sources": sources,
         "detectors": bundled["detectors"], "rules": bundled["rules"], "execution": {"batch_images": 64}}))
     catalog = load_catalog(str(catalog_path))
-    version, _ = build(catalog)
-    return store_of(catalog), version
+    return store_of(catalog), build_in_process(catalog)["version"]
 
 
 def crop_variants(base: pa.Table, n: int, seed: int = 0) -> list[bytes]:

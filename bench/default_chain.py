@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,7 @@ import torch
 import yaml
 from common import emit, header
 
-from pipeline.build import build
+from flows.inprocess import build_in_process
 from pipeline.catalog import load_catalog, store_of
 from pipeline.decode import decode_image
 from pipeline.device_images import to_device
@@ -72,11 +71,10 @@ def run_build(catalog_path: Path, threads: int) -> tuple[float, int, int]:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     start = time.perf_counter()
-    with ThreadPoolExecutor(threads) as pool:
-        version, plan = build(catalog, map_batches=pool.map)
+    result = build_in_process(catalog, threads=threads)
     seconds = time.perf_counter() - start
-    faces = read_faces(store_of(catalog), version, columns=["face_id"]).num_rows
-    return seconds, faces, plan.new_items
+    faces = read_faces(store_of(catalog), result["version"], columns=["face_id"]).num_rows
+    return seconds, faces, result["processed"]
 
 
 def landmark_gap(cpu_catalog: Path, gpu_catalog: Path) -> dict:

@@ -25,37 +25,24 @@ def _prefect_defaults(verbose: bool) -> None:
         os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
 
 
-def _build_in_process(catalog_path: str, scores_path: str | None, threads: int) -> dict:
-    """The build without Prefect or dask: the library's `build`, its batches on a thread pool.
-    No flow run, no `dataset.landed` event, no report: for machines without Prefect and for debugging."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from flows.catalog import load_catalog
-    from pipeline.build import build
-
-    catalog = load_catalog(catalog_path)
-    with ThreadPoolExecutor(threads) as pool:
-        version, plan = build(catalog, map_batches=pool.map, scores_path=scores_path)
-    created = version is not None and version != plan.parent
-    return {"dataset": catalog.dataset, "version": version, "created": created,
-            "processed": plan.new_items if created else 0}
-
-
 def cmd_build(args) -> int:
-    return _build(args, args.scores)
+    _build(args, args.scores)
+    return 0
 
 
 def _build(args, scores_path: str | None) -> int:
-    """Build the next version (in this process, or as the Prefect flow on dask) and print its summary."""
+    """Build the next version (in this process, or as the Prefect flow on dask), print its summary and
+    return it (or the unchanged latest)."""
     from flows.catalog import load_catalog
     from pipeline.catalog import store_of
     from pipeline.summary import format_summary, version_summary
-    from pipeline.threads import batches_per_worker
 
     catalog = load_catalog(args.catalog)
     started = time.perf_counter()
     if args.in_process:
-        result = _build_in_process(args.catalog, scores_path, batches_per_worker(catalog.execution.threads_per_worker, 1))
+        from flows.inprocess import build_in_process
+
+        result = build_in_process(catalog, scores_path=scores_path)
     else:
         from flows.build import run_build
 
@@ -75,7 +62,7 @@ def _build(args, scores_path: str | None) -> int:
 
         print(f"stages ({timings['faces']} faces, seconds summed over batches):")
         print(format_timings(timings["seconds"], timings["faces"]))
-    return 0
+    return result["version"]
 
 
 def cmd_datasets(args) -> int:
@@ -139,26 +126,33 @@ def cmd_train(args) -> int:
 def _rescore(catalog, store, version: int | None, args):
     """Score (and, with a verifier in the catalog's chain, relabel) every face of store@version with
     --checkpoint and print the round; (version, path, table)."""
+    from pipeline.shards import resolve_version
     from trainer.rescore import rescore_version
 
-    version, path, table = rescore_version(store, version, args.checkpoint, round_index=args.round,
+    version = resolve_version(store, version)
+    round_index = version if args.round is None else args.round
+    version, path, table = rescore_version(store, version, args.checkpoint, round_index=round_index,
                                            device=args.device, chain=catalog.detectors)
+    _say_rescored(store, version, round_index, table, path)
+    return version, path, table
+
+
+def _say_rescored(store, version: int, round_index: int, table, path: str) -> None:
     weights = table.column("new_weight").to_numpy()
     relabelled = table.num_rows - table.column("relabel_landmarks").null_count
-    print(f"rescored {store.dataset}@v{version} round {args.round}: {table.num_rows} faces, "
+    print(f"rescored {store.dataset}@v{version} round {round_index}: {table.num_rows} faces, "
           f"mean new weight {weights.mean():.3f}, {(weights < 0.1).sum()} under 0.1, {relabelled} relabelled -> {path}")
-    return version, path, table
 
 
 def cmd_rescore(args) -> int:
     from flows.catalog import load_catalog
     from pipeline.catalog import store_for_ref
-    from trainer.rescore import judge_scores
+    from trainer.rescore import scores_against_references
 
     catalog = load_catalog(args.catalog)
     store, version = store_for_ref(catalog, args.dataset)
     version, _, scores = _rescore(catalog, store, version, args)
-    report = judge_scores(store, version, scores, threshold_pct=args.bad_above)
+    report = scores_against_references(store, version, scores, threshold_pct=args.bad_above)
     if report is not None and "auc" in report:  # 68-point reference labels ride along: judge the score
         aucs = ", ".join(f"{k} {v:.3f}" for k, v in report["auc"].items())
         kept, dropped = (f"{v:.2f}%" if v is not None else "n/a"
@@ -177,13 +171,25 @@ def cmd_rescore(args) -> int:
 
 
 def cmd_round(args) -> int:
-    """Rescore the latest version with a checkpoint, then build the next version with those scores."""
+    """One round with a given checkpoint instead of training (`flows.rounds.run_round`): rescore the latest
+    version with it, then build the next version with those scores. The round's index is the version it
+    scores; --round, where given, must say the same."""
     from flows.catalog import load_catalog
+    from flows.rounds import run_round
     from pipeline.catalog import store_of
+    from pipeline.shards import read_table_file, resolve_version
 
     catalog = load_catalog(args.catalog)
-    _, scores_path, _ = _rescore(catalog, store_of(catalog), None, args)
-    return _build(args, scores_path)
+    store = store_of(catalog)
+    version = resolve_version(store, None)
+    if args.round is not None and args.round != version:
+        raise ValueError(f"--round {args.round}: a round's index is the version it scores, here "
+                         f"{store.dataset}@v{version} (leave --round out, or give {version})")
+    run_round(catalog, store, version, checkpoint=args.checkpoint, overrides={"device": args.device}, evaluate=False,
+              build=lambda scores_path: _build(args, scores_path),
+              scored=lambda record: _say_rescored(store, version, version, read_table_file(store.fs, record["scores"]),
+                                                  record["scores"]))
+    return 0
 
 
 def cmd_rounds(args) -> int:
@@ -309,7 +315,8 @@ def _with_catalog(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def _scoring(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="a checkpoint path, or 'teacher'")
-    p.add_argument("--round", type=int, default=1)
+    p.add_argument("--round", type=int, default=None,
+                   help="the scores' round index (default: the version scored, the index a round has)")
     p.add_argument("--device", default="auto")
     return p
 

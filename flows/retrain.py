@@ -2,8 +2,8 @@
 
 Triggered by the build's `facecurate.dataset.landed` event (its resource names the version). The
 idempotency key is the dataset version: a round that completed is not run again, a running one is
-not duplicated (lock), and a crashed one resumes from its last checkpoint (`flows.rounds.train_round`,
-which `facecurate rounds` runs too).
+not duplicated (lock), and a crashed one resumes from its last checkpoint (`flows.rounds.score_round`,
+the round short of the build that `facecurate round` and `rounds` run too; folding is an explicit step).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from prefect import flow, get_run_logger
 
 from flows.catalog import load_catalog
 from flows.events import ref_from_resource_id
-from flows.rounds import train_round
+from flows.rounds import score_round
 from pipeline.catalog import store_for_ref
 from pipeline.shards import LockedError, resolve_version
 
@@ -29,7 +29,7 @@ def retrain(catalog_path: str = "catalog.yaml", dataset_ref: str | None = None,
     store, version = store_for_ref(catalog, ref)
     version = resolve_version(store, version)
     try:
-        record = train_round(catalog, store, version, logger=logger)
+        record = score_round(catalog, store, version, logger=logger)
     except LockedError as err:
         logger.warning("not starting a second round on %s@v%d: %s", store.dataset, version, err)
         return {"dataset": store.dataset, "version": version, "skipped": "running elsewhere"}

@@ -32,8 +32,8 @@ def dask_task_runner(address: str | None, workers: int = 1, processes: bool | No
         return cuda_task_runner(threads)
     if processes is None:
         processes = prefect_server_configured()
-    kwargs = {"n_workers": workers, "threads_per_worker": batches_per_worker(threads, workers), "processes": processes,
-              "dashboard_address": None}
+    kwargs = {"n_workers": workers, "threads_per_worker": batches_per_worker(threads, workers),
+              "processes": processes, "dashboard_address": None}
     return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=kwargs)
 
 

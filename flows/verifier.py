@@ -1,10 +1,11 @@
-"""Train the label verifier for a catalog (the verifier-train command): build its dataset in this process,
-then hand a version to trainer/verifier.py; building data is the flows' job, the trainer only reads versions."""
+"""Train the label verifier for a catalog (the verifier-train command): build its dataset in this process
+(`build_in_process`), then hand the version to trainer/verifier.py; building data is the flows' job, the
+trainer only reads the versions they built."""
 
 from __future__ import annotations
 
+from flows.inprocess import build_in_process
 from pipeline import shards
-from pipeline.build import build
 from pipeline.catalog import store_for_ref
 from pipeline.mobilenet import fused_for_inference, load_teacher_mobilenet
 from trainer.verifier import VerifierTrainConfig, train_verifier
@@ -18,7 +19,7 @@ def train_verifier_for_catalog(catalog, out_path, cfg: VerifierTrainConfig, *, d
     if teacher is None:
         raise ValueError("the verifier reads tddfa_mb05's features: the catalog's chain needs that landmarker")
     if dataset_ref is None:
-        build(catalog)
+        build_in_process(catalog)
     store, version = store_for_ref(catalog, dataset_ref)
 
     version = shards.resolve_version(store, version)

@@ -104,54 +104,26 @@ class LabelledFace:
 FLIP_SUFFIX = ".flip"  # the primary on the mirrored image, mirrored back: a candidate of its own
 
 
-def _judge(chain: Chain, faces: list[LabelledFace]) -> None:
-    """Candidates -> verifier scores -> the fused label, for every face of the call in two batched
-    verifier passes (the candidates, then the fused labels)."""
-    from pipeline.crops import apply_affine
-    from pipeline.fusion import fuse, region_weights, voters
-    from pipeline.verifier import VerifierInputs, context_nme, face_nme
-
-    verifier = chain.verifier
+def _choose_labels(chain: Chain, faces: list[LabelledFace]) -> None:
+    """Each face's label: the primary's points, or with a verifier in the chain its judged candidates'
+    fusion (`judge_candidates`), for every face of the call in two batched verifier passes."""
     for face in faces:
         face.label, face.label_source = face.candidates[0][1], face.candidates[0][0]
+    verifier = chain.verifier
     if verifier is None or not faces:
         return
-    import torch
+    from pipeline.judging import FaceCandidates, judge_candidates
 
-    def to_crop(face: LabelledFace, points: np.ndarray) -> np.ndarray:
-        return apply_affine(points.reshape(-1, 2), face.affine).reshape(points.shape)
-
-    stacks = [np.stack([p for _, p in face.candidates]) for face in faces]
-    # Each face's candidates in crop px, once: the context of every label judged and the first pass's labels,
-    # so the teacher's points are among those labels exactly (the pass reads its visibility there).
-    crop_stacks = [to_crop(f, c) for f, c in zip(faces, stacks)]
-
-    def inputs(i: int, labels_crop: np.ndarray) -> VerifierInputs:
-        face = faces[i]
-        pose = face.primary.pose_deg if face.primary.pose_deg is not None else np.full(3, np.nan, np.float32)
-        named = [(name, points) for (name, _), points in zip(face.candidates, crop_stacks[i])]
-        return VerifierInputs.of(face.crop_rgb, labels_crop, named, pose)
-
-    scored = verifier.score_with_visibility([inputs(i, c) for i, c in enumerate(crop_stacks)])
-    point_err = scored.point_err
-    fused_all = []
-    for face, cands, err in zip(faces, stacks, point_err):
-        face.candidate_nme_pred = face_nme(torch.from_numpy(err)).numpy()
-        fused, weights = fuse(cands, err, chain.spec.verifier.tau_pct or verifier.tau_pct,
-                              voters([name for name, _ in face.candidates]))
-        face.fusion_weights = region_weights(weights)
-        fused_all.append(fused)
-    if chain.spec.verifier.fuse:
-        judged = [inputs(i, to_crop(f, fused[None])) for i, (f, fused) in enumerate(zip(faces, fused_all))]
-        head_nme = [float(face_nme(torch.from_numpy(err))[0]) for err in verifier.score(judged)]
-        for face, fused in zip(faces, fused_all):
-            face.label, face.label_source = fused, "fused"
-    else:  # the label is the primary's points, already judged as a candidate
-        judged = [inputs(i, c[:1]) for i, c in enumerate(crop_stacks)]
-        head_nme = [float(f.candidate_nme_pred[0]) for f in faces]
-    context = np.stack([context_nme([n for n, _ in f.candidates], f.candidate_nme_pred) for f in faces])
-    for face, nme in zip(faces, verifier.label_nme(judged, np.asarray(head_nme), context, scored.visibility)):
-        face.label_nme_pred = float(nme)
+    unknown = np.full(3, np.nan, np.float32)
+    judged = judge_candidates(verifier, [
+        FaceCandidates(face.crop_rgb, face.candidates,
+                       face.primary.pose_deg if face.primary.pose_deg is not None else unknown, to_crop=face.affine)
+        for face in faces], tau_pct=chain.spec.verifier.tau_pct or verifier.tau_pct, fuse_labels=chain.spec.verifier.fuse)
+    for face, judgement in zip(faces, judged.faces):
+        face.label, face.label_source = judgement.label, judgement.label_source
+        face.candidate_nme_pred = judgement.head_nme
+        face.fusion_weights = judgement.fusion_weights
+        face.label_nme_pred = judgement.label_nme
 
 
 def _mirror_boxes(boxes: np.ndarray, width: int) -> np.ndarray:
@@ -239,5 +211,5 @@ def label_images(chain: Chain, images: list, pre_cropped: list[bool],
             out[i].append(face)
             everyone.append(face)
     with stage(timings, "verifier"):
-        _judge(chain, everyone)
+        _choose_labels(chain, everyone)
     return out

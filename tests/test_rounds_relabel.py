@@ -254,6 +254,30 @@ def test_rounds_command_runs_train_rescore_fold_and_resumes_without_duplicates(t
     assert (tmp_path / "out/faces/rounds/v0002/checkpoints/train_log.jsonl").read_text() == log_lines
 
 
+def test_round_command_is_the_round_on_the_latest_version_with_a_given_checkpoint(tmp_path, capsys):
+    """`facecurate round` runs the round `rounds` runs, with a checkpoint instead of training: its index
+    is the version it scores, it leaves the round's record and the next version folds its scores."""
+    from flows.cli import main
+
+    wild = copy_images(tmp_path / "wild", "aflw-wild-crops", WILD[340:344])
+    path = write_catalog(tmp_path / "catalog.yaml", [
+        {"name": "wild", "kind": "folder", "path": str(wild), "pre_cropped": True}], output_root=str(tmp_path / "out"))
+    args = ["round", "--catalog", str(path), "--checkpoint", "teacher", "--device", "cpu", "--in-process"]
+    store = store_of(load_catalog(path))
+    assert main(["build", "--catalog", str(path), "--in-process"]) == 0
+
+    assert main([*args, "--round", "2"]) == 2  # another index than the version's is refused, nothing written
+    assert "a round's index is the version it scores" in capsys.readouterr().err
+    assert shards.list_versions(store) == [1] and not store.fs.exists(store.round_dir(1))
+    assert main(args) == 0
+    assert "rescored faces@v1 round 1: 4 faces" in capsys.readouterr().out
+    record = json.loads(store.fs.cat_file(f"{store.round_dir(1)}/done.json"))
+    assert record["round"] == 1 and record["checkpoint"] == "teacher" and record["steps"] is None
+    assert record["scores"] == store.scores_path(1, 1)
+    manifest = shards.read_manifest(store, 2)
+    assert shards.list_versions(store) == [1, 2] and manifest["parent"] == 1 and manifest["round_folded"] == [1]
+
+
 def test_scores_and_shards_written_before_the_relabelling_columns_still_read(corrupted, tmp_path):
     """An old round's scores file (no relabelling columns) reads with them null and relabels nothing;
     a version whose shards predate relabel_round (linked from an older parent) reads as one table."""
@@ -298,8 +322,8 @@ def test_a_label_the_self_critic_finds_wrong_is_replaced_by_the_students_answer(
     critic = np.full(n, 0.99, np.float32)
     critic[[1, 4]] = [0.2, CRITIC_RELABEL]  # the critic finds these two labels wrong
     relabeller = Relabeller.for_chain(catalog.detectors)
-    judged = relabeller.judge(crops, ok, labels, candidates, student, np.asarray(v1.column("pose").to_pylist(),
-                                                                                  np.float32), 1, critic=critic)
+    poses = np.asarray(v1.column("pose").to_pylist(), np.float32)
+    judged = relabeller.propose(crops, ok, labels, candidates, student, poses, 1, critic=critic)
     replaced = {i for i, p in enumerate(judged["relabel_crop"]) if p is not None}
     assert {1, 4} <= replaced
     for i in (1, 4):

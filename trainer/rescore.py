@@ -155,22 +155,21 @@ class Relabeller:
         verifier = get_chain(chain).verifier
         return cls(verifier, chain.verifier.tau_pct or verifier.tau_pct, chain.verifier.fuse)
 
-    def judge(self, crops: np.ndarray, ok: np.ndarray, labels: np.ndarray, candidates: list[list[tuple[str, np.ndarray]]],
-              student: np.ndarray, poses: np.ndarray, round_index: int,
-              critic: np.ndarray | None = None) -> dict[str, list]:
+    def propose(self, crops: np.ndarray, ok: np.ndarray, labels: np.ndarray, candidates: list[list[tuple[str, np.ndarray]]],
+                student: np.ndarray, poses: np.ndarray, round_index: int,
+                critic: np.ndarray | None = None) -> dict[str, list]:
         """One batch, crop px throughout: crops [B,120,120,3], ok [B] (decoded), labels [B,68,2] the current
         labels, candidates per face [(name, [68,2])] (earlier students left out), student [B,68,2], poses
         [B,3], critic [B] the self-critic's chance that each current label is right (None: no critic).
         Returns per-face lists (None where a face is not judged) for the relabelling columns.
 
-        The proposal is the fusion with the student or the student's own answer, whichever the verifier
-        predicts better; it replaces the label when predicted better by the margin. Where the
-        self-critic gives the current label a chance of at most `critic_relabel`, the student's answer
-        replaces it whatever the verifier predicts."""
-        import torch
-
-        from pipeline.fusion import fuse, region_weights, voters
-        from pipeline.verifier import VerifierInputs, context_nme, face_nme
+        The student joins the face's candidates and they are judged as the build judges them
+        (`judge_candidates`, the current label scored beside them). The proposal is their fusion or the
+        student's own answer, whichever the verifier predicts better; it replaces the label when predicted
+        better by the margin. Where the self-critic gives the current label a chance of at most
+        `critic_relabel`, the student's answer replaces it whatever the verifier predicts."""
+        from pipeline.fusion import region_weights
+        from pipeline.judging import FaceCandidates, judge_candidates
 
         n = len(labels)
         out = {k: [None] * n for k in ("student_nme_pred", "label_nme_pred", "candidate_nme_pred", "relabel_crop",
@@ -178,48 +177,26 @@ class Relabeller:
         todo = [i for i in range(n) if ok[i] and candidates[i] and np.isfinite(student[i]).all()]
         if not todo:
             return out
-
-        def inputs(i: int, judged: np.ndarray) -> VerifierInputs:
-            return VerifierInputs.of(crops[i], judged, candidates[i], poses[i])
-
-        def face_nmes(errs: list[np.ndarray]) -> list[np.ndarray]:  # one call: face_nme builds its matrix per call
-            flat = face_nme(torch.from_numpy(np.concatenate(errs))).numpy().astype(np.float64)
-            return np.split(flat, np.cumsum([len(e) for e in errs])[:-1])
-
         name = student_name(round_index)
-        stacks = {i: np.stack([p for _, p in candidates[i]] + [student[i]]) for i in todo}  # K candidates + student
-        scored = self.verifier.score_with_visibility([inputs(i, np.concatenate([stacks[i], labels[i][None]]))
-                                                      for i in todo])
-        errs = scored.point_err
-        proposals = {}
-        head_nmes = face_nmes(errs)
-        # The current label's predicted NME as the build gives it (the label score over every CONTEXT
-        # candidate's figure), so that it and the proposal's compare in the rules' own units.
-        context = np.stack([context_nme([n for n, _ in candidates[i]], nme[:-2]) for i, nme in zip(todo, head_nmes)])
-        label_nme = self.verifier.label_nme([inputs(i, labels[i][None]) for i in todo],
-                                            np.array([nme[-1] for nme in head_nmes]), context, scored.visibility)
-        for i, err, nme, current in zip(todo, errs, head_nmes, label_nme):
-            out["candidate_nme_pred"][i] = nme[:-1].tolist()
-            out["student_nme_pred"][i], out["label_nme_pred"][i] = float(nme[-2]), float(current)
-            if self.fuse:  # the build's fusion rule (who votes on the jaw), the student a 3DMM fit
-                fused, weights = fuse(stacks[i], err[:-1], self.tau_pct, voters([n for n, _ in candidates[i]] + [name]))
-                proposals[i] = (fused, region_weights(weights))
-        # Each face's proposals in the rules' units: the fusion with the student (a fusing chain) and the
-        # student's own answer (the label it was given, read and corrected).
-        student_nme = dict(zip(todo, self.verifier.label_nme([inputs(i, student[i][None]) for i in todo],
-                                                             np.array([out["student_nme_pred"][i] for i in todo]),
-                                                             context, scored.visibility)))
-        fused_nme = {}
-        if self.fuse:
-            judged = [inputs(i, proposals[i][0][None]) for i in todo]
-            head_nme = np.array([nme[0] for nme in face_nmes(self.verifier.score(judged))])
-            fused_nme = dict(zip(todo, self.verifier.label_nme(judged, head_nme, context, scored.visibility)))
-        out["fused_crop"] = [proposals[i][0] if i in proposals else None for i in range(n)]
+        judged = judge_candidates(self.verifier, [
+            FaceCandidates(crops[i], candidates[i], poses[i], joining=[(name, student[i])], others=[labels[i]])
+            for i in todo], tau_pct=self.tau_pct, fuse_labels=self.fuse)
+        heads = [j.head_nme for j in judged.faces]  # the candidates', the student's, the current label's
+        # The current label and the student's own answer (the label it was given, read and corrected) in
+        # the rules' units, as the build measures a label, so that they and the fusion compare.
+        label_nme = judged.measure(self.verifier, [labels[i] for i in todo], [h[-1] for h in heads])
+        student_nme = dict(zip(todo, judged.measure(self.verifier, [student[i] for i in todo], [h[-2] for h in heads])))
+        for i, head, current in zip(todo, heads, label_nme):
+            out["candidate_nme_pred"][i] = head[:-1].tolist()
+            out["student_nme_pred"][i], out["label_nme_pred"][i] = float(head[-2]), float(current)
         out["student_label_nme_pred"] = [student_nme.get(i) for i in range(n)]
-        out["fused_label_nme_pred"] = [fused_nme.get(i) for i in range(n)]
+        fused = dict(zip(todo, judged.faces)) if self.fuse else {}
+        out["fused_crop"] = [fused[i].label if i in fused else None for i in range(n)]
+        out["fused_label_nme_pred"] = [fused[i].label_nme if i in fused else None for i in range(n)]
         for i in todo:
-            options = [(fused_nme[i], *proposals[i], f"fused+{name}", "fused with")] if self.fuse else []
-            weights = np.zeros((len(stacks[i]), 68), np.float32)
+            options = [(fused[i].label_nme, fused[i].label, fused[i].fusion_weights, f"fused+{name}",
+                        "fused with")] if self.fuse else []
+            weights = np.zeros((len(candidates[i]) + 1, 68), np.float32)
             weights[-1] = 1.0
             options.append((student_nme[i], student[i], region_weights(weights), name, "replaced by"))
             decision = self._decide(out["label_nme_pred"][i], options, None if critic is None else critic[i], name)
@@ -286,16 +263,16 @@ def rescore(predictor, store: Store, version: int, *, round_index: int, batch_si
         pseudo = apply_affine(points_img, affines)  # image px -> crop px, each face through its own affine
         raw = score_batch(predictor, crops, pseudo)
         student = raw.pop("points")  # pass 1's points: the student's own label for the face
-        judged = {}
+        proposed = {}
         if relabeller is not None:
             poses = np.asarray([p if p is not None else [np.nan] * 3 for p in batch.column("pose").to_pylist()],
                                np.float32)
-            judged = relabeller.judge(crops, decoded, pseudo, _candidates(batch.column("alt_landmarks").to_pylist(),
-                                                                          affines), student, poses, round_index,
-                                      critic=raw["critic_score"])
-            changed = [i for i in range(n) if judged["relabel_crop"][i] is not None]
+            candidates = _candidates(batch.column("alt_landmarks").to_pylist(), affines)
+            proposed = relabeller.propose(crops, decoded, pseudo, candidates, student, poses, round_index,
+                                          critic=raw["critic_score"])
+            changed = [i for i in range(n) if proposed["relabel_crop"][i] is not None]
             if changed:  # score the new labels: the next version weighs them, not the ones they replace
-                again = score_batch(predictor, crops[changed], np.stack([judged["relabel_crop"][i] for i in changed]))
+                again = score_batch(predictor, crops[changed], np.stack([proposed["relabel_crop"][i] for i in changed]))
                 for key in ("landmark_residual", "cycle_error", "critic_score"):
                     raw[key][changed] = again[key]
                 n_relabelled += len(changed)
@@ -304,7 +281,7 @@ def rescore(predictor, store: Store, version: int, *, round_index: int, batch_si
         weight = combine(raw["landmark_residual"], raw["cycle_error"], raw["critic_score"])
         student_img = _to_image(student, affines).reshape(n, 136)
         relabel_img = [None if p is None else _to_image(p[None], affines[i:i + 1]).reshape(136)
-                       for i, p in enumerate(judged.get("relabel_crop", [None] * n))]
+                       for i, p in enumerate(proposed.get("relabel_crop", [None] * n))]
         nothing = [None] * n
         parts.append(pa.table({
             "face_id": pa.array(face_ids, pa.string()),
@@ -315,10 +292,10 @@ def rescore(predictor, store: Store, version: int, *, round_index: int, batch_si
             "landmark_residual": pa.array(raw["landmark_residual"]),
             "new_weight": pa.array(weight),
             "student_landmarks": [row.tolist() if ok else None for row, ok in zip(student_img, decoded)],
-            **{key: judged.get(key, nothing) for key in ("student_nme_pred", "label_nme_pred", "candidate_nme_pred")},
+            **{key: proposed.get(key, nothing) for key in ("student_nme_pred", "label_nme_pred", "candidate_nme_pred")},
             "relabel_landmarks": [None if p is None else p.tolist() for p in relabel_img],
-            **{key: judged.get(key, nothing) for key in ("relabel_nme_pred", "relabel_source", "relabel_reason",
-                                                          "relabel_fusion_weights")},
+            **{key: proposed.get(key, nothing) for key in ("relabel_nme_pred", "relabel_source", "relabel_reason",
+                                                            "relabel_fusion_weights")},
         }, schema=SCORES_SCHEMA))
         n_faces += n
     table = pa.concat_tables(parts) if parts else SCORES_SCHEMA.empty_table()
@@ -369,7 +346,7 @@ def rescore_version(store: Store, version: int | None, checkpoint: str, *, round
 # ------------------------------------------------------------------------ checking the scores
 
 
-def judge_scores(store: Store, version: int, scores: pa.Table, threshold_pct: float = 8.0) -> dict | None:
+def scores_against_references(store: Store, version: int, scores: pa.Table, threshold_pct: float = 8.0) -> dict | None:
     """`score_auc` on the version's faces that carry 68-point reference labels, and the version's
     `label_quality` (the verifier's ROC-AUC, kept/dropped NME per yaw bin, every kind of reference);
     None when no face has a reference."""

@@ -313,10 +313,10 @@ def load_faces(store, version: int, teacher_net: torch.nn.Module, *, split: str 
     return data, {"ref68": refs if reference != "aflw21" else None, "source": [r["source"] for r in rows]}
 
 
-# --------------------------------------------------------------------------- judging the verifier
+# --------------------------------------------------------------------------- the verifier's fusions, measured
 
 
-def judge_labels(head: VerifierHead, data: VerifierData, idx: Tensor, tau: float) -> dict[str, Tensor]:
+def predict_and_fuse(head: VerifierHead, data: VerifierData, idx: Tensor, tau: float) -> dict[str, Tensor]:
     """On faces `idx`: each candidate's and the fused label's predicted point errors and points."""
     cands = data.context[idx]
     pred, vis = predict_with_visibility(head, data, idx, cands)  # [n, K, 68], read at the teacher's points
@@ -330,12 +330,12 @@ def judge_labels(head: VerifierHead, data: VerifierData, idx: Tensor, tau: float
     return out
 
 
-def cross_fitted_judgements(data: VerifierData, heads: list[tuple[VerifierHead, Tensor]],
+def cross_fitted_fusions(data: VerifierData, heads: list[tuple[VerifierHead, Tensor]],
                             tau: float) -> dict[str, Tensor]:
-    """`judge_labels` for every face, each by the head of the fold that did not train on it."""
+    """`predict_and_fuse` for every face, each by the head of the fold that did not train on it."""
     out: dict[str, Tensor] = {}
     for head, test_idx in heads:
-        part = judge_labels(head, data, test_idx, tau)
+        part = predict_and_fuse(head, data, test_idx, tau)
         for key, value in part.items():
             out.setdefault(key, torch.zeros(len(data.face_ids), *value.shape[1:]))[test_idx] = value
     return out
@@ -413,16 +413,16 @@ def rule_keeps(pred_nme: np.ndarray, abs_yaw: np.ndarray, bounds) -> np.ndarray:
     return pred_nme <= bound
 
 
-def label_features(judged: dict[str, Tensor], data: VerifierData) -> np.ndarray:
-    """`score_features` of the fused labels of `judge_labels` over every face of `data`."""
-    k = judged["cand_pred"].shape[1]
-    cand_nme = np.stack([face_nme(judged["cand_pred"][:, j]).numpy() for j in range(k)], 1)
-    vis = judged.get("visibility")
-    return score_features(face_nme(judged["fused_pred"]).numpy(), cand_nme, data.present.numpy(),
+def label_features(fusions: dict[str, Tensor], data: VerifierData) -> np.ndarray:
+    """`score_features` of the fused labels of `predict_and_fuse` over every face of `data`."""
+    k = fusions["cand_pred"].shape[1]
+    cand_nme = np.stack([face_nme(fusions["cand_pred"][:, j]).numpy() for j in range(k)], 1)
+    vis = fusions.get("visibility")
+    return score_features(face_nme(fusions["fused_pred"]).numpy(), cand_nme, data.present.numpy(),
                           data.context.numpy(), data.pose.numpy(), None if vis is None else vis.numpy())
 
 
-def judge_report(judged: dict[str, Tensor], nme_of, yaw: np.ndarray, rule, label_nme: np.ndarray | None = None) -> dict:
+def fusion_report(fusions: dict[str, Tensor], nme_of, yaw: np.ndarray, rule, label_nme: np.ndarray | None = None) -> dict:
     """Candidates vs the fused label, the verifier's ROC-AUC, and the per-yaw-bin rule's outcome.
 
     `nme_of(points [N, 68, 2]) -> [N]` measures against the references; `rule(fused predicted NME,
@@ -431,12 +431,12 @@ def judge_report(judged: dict[str, Tensor], nme_of, yaw: np.ndarray, rule, label
     (the label score); the head's own figure is reported beside it as `head_auc_*`."""
     out = {"candidates": {}}
     for k, name in enumerate(CONTEXT):
-        nme = nme_of(judged["cand_points"][:, k].numpy())
-        pred = face_nme(judged["cand_pred"][:, k]).numpy()
+        nme = nme_of(fusions["cand_points"][:, k].numpy())
+        pred = face_nme(fusions["cand_pred"][:, k]).numpy()
         out["candidates"][name] = {**_label_table(nme, yaw), "auc_8": roc_auc(pred, nme > 8),
                                    "auc_5": roc_auc(pred, nme > 5)}
-    fused_nme = nme_of(judged["fused"].numpy())
-    head_pred = face_nme(judged["fused_pred"]).numpy()
+    fused_nme = nme_of(fusions["fused"].numpy())
+    head_pred = face_nme(fusions["fused_pred"]).numpy()
     fused_pred = head_pred if label_nme is None else label_nme
     out["fused"] = {**_label_table(fused_nme, yaw), "auc_8": roc_auc(fused_pred, fused_nme > 8),
                     "auc_5": roc_auc(fused_pred, fused_nme > 5), "head_auc_8": roc_auc(head_pred, fused_nme > 8),
@@ -450,7 +450,7 @@ def train_verifier(store, version: int, teacher_net: torch.nn.Module, out_path, 
                    tau: float | None = None) -> dict:
     """Cross-fitted report on the version's training faces with AFLW-21 references, the shipped head
     trained on all of them (with the rule's bounds calibrated on the cross-fitted predictions), and
-    the shipped head judged on the evaluation split's 68-point references where the version has them."""
+    the shipped head measured on the evaluation split's 68-point references where the version has them."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     data, _ = load_faces(store, version, teacher_net, split="train", reference="aflw21")
@@ -475,14 +475,14 @@ def train_verifier(store, version: int, teacher_net: torch.nn.Module, out_path, 
         """Everything cross-fitted at one fusion softness: the fused labels and their errors, the label
         score's figures (each fold's faces scored by a fit on the others: the score learns from the
         cross-fitted head outputs, how the head errs on faces it did not train on), the rule's keep."""
-        judged = cross_fitted_judgements(data, heads, tau)
-        true = nme21(judged["fused"].numpy())
-        features = label_features(judged, data)
+        fusions = cross_fitted_fusions(data, heads, tau)
+        true = nme21(fusions["fused"].numpy())
+        features = label_features(fusions, data)
         label_nme = np.zeros(len(true))
         for k in range(cfg.folds):
             other, this = folds != k, folds == k
             label_nme[this] = LabelScore.fit(features[other], true[other])(features[this])
-        return {"judged": judged, "true": true, "features": features, "label_nme": label_nme,
+        return {"fusions": fusions, "true": true, "features": features, "label_nme": label_nme,
                 "table": _label_table(true, yaw), "keep": cross_fitted_rule(label_nme, true)[0]}
 
     if tau is None:
@@ -496,12 +496,12 @@ def train_verifier(store, version: int, teacher_net: torch.nn.Module, out_path, 
         chosen = outcomes[tau]
     else:
         tried, chosen = None, outcome(tau)
-    judged, fused_true, features = chosen["judged"], chosen["true"], chosen["features"]
-    label_score = LabelScore.fit(features, fused_true, uses_visibility="visibility" in judged)
+    fusions, fused_true, features = chosen["fusions"], chosen["true"], chosen["features"]
+    label_score = LabelScore.fit(features, fused_true, uses_visibility="visibility" in fusions)
 
     report = {"faces": len(data.face_ids), "config": asdict(cfg), "tau_pct": tau, "version": version,
               "tau_tried": tried, "label_score": label_score.to_dict()}
-    report["train_cross_fitted"] = judge_report(judged, nme21, yaw, cross_fitted_rule, chosen["label_nme"])
+    report["train_cross_fitted"] = fusion_report(fusions, nme21, yaw, cross_fitted_rule, chosen["label_nme"])
     bounds, share = calibrate_yaw_thresholds(label_score(features), fused_true, abs_yaw, target_clean=cfg.target_clean)
     report["shipped_rule"] = {"max_by_yaw_bin": [round(float(b), 2) for b in bounds], "good_kept_share": share}
 
@@ -511,12 +511,12 @@ def train_verifier(store, version: int, teacher_net: torch.nn.Module, out_path, 
     except ValueError:
         dev = None
     if dev is not None:
-        judged_dev = judge_labels(head, dev, torch.arange(len(dev.face_ids)), tau)
+        dev_fusions = predict_and_fuse(head, dev, torch.arange(len(dev.face_ids)), tau)
         shipped = report["shipped_rule"]["max_by_yaw_bin"]
         dev_abs_yaw = np.abs(dev.pose[:, 0].numpy())
-        report["eval_68"] = judge_report(judged_dev, lambda pts: nme_pct(pts, extra["ref68"]), dev.yaw_ref.numpy(),
-                                         lambda pred, true: (rule_keeps(pred, dev_abs_yaw, shipped), shipped),
-                                         label_score(label_features(judged_dev, dev)))
+        report["eval_68"] = fusion_report(dev_fusions, lambda pts: nme_pct(pts, extra["ref68"]), dev.yaw_ref.numpy(),
+                                          lambda pred, true: (rule_keeps(pred, dev_abs_yaw, shipped), shipped),
+                                          label_score(label_features(dev_fusions, dev)))
         report["eval_68"]["faces"] = len(dev.face_ids)
     save_head(head, out_path, config=head_config(cfg), meta={"report": report, "context": list(CONTEXT)},
               label_score=label_score)
@@ -525,5 +525,5 @@ def train_verifier(store, version: int, teacher_net: torch.nn.Module, out_path, 
 
 __all__ = ["VerifierTrainConfig", "VerifierData", "CONTEXT", "teacher_maps", "measured_errors", "median_label",
            "corrupt", "label_set", "fit", "predict", "predict_with_visibility", "cross_fit", "fold_of", "load_faces",
-           "judge_labels", "cross_fitted_judgements", "calibrate_yaw_thresholds", "label_features", "train_verifier",
-           "judge_report"]
+           "predict_and_fuse", "cross_fitted_fusions", "calibrate_yaw_thresholds", "label_features", "train_verifier",
+           "fusion_report"]
