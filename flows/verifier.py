@@ -3,10 +3,10 @@ then hand a version to trainer/verifier.py; building data is the flows' job, the
 
 from __future__ import annotations
 
-from pipeline import shards
 from pipeline.build import build
 from pipeline.catalog import store_for_ref
 from pipeline.mobilenet import fused_for_inference, load_teacher_mobilenet
+from pipeline.store.layout import resolve_version
 from trainer.verifier import VerifierTrainConfig, train_verifier
 
 
@@ -21,6 +21,6 @@ def train_verifier_for_catalog(catalog, out_path, cfg: VerifierTrainConfig, *, d
         build(catalog)
     store, version = store_for_ref(catalog, dataset_ref)
 
-    version = shards.resolve_version(store, version)
+    version = resolve_version(store, version)
     net = fused_for_inference(load_teacher_mobilenet(teacher.weights, weights_sha256=teacher.sha256))
     return train_verifier(store, version, net, out_path, cfg, tau)
