@@ -1,4 +1,5 @@
-"""What a version holds, as plain dicts and text tables: funnel, reasons, pose bins, reference NME.
+"""What a version holds, as a dict (its typed manifest, then plain dicts) and text tables: funnel,
+reasons, pose bins, reference NME.
 
 Shared by `facecurate build`, `facecurate show` and the report.
 """

@@ -51,7 +51,7 @@ def test_build_small_catalog_end_to_end(built_small_catalog):
     first_shard = vdir / manifest.shards[0].file
     assert len(pd.read_parquet(first_shard, columns=["face_id"])) == manifest.shards[0].rows
     n = duckdb.sql(f"select count(*) from read_parquet('{vdir}/faces-*.parquet')").fetchall()[0][0]
-    assert n == len(faces) == counts["faces"]
+    assert n == len(faces) == counts.faces
     summary = version_summary(store, 1)
     table = summary["reference_nme"]["tddfa_mb05"]
     assert table["count"] == 4 and 0 < table["balanced"] < 15
@@ -184,7 +184,7 @@ def test_build_profile_prints_and_the_manifest_keeps_each_stages_seconds(small_c
     assert all(seconds >= 0 for seconds in timings.seconds.values())
     assert timings.faces == manifest.counts.faces
     printed = capsys.readouterr().out
-    assert all(re.search(rf"^{re.escape(name)} +[0-9.]+ ", printed, re.M) for name in timings["seconds"])
+    assert all(re.search(rf"^{re.escape(name)} +[0-9.]+ ", printed, re.M) for name in timings.seconds)
 
 
 def test_a_folder_of_symbolic_links_is_built_and_a_dangling_link_quarantined(tmp_path):

@@ -19,7 +19,7 @@ def _model_file(*parts: str) -> str:
 
 @dataclass
 class TrainConfig:
-    # ---- data: a dataset version in a pipeline.shards store
+    # ---- data: a dataset version in a pipeline.store store
     dataset_root: str = "out/datasets"  # the store root (path or fsspec URL), catalog.yaml's output_root
     dataset: str = "faces"  # 'name@vN' ('faces@v3'); a bare name means the latest version
     num_workers: int = 2  # DataLoader workers; 0 decodes in the training process (exact-resume tests)
