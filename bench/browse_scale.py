@@ -40,8 +40,12 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline import shards  # noqa: E402
 from pipeline.settings import shared_root  # noqa: E402
+from pipeline.store.faces import read_faces  # noqa: E402
+from pipeline.store.files import write_table  # noqa: E402
+from pipeline.store.layout import Store, latest_version  # noqa: E402
+from pipeline.store.manifest import Counts, Manifest  # noqa: E402
+from pipeline.store.schema import SCHEMA_VERSION  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 FILTERED = ("/?source=wild&status=kept&min_flip_nme_pct=1&sort=det_score&order=asc&page=3")
@@ -54,7 +58,7 @@ def rss_mib() -> float:
     return float("nan")
 
 
-def build_base(tmp: Path) -> tuple[shards.Store, int]:
+def build_base(tmp: Path) -> tuple[Store, int]:
     """A real version of ~40 faces from the bundled images (wild crops, dev faces, a scene)."""
     from flows.inprocess import build_in_process
     from pipeline.catalog import load_catalog, store_of
@@ -95,9 +99,9 @@ def crop_variants(base: pa.Table, n: int, seed: int = 0) -> list[bytes]:
     return out
 
 
-def synthesise(base: pa.Table, root: Path, n_faces: int, shard_rows: int, seed: int = 0) -> shards.Store:
+def synthesise(base: pa.Table, root: Path, n_faces: int, shard_rows: int, seed: int = 0) -> Store:
     """A committed version of `n_faces` rows repeated from `base`, in shards of `shard_rows`."""
-    store = shards.Store(str(root), "faces")
+    store = Store(str(root), "faces")
     vdir = store.version_dir(1)
     rng = np.random.default_rng(seed)
     # A multiple of the base rows: row k's crop variant is still a copy of base row k % rows's crop.
@@ -122,15 +126,14 @@ def synthesise(base: pa.Table, root: Path, n_faces: int, shard_rows: int, seed: 
             field = table.schema.field(name)
             table = table.set_column(idx, field, pa.array(values, field.type))
         keep_all += sum(table.column("keep").to_pylist())
-        entries.append(shards.write_table(store.fs, f"{vdir}/faces-{start // shard_rows:05d}.parquet", table))
-    manifest = {"schema_version": shards.SCHEMA_VERSION, "dataset": "faces", "version": 1, "parent": None,
-                "note": f"synthetic: {n_faces} faces repeated from {base.num_rows}",
-                "counts": {"faces": n_faces, "faces_kept": keep_all}, "shards": entries, "tables": {}}
-    shards.write_atomic(store.fs, f"{vdir}/{shards.MANIFEST}", json.dumps(manifest).encode())
+        entries.append(write_table(store.fs, f"{vdir}/faces-{start // shard_rows:05d}.parquet", table))
+    Manifest(schema_version=SCHEMA_VERSION, dataset="faces", version=1, parent=None,
+             note=f"synthetic: {n_faces} faces repeated from {base.num_rows}",
+             counts=Counts(faces=n_faces, faces_kept=keep_all), shards=entries, tables={}).write(store)
     return store
 
 
-def time_store(store: shards.Store, label: str, pages: int) -> dict:
+def time_store(store: Store, label: str, pages: int) -> dict:
     from fastapi.testclient import TestClient
 
     from pipeline.browse.app import create_app
@@ -169,12 +172,12 @@ def time_store(store: shards.Store, label: str, pages: int) -> dict:
 
 
 def synthesise_compacted(base: pa.Table, root: Path, n_faces: int, shard_rows: int, row_group_rows: int,
-                         pool: int = 4096, seed: int = 0) -> shards.Store:
+                         pool: int = 4096, seed: int = 0) -> Store:
     """A committed version of `n_faces` rows repeated from `base`, laid out as commit lays a version out
     (pipeline/compact.py), written in chunks so memory stays flat whatever `n_faces`."""
     from pipeline.compact import FacesWriter
 
-    store = shards.Store(str(root), "faces")
+    store = Store(str(root), "faces")
     vdir = store.version_dir(1)
     rng = np.random.default_rng(seed)
     variants = pa.array(crop_variants(base, base.num_rows * -(-pool // base.num_rows), seed), pa.binary())
@@ -198,10 +201,9 @@ def synthesise_compacted(base: pa.Table, root: Path, n_faces: int, shard_rows: i
             keep_all += int(np.asarray(table.column("keep")).sum())
             writer.add(table)
         entries = writer.close()
-    manifest = {"schema_version": shards.SCHEMA_VERSION, "dataset": "faces", "version": 1, "parent": None,
-                "note": f"synthetic: {n_faces} faces repeated from {base.num_rows}",
-                "counts": {"faces": n_faces, "faces_kept": keep_all}, "shards": entries, "tables": {}}
-    shards.write_atomic(store.fs, f"{vdir}/{shards.MANIFEST}", json.dumps(manifest).encode())
+    Manifest(schema_version=SCHEMA_VERSION, dataset="faces", version=1, parent=None,
+             note=f"synthetic: {n_faces} faces repeated from {base.num_rows}",
+             counts=Counts(faces=n_faces, faces_kept=keep_all), shards=entries, tables={}).write(store)
     return store
 
 
@@ -229,7 +231,7 @@ def phase_browse(root: str) -> dict:
     from pipeline.browse.app import create_app
     from pipeline.browse.queries import PAGE_SIZE
 
-    store = shards.Store(root, "faces")
+    store = Store(root, "faces")
     started = time.perf_counter()
     client = TestClient(create_app(store, 1))
     opened = time.perf_counter() - started
@@ -251,7 +253,7 @@ def phase_export(root: str, out_dir: str) -> dict:
     from pipeline.export import export_coco
 
     started = time.perf_counter()
-    path, counts = export_coco(shards.Store(root, "faces"), 1, Path(out_dir) / "faces.coco.json")
+    path, counts = export_coco(Store(root, "faces"), 1, Path(out_dir) / "faces.coco.json")
     out = {"export_s": time.perf_counter() - started, "export_annotations": counts["annotations"],
            "export_images": counts["images"], "export_mib": path.stat().st_size / 2**20,
            "export_peak_rss_mib": peak_rss_mib()}
@@ -270,10 +272,10 @@ def _child(phase: str, *args: str) -> dict:
 def scale_run(args, base: pa.Table, tmp: Path, head: dict) -> dict:
     t = time.perf_counter()
     store = synthesise_compacted(base, tmp / "scale", args.scale, args.shard_rows, args.row_group_rows)
-    manifest = shards.read_manifest(store, 1)
+    manifest = Manifest.read(store, 1)
     result = {**head, "faces": args.scale, "shard_rows": args.shard_rows, "row_group_rows": args.row_group_rows,
-              "files": len(manifest["shards"]), "synthesis_s": time.perf_counter() - t,
-              "mib_of_faces_files": sum(e["bytes"] for e in manifest["shards"]) / 2**20,
+              "files": len(manifest.shards), "synthesis_s": time.perf_counter() - t,
+              "mib_of_faces_files": sum(e.bytes for e in manifest.shards) / 2**20,
               "synthesis_peak_rss_mib": peak_rss_mib()}
     print(f"synthesised {args.scale} faces into {result['files']} files in {result['synthesis_s']:.0f} s", flush=True)
     result.update(_child("browse", str(tmp / "scale")))
@@ -312,11 +314,11 @@ def main() -> None:
         tmp = Path(tmp)
         t = time.perf_counter()
         if args.from_root:
-            base_store = shards.Store(args.from_root, "faces")
-            base_version = shards.latest_version(base_store)
+            base_store = Store(args.from_root, "faces")
+            base_version = latest_version(base_store)
         else:
             base_store, base_version = build_base(tmp)
-        base = shards.read_faces(base_store, base_version)
+        base = read_faces(base_store, base_version)
         print(f"base rows: {base.num_rows} faces from {base_store.dataset}@v{base_version} "
               f"({time.perf_counter() - t:.1f} s)", flush=True)
         if args.scale:

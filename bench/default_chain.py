@@ -30,7 +30,7 @@ from pipeline.device_images import to_device
 from pipeline.gpu_decode import _nvjpeg, decode_device, nvjpeg_available
 from pipeline.labeling import get_chain, label_images
 from pipeline.settings import shared_root
-from pipeline.shards import read_faces
+from pipeline.store.faces import read_faces
 
 ROOT = Path(__file__).resolve().parent.parent
 

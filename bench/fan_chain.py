@@ -18,7 +18,7 @@ import torch
 from common import emit, header, timed
 
 from pipeline.decode import decode_image
-from pipeline.detect.registry import build_landmarker
+from pipeline.detect.factory import build_landmarker
 from pipeline.detect.spec import DetectorSpec
 from pipeline.references import load_mat_reference
 from pipeline.settings import shared_root

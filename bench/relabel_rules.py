@@ -23,7 +23,8 @@ from common import emit, header
 from pipeline.crops import apply_affine, invert_affine
 from pipeline.landmarks import yaw_bins
 from pipeline.references import nme21_pct
-from pipeline.shards import Store, parse_ref, read_faces, resolve_version
+from pipeline.store.faces import read_faces
+from pipeline.store.layout import Store, parse_ref, resolve_version
 from trainer.checkpoint import load_predictor
 from trainer.data import fold_of
 from trainer.rescore import Relabeller, _candidates, _decode_crops, score_batch

@@ -15,7 +15,8 @@ from common import emit, header
 
 from pipeline.landmarks import yaw_bins
 from pipeline.references import nme21_pct
-from pipeline.shards import Store, read_faces
+from pipeline.store.faces import read_faces
+from pipeline.store.layout import Store
 
 COLUMNS = ["face_id", "landmarks", "ref_points21", "yaw_deg", "keep", "relabel_round"]
 

@@ -19,7 +19,8 @@ from common import emit, header
 
 from pipeline.crops import apply_affine
 from pipeline.landmarks import nme_pct
-from pipeline.shards import Store, iter_face_batches, parse_ref, resolve_version
+from pipeline.store.faces import iter_face_batches
+from pipeline.store.layout import Store, parse_ref, resolve_version
 from trainer.checkpoint import load_predictor
 from trainer.rescore import _decode_crops, combine, roc_auc, score_batch
 

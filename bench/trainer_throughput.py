@@ -18,7 +18,7 @@ from common import emit, header
 
 from pipeline.bfm import load_bfm
 from pipeline.device import pick_device
-from pipeline.shards import Store, parse_ref, resolve_version
+from pipeline.store.layout import Store, parse_ref, resolve_version
 from trainer.config import DataConfig, ModelConfig, TrainConfig, TrainingConfig
 from trainer.data import build_loader
 from trainer.model import build_critic, build_model

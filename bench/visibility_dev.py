@@ -18,21 +18,22 @@ import cv2
 import numpy as np
 import scipy.io
 
-from pipeline import shards
 from pipeline.catalog import load_catalog, store_for_ref
 from pipeline.crops import apply_affine
 from pipeline.landmarks import roc_auc, yaw_bins
 from pipeline.mobilenet import fused_for_inference, load_teacher_mobilenet
 from pipeline.references import load_aflw21
 from pipeline.settings import shared_root
+from pipeline.store.faces import read_faces
+from pipeline.store.layout import resolve_version
 from pipeline.verifier import Verifier, VerifierInputs
 
 
 def main(catalog_path: str = "docs/catalogs/dev-only.yaml") -> None:
     catalog = load_catalog(catalog_path)
     store, version = store_for_ref(catalog, None)
-    version = shards.resolve_version(store, version)
-    rows = [r for r in shards.read_faces(store, version, columns=["uri", "crop", "crop_affine", "alt_landmarks",
+    version = resolve_version(store, version)
+    rows = [r for r in read_faces(store, version, columns=["uri", "crop", "crop_affine", "alt_landmarks",
                                                                   "pose", "ref_landmarks", "ref_pose"]).to_pylist()
             if r["ref_landmarks"] is not None]  # the face the reference belongs to
     teacher = next(s for s in catalog.detectors.landmarkers if s.name == "tddfa_mb05")

@@ -69,7 +69,7 @@ def build_dataset(catalog_path: str = "catalog.yaml", lock_wait_s: float = 0.0, 
     summary = version_summary(store_of(catalog), version)
     logger.info("committed %s\n%s", summary["ref"], format_summary(summary))
     # The manifest is committed: tell whoever listens (the retrain deployment's trigger).
-    emit_landed(catalog.dataset, version, {"root": catalog.output_root, "counts": summary["manifest"]["counts"]})
+    emit_landed(catalog.dataset, version, {"root": catalog.output_root, "counts": summary["manifest"].counts.to_dict()})
     from flows.report import report_version
 
     report_version(catalog_path=str(catalog.path), dataset_ref=summary["ref"])

@@ -56,43 +56,44 @@ def _build(args, scores_path: str | None) -> int:
     if result["processed"]:
         rate = f", {result['processed'] / seconds:.1f} images/s"
     print(f"{verb} {summary['ref']}: processed {result['processed']} images in {seconds:.1f} s{rate}")
-    timings = summary["manifest"].get("timings") if result["created"] else None
+    timings = summary["manifest"].timings if result["created"] else None
     if getattr(args, "profile", False) and timings:
         from pipeline.timings import format_timings
 
-        print(f"stages ({timings['faces']} faces, seconds summed over batches):")
-        print(format_timings(timings["seconds"], timings["faces"]))
+        print(f"stages ({timings.faces} faces, seconds summed over batches):")
+        print(format_timings(timings.seconds, timings.faces))
     return result["version"]
 
 
 def cmd_datasets(args) -> int:
     from flows.catalog import load_catalog
-    from pipeline import shards
     from pipeline.catalog import store_of
+    from pipeline.store.layout import list_versions
+    from pipeline.store.manifest import Manifest
 
     store = store_of(load_catalog(args.catalog))
-    versions = shards.list_versions(store)
+    versions = list_versions(store)
     if not versions:
         print(f"no versions of {store.dataset!r} under {store.root}")
         return 0
     print(f"{'version':<16}{'parent':>7}{'images':>8}{'faces':>7}{'kept':>7}{'quarantined':>13}  created")
     for v in versions:
-        m = shards.read_manifest(store, v)
-        c = m["counts"]
-        print(f"{store.dataset + '@v' + str(v):<16}{str(m['parent'] or '-'):>7}{c['images_seen']:>8}{c['faces']:>7}"
-              f"{c['faces_kept']:>7}{c['images_quarantined']:>13}  {m['created_at']}")
+        m = Manifest.read(store, v)
+        c = m.counts
+        print(f"{store.dataset + '@v' + str(v):<16}{str(m.parent or '-'):>7}{c.images_seen:>8}{c.faces:>7}"
+              f"{c.faces_kept:>7}{c.images_quarantined:>13}  {m.created_at}")
     return 0
 
 
 def cmd_show(args) -> int:
     from flows.catalog import load_catalog
     from pipeline.catalog import store_for_ref
-    from pipeline.summary import format_summary, version_summary
+    from pipeline.summary import format_summary, summary_json, version_summary
 
     store, version = store_for_ref(load_catalog(args.catalog), args.ref)
     summary = version_summary(store, version)
     if args.json:
-        print(json.dumps(summary, indent=2, default=str))
+        print(summary_json(summary))
     else:
         print(format_summary(summary))
     return 0
@@ -126,7 +127,7 @@ def cmd_train(args) -> int:
 def _rescore(catalog, store, version: int | None, args):
     """Score (and, with a verifier in the catalog's chain, relabel) every face of store@version with
     --checkpoint and print the round; (version, path, table)."""
-    from pipeline.shards import resolve_version
+    from pipeline.store.layout import resolve_version
     from trainer.rescore import rescore_version
 
     version = resolve_version(store, version)
@@ -177,7 +178,8 @@ def cmd_round(args) -> int:
     from flows.catalog import load_catalog
     from flows.rounds import run_round
     from pipeline.catalog import store_of
-    from pipeline.shards import read_table_file, resolve_version
+    from pipeline.store.files import read_table_file
+    from pipeline.store.layout import resolve_version
 
     catalog = load_catalog(args.catalog)
     store = store_of(catalog)
@@ -465,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     from pipeline.catalog import CatalogError
-    from pipeline.shards import LockedError
+    from pipeline.store.lock import LockedError
     from pipeline.weights import WeightsError
 
     try:

@@ -11,7 +11,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from flows.catalog import load_catalog
 from pipeline.catalog import store_for_ref
 from pipeline.report import write_report
-from pipeline.shards import resolve_version
+from pipeline.store.layout import resolve_version
 from pipeline.summary import YAW_BINS, version_summary
 
 
@@ -20,11 +20,11 @@ def _artifact_key(text: str) -> str:
 
 
 def summary_markdown(summary: dict, html_path: str) -> str:
-    c = summary["manifest"]["counts"]
+    c = summary["manifest"].counts
     lines = [f"# {summary['ref']}", "",
-             f"- images: {c['images_seen']} seen, {c['images_decoded']} decoded, {c['images_quarantined']} quarantined",
-             f"- faces: {c['faces']} found, {c['faces_kept']} kept ({summary['kept_fraction']:.1%}), "
-             f"{c['faces_dropped']} dropped",
+             f"- images: {c.images_seen} seen, {c.images_decoded} decoded, {c.images_quarantined} quarantined",
+             f"- faces: {c.faces} found, {c.faces_kept} kept ({summary['kept_fraction']:.1%}), "
+             f"{c.faces_dropped} dropped",
              f"- report: `{html_path}`"]
     for name, t in summary["reference_nme"].items():
         lines.append(f"- {name}: balanced NME {t['balanced']:.2f}% vs references "

@@ -14,7 +14,8 @@ from flows.catalog import load_catalog
 from flows.events import ref_from_resource_id
 from flows.rounds import score_round
 from pipeline.catalog import store_for_ref
-from pipeline.shards import LockedError, resolve_version
+from pipeline.store.layout import resolve_version
+from pipeline.store.lock import LockedError
 
 
 @flow(name="retrain")

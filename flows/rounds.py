@@ -23,9 +23,11 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from flows.inprocess import build_in_process
-from pipeline import shards
 from pipeline.catalog import Catalog, store_of
-from pipeline.shards import DatasetLock, Store, write_atomic
+from pipeline.store.files import write_atomic
+from pipeline.store.layout import Store
+from pipeline.store.lock import DatasetLock
+from pipeline.store.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -123,16 +125,16 @@ def rounds_done(store: Store, version: int) -> int:
     A version that only adds images or changes rules starts the count again (its data is new)."""
     count = 0
     while version is not None:
-        manifest = shards.read_manifest(store, version)
-        if not manifest.get("round_folded") or manifest.get("parent") is None:
+        manifest = Manifest.read(store, version)
+        if not manifest.round_folded or manifest.parent is None:
             return count
-        count, version = count + 1, manifest["parent"]
+        count, version = count + 1, manifest.parent
     return count
 
 
 def _kept(store: Store, version: int) -> str:
-    counts = shards.read_manifest(store, version)["counts"]
-    return f"{counts['faces_kept']} of {counts['faces']} faces kept"
+    counts = Manifest.read(store, version).counts
+    return f"{counts.faces_kept} of {counts.faces} faces kept"
 
 
 def _round_line(record: dict, n: int, rounds: int) -> str:
@@ -158,12 +160,12 @@ def run_rounds(catalog: Catalog, rounds: int, *, overrides: dict | None = None,
     for n in range(done + 1, rounds + 1):
         record, folded = run_round(catalog, store, version, overrides=overrides,
                                    scored=lambda record, n=n: say(_round_line(record, n, rounds)))
-        counts = shards.read_manifest(store, folded)["counts"]
+        counts = Manifest.read(store, folded).counts
         say(f"built {store.dataset}@v{folded} (parent v{version}): {_kept(store, folded)}, "
-            f"{counts.get('faces_relabelled', 0)} faces relabelled by round {n}")
+            f"{counts.faces_relabelled} faces relabelled by round {n}")
         version = folded
     if record is None:  # every round was done before: the last one's checkpoint
-        parent = shards.read_manifest(store, version)["parent"]
+        parent = Manifest.read(store, version).parent
         record = round_record(store, parent)
         if record is None:
             raise FileNotFoundError(f"{store.dataset}@v{version} folds a round on v{parent}, but "

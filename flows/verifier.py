@@ -5,9 +5,9 @@ trainer only reads the versions they built."""
 from __future__ import annotations
 
 from flows.inprocess import build_in_process
-from pipeline import shards
 from pipeline.catalog import store_for_ref
 from pipeline.mobilenet import fused_for_inference, load_teacher_mobilenet
+from pipeline.store.layout import resolve_version
 from trainer.verifier import VerifierTrainConfig, train_verifier
 
 
@@ -22,6 +22,6 @@ def train_verifier_for_catalog(catalog, out_path, cfg: VerifierTrainConfig, *, d
         build_in_process(catalog)
     store, version = store_for_ref(catalog, dataset_ref)
 
-    version = shards.resolve_version(store, version)
+    version = resolve_version(store, version)
     net = fused_for_inference(load_teacher_mobilenet(teacher.weights, weights_sha256=teacher.sha256))
     return train_verifier(store, version, net, out_path, cfg, tau)

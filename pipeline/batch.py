@@ -19,7 +19,6 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from pipeline import shards
 from pipeline.catalog import Catalog, Rules, UrlListSource, store_of
 from pipeline.crops import match_reference
 from pipeline.decode import DecodeError
@@ -28,15 +27,15 @@ from pipeline.gpu_decode import decode_batch, decode_device
 from pipeline.labeling import LabelledFace, get_chain, label_images
 from pipeline.plan import Batch
 from pipeline.quality import apply_rules, face_features
-from pipeline.shards import (
+from pipeline.sources import FetchError, SourceItem, TarReader, fetch_url, read_file
+from pipeline.store.files import write_atomic, write_table
+from pipeline.store.schema import (
     FACES_SCHEMA,
     FEATURE_COLUMNS,
     IMAGES_SCHEMA,
     QUARANTINE_SCHEMA,
-    write_atomic,
-    write_table,
+    quarantine_retryable,
 )
-from pipeline.sources import FetchError, SourceItem, TarReader, fetch_url, read_file
 from pipeline.threads import use_model_threads
 from pipeline.timings import stage
 from pipeline.weights import ModelError
@@ -76,7 +75,7 @@ class Stopped:
     def quarantined(self, item: SourceItem, stage: str, reason: str, detail: str, image_id: str | None = None):
         self.quarantine.append({"uri": item.uri, "source": item.source, "image_id": image_id, "stage": stage,
                                 "reason": reason, "detail": detail[:500], "version": 0,
-                                "retryable": shards.quarantine_retryable(stage, reason)})
+                                "retryable": quarantine_retryable(stage, reason)})
         self.images.append(image_row(item, image_id, "quarantined"))
 
 

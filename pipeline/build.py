@@ -13,11 +13,12 @@ from collections.abc import Callable
 
 import pyarrow as pa
 
-from pipeline import shards
 from pipeline.batch import BatchResult, check_models, process_batch
 from pipeline.catalog import Catalog, store_for_ref, store_of
 from pipeline.commit import commit_version
 from pipeline.plan import Batch, BuildPlan, check_scores_parent, clean_abandoned, plan_build
+from pipeline.store.files import read_table_file
+from pipeline.store.lock import DatasetLock
 from pipeline.threads import model_threads as model_threads_for
 from pipeline.threads import using_model_threads
 
@@ -44,12 +45,12 @@ def build(catalog: Catalog, *, map_batches: Callable | None = None, progress: Ca
     store = store_of(catalog)
     threads = model_threads or model_threads_for(catalog.execution)
     # Threads set before the models load: ONNX sessions take their thread count when they are made.
-    with using_model_threads(threads), shards.DatasetLock(store, wait_s=lock_wait_s):
+    with using_model_threads(threads), DatasetLock(store, wait_s=lock_wait_s):
         for path in clean_abandoned(catalog):
             log.info("removed abandoned %s", path)
         plan = plan_build(catalog)
         if scores_path is not None:
-            scores = shards.read_table_file(store.fs, scores_path)
+            scores = read_table_file(store.fs, scores_path)
             scores_for_version = store.scores_version(scores_path)
         check_scores_parent(plan, scores, scores_for_version)
         log.info("%s: %d items listed, %d unchanged, %d new in %d batches%s", catalog.dataset, plan.listed,

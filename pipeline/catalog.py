@@ -13,9 +13,9 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipeline.detect.spec import DetectorSpec
+from pipeline.detect.spec import DetectorSpec, check_role, validate_options
 from pipeline.settings import expand_vars
-from pipeline.shards import DATASET_NAME, Store, parse_ref
+from pipeline.store.layout import DATASET_NAME, Store, parse_ref
 
 FEATURES = (
     "face_px",  # sqrt(w*h) of the face box, pixels
@@ -98,13 +98,9 @@ class DetectorChain(_Strict):
 
     @model_validator(mode="after")
     def _roles(self) -> DetectorChain:
-        from pipeline.detect.registry import FACE_DETECTORS, LANDMARKERS
-
-        if self.face.name not in FACE_DETECTORS:
-            raise ValueError(f"face: {self.face.name!r} is not a face detector (one of {sorted(FACE_DETECTORS)})")
+        check_role(self.face, "face", where="face: ")
         for i, spec in enumerate(self.landmarkers):
-            if spec.name not in LANDMARKERS:
-                raise ValueError(f"landmarkers[{i}]: {spec.name!r} is not a landmarker (one of {sorted(LANDMARKERS)})")
+            check_role(spec, "landmarker", where=f"landmarkers[{i}]: ")
         if self.verifier is not None and not any(s.name == "tddfa_mb05" for s in self.landmarkers):
             raise ValueError("verifier: needs a tddfa_mb05 landmarker in the chain (it reads that network's features)")
         return self
@@ -271,8 +267,6 @@ def _expand(node, where: str, base_dir: Path):
 
 
 def _validate_detector_options(catalog: Catalog) -> None:
-    from pipeline.detect.registry import validate_options
-
     specs = [("detectors.face", catalog.detectors.face)] + [
         (f"detectors.landmarkers[{i}]", s) for i, s in enumerate(catalog.detectors.landmarkers)
     ]

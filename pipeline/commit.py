@@ -6,7 +6,6 @@ The batches' part files (what a killed build resumes from) are compacted into th
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
 from collections.abc import Iterable
@@ -17,19 +16,21 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import shards
 from pipeline.batch import BatchResult, decide, with_decisions
 from pipeline.catalog import Catalog, store_of
 from pipeline.compact import FacesWriter
 from pipeline.plan import BuildPlan, chain_identity
-from pipeline.shards import (
+from pipeline.store.faces import read_side_table
+from pipeline.store.files import link_or_copy, read_table_file, write_table
+from pipeline.store.layout import Store, latest_version
+from pipeline.store.manifest import Manifest
+from pipeline.store.schema import (
     IMAGES_SCHEMA,
     QUARANTINE_SCHEMA,
-    Store,
-    link_or_copy,
-    read_table_file,
-    write_atomic,
-    write_table,
+    SCHEMA_VERSION,
+    conform_faces,
+    conform_quarantine,
+    conform_scores,
 )
 from pipeline.timings import summed
 
@@ -54,12 +55,12 @@ def _round_in_effect(store: Store, version: int) -> tuple[int | None, pa.Table |
     nearest ancestor (versions that only add images or change rules keep the folded weights), or
     (None, None). A re-labelled version carries no round."""
     while version is not None:
-        manifest = shards.read_manifest(store, version)
-        if "scores" in manifest.get("tables", {}):
-            return version, shards.conform_scores(shards.read_side_table(store, version, "scores"))
-        if manifest.get("relabelled"):
+        manifest = Manifest.read(store, version)
+        if "scores" in manifest.tables:
+            return version, conform_scores(read_side_table(store, version, "scores"))
+        if manifest.relabelled:
             return None, None
-        version = manifest.get("parent")
+        version = manifest.parent
     return None, None
 
 
@@ -118,8 +119,8 @@ def _carry_parent(store: Store, catalog: Catalog, plan: BuildPlan, new: _Version
     all streamed and re-decided by the rules where they changed or a round's scores are folded."""
     fs = store.fs
     pdir = store.version_dir(plan.parent)
-    images = shards.read_side_table(store, plan.parent, "images")
-    quarantine = shards.conform_quarantine(shards.read_side_table(store, plan.parent, "quarantine"))
+    images = read_side_table(store, plan.parent, "images")
+    quarantine = conform_quarantine(read_side_table(store, plan.parent, "quarantine"))
     if redone:  # read again by this build (a retry, a fixed file): the batches' rows replace these
         retried = pa.array(sorted(redone), pa.string())
         images = images.filter(pc.invert(pc.and_(pc.equal(images.column("status"), "quarantined"),
@@ -136,19 +137,19 @@ def _carry_parent(store: Store, catalog: Catalog, plan: BuildPlan, new: _Version
         from pipeline.rounds import latest_round_per_face
 
         fold = latest_round_per_face(fold)  # once, not per chunk: each chunk takes its faces' rows
-    entries = shards.read_manifest(store, plan.parent)["shards"]
+    entries = Manifest.read(store, plan.parent).shards
     for i, entry in enumerate(entries):
-        src = f"{pdir}/{entry['file']}"
-        whole = int(entry["rows"]) >= writer.shard_rows or (last_piece and i == len(entries) - 1)
+        src = f"{pdir}/{entry.file}"
+        whole = entry.rows >= writer.shard_rows or (last_piece and i == len(entries) - 1)
         if not rewrite and whole and writer.at_file_boundary:
-            link_or_copy(fs, src, f"{new.dir}/{entry['file']}")
-            writer.link(entry)
+            link_or_copy(fs, src, f"{new.dir}/{entry.file}")
+            writer.link(entry.to_dict())
             with fs.open(src, "rb") as f:
                 new.add_faces(pq.read_table(f, columns=["keep", "reject_reason"]))
             continue
         with fs.open(src, "rb") as f:
             for batch in pq.ParquetFile(f).iter_batches(batch_size=_REWRITE_ROWS):
-                table = shards.conform_faces(pa.Table.from_batches([batch]))
+                table = conform_faces(pa.Table.from_batches([batch]))
                 if rewrite:
                     table = _redecide(table, catalog, fold, new)
                 writer.add(table)
@@ -181,7 +182,7 @@ def _add_batch(store: Store, staging: str, result: BatchResult, images: pa.Table
             fresh_ids.add(image_id)
     images = images.set_column(images.schema.get_field_index("status"), "status", pa.array(status, pa.string()))
     new.images.append(_with_version(images, new.number))
-    new.quarantine.append(shards.conform_quarantine(
+    new.quarantine.append(conform_quarantine(
         _with_version(read_table_file(fs, f"{staging}/{result.quarantine_file}"), new.number)))
     if result.faces_file:
         faces = read_table_file(fs, f"{staging}/{result.faces_file}")
@@ -205,8 +206,8 @@ def commit_version(catalog: Catalog, plan: BuildPlan, results: Iterable[BatchRes
     store = store_of(catalog)
     fs = store.fs
     if scores is not None:
-        scores = shards.conform_scores(scores)  # a file written before the relabelling columns
-    latest = shards.latest_version(store)
+        scores = conform_scores(scores)  # a file written before the relabelling columns
+    latest = latest_version(store)
     if latest != plan.parent:
         raise RuntimeError(f"{catalog.dataset}: v{latest} landed after this build was planned on v{plan.parent}; rerun")
     staging = store.staging_dir(plan.staging_key)
@@ -240,33 +241,25 @@ def commit_version(catalog: Catalog, plan: BuildPlan, results: Iterable[BatchRes
             "quarantine": write_table(fs, f"{new.dir}/quarantine.parquet", quarantine_all)}
     if scores is not None:
         side["scores"] = write_table(fs, f"{new.dir}/scores.parquet", scores)
-    manifest = {
-        "schema_version": shards.SCHEMA_VERSION,
-        "dataset": catalog.dataset,
-        "version": new.number,
-        "parent": plan.parent,
-        "created_at": _now(),
-        "note": note,
-        "catalog_path": catalog.path,
-        "catalog_hash": catalog.content_hash(),
-        "rules_hash": catalog.rules_hash(),
-        "detectors": chain_identity(catalog),
-        "counts": {**summarize_counts(images_all, quarantine_all, new.keep, new.reasons),
-                   "images_new": plan.new_items, "images_unchanged": plan.unchanged,
-                   "faces_relabelled": new.relabelled},
-        "shards": new.shards,
-        "tables": side,
+    manifest = Manifest(
+        schema_version=SCHEMA_VERSION, dataset=catalog.dataset, version=new.number, parent=plan.parent,
+        created_at=_now(), note=note, catalog_path=catalog.path, catalog_hash=catalog.content_hash(),
+        rules_hash=catalog.rules_hash(), detectors=chain_identity(catalog),
+        counts={**summarize_counts(images_all, quarantine_all, new.keep, new.reasons),
+                "images_new": plan.new_items, "images_unchanged": plan.unchanged,
+                "faces_relabelled": new.relabelled},
+        shards=new.shards, tables=side,
         # This build's batches only (resumed ones as first run): stage -> seconds summed over batches.
-        "timings": {"faces": sum(r.counts.get("faces", 0) for r in results),
-                    "seconds": {k: round(v, 4) for k, v in summed(r.timings for r in results).items()}},
-    }
+        timings={"faces": sum(r.counts.get("faces", 0) for r in results),
+                 "seconds": {k: round(v, 4) for k, v in summed(r.timings for r in results).items()}},
+    )
     if plan.relabel:
-        manifest["relabelled"] = plan.chain_change  # the parent's faces are not carried over
+        manifest.relabelled = plan.chain_change  # the parent's faces are not carried over
     if scores is not None and scores.num_rows:
-        manifest["round_folded"] = sorted(pc.unique(scores.column("round")).to_pylist())  # the rounds it folds
+        manifest.round_folded = sorted(pc.unique(scores.column("round")).to_pylist())  # the rounds it folds
     if new.round_from is not None:
-        manifest["round_weights_from"] = new.round_from  # the version whose folded scores.parquet was re-applied
-    write_atomic(fs, f"{new.dir}/{shards.MANIFEST}", json.dumps(manifest, indent=2).encode())  # the commit point
+        manifest.round_weights_from = new.round_from  # the version whose folded scores.parquet was re-applied
+    manifest.write(store)  # the commit point
     if fs.exists(staging):
         fs.rm(staging, recursive=True)
     return new.number

@@ -15,7 +15,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.shards import FACES_SCHEMA, conform_faces
+from pipeline.store.schema import FACES_SCHEMA, conform_faces
 
 _HASH_CHUNK = 8 << 20
 

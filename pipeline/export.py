@@ -19,8 +19,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import shards
-from pipeline.shards import Store
+from pipeline.store.layout import Store, resolve_version
+from pipeline.store.manifest import Manifest
 
 # The 68-point (iBUG / 300W) layout: named groups of consecutive points, 0-based.
 GROUPS = (("jaw", 17, False), ("right_brow", 5, False), ("left_brow", 5, False), ("nose_bridge", 4, False),
@@ -83,8 +83,8 @@ def export_coco(store: Store, version: int | None = None, out: str | Path | None
                 visible_min: float = 0.5) -> tuple[Path, dict]:
     """Write `store`'s version as COCO keypoints; returns (path, counts). The file appears whole
     (written beside it, then renamed) or not at all; an unreadable shard fails the export."""
-    version = shards.resolve_version(store, version)
-    manifest = shards.read_manifest(store, version)
+    version = resolve_version(store, version)
+    manifest = Manifest.read(store, version)
     path = Path(out) if out else default_path(store, version)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -95,15 +95,15 @@ def export_coco(store: Store, version: int | None = None, out: str | Path | None
         with open(tmp, "w", encoding="utf-8") as f:
             header = {
                 "info": {"description": f"{store.dataset}@v{version} (facecurate)", "version": str(version),
-                         "date_created": manifest.get("created_at"), "dataset": store.dataset,
-                         "catalog_hash": manifest.get("catalog_hash")},
+                         "date_created": manifest.created_at, "dataset": store.dataset,
+                         "catalog_hash": manifest.catalog_hash},
                 "licenses": [],
                 "categories": [{"id": 1, "name": "face", "supercategory": "person",
                                 "keypoints": keypoint_names(), "skeleton": skeleton()}],
             }
             f.write(dump(header)[:-1] + ',"annotations":[')
-            for entry in manifest["shards"]:
-                shard_path = f"{store.version_dir(version)}/{entry['file']}"
+            for entry in manifest.shards:
+                shard_path = f"{store.version_dir(version)}/{entry.file}"
                 try:
                     with store.fs.open(shard_path, "rb") as shard:
                         pf = pq.ParquetFile(shard)
@@ -123,7 +123,7 @@ def export_coco(store: Store, version: int | None = None, out: str | Path | None
                                 f.write(("," if n_ann > 1 else "")
                                         + dump(_annotation(row, n_ann, image["id"], floats, visible_min)))
                 except (OSError, pa.ArrowException) as err:
-                    raise ExportError(f"cannot export {store.dataset}@v{version}: shard {entry['file']} "
+                    raise ExportError(f"cannot export {store.dataset}@v{version}: shard {entry.file} "
                                       f"is unreadable ({type(err).__name__}: {err})") from None
             f.write('],"images":[' + ",".join(dump(image) for image in images.values()) + "]}")
         os.replace(tmp, path)

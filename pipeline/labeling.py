@@ -34,7 +34,7 @@ class Chain:
     @property
     def face_detector(self):
         if self._face is None:  # built lazily: a run of pre-cropped sources never needs it
-            from pipeline.detect.registry import build_face_detector
+            from pipeline.detect.factory import build_face_detector
 
             self._face = build_face_detector(self.spec.face)
         return self._face
@@ -42,7 +42,7 @@ class Chain:
     @property
     def landmarkers(self) -> list:
         if not self._landmarkers:
-            from pipeline.detect.registry import build_landmarker
+            from pipeline.detect.factory import build_landmarker
 
             self._landmarkers = [build_landmarker(s) for s in self.spec.landmarkers]
         return self._landmarkers

@@ -14,10 +14,13 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from pipeline import shards
 from pipeline.catalog import Catalog, store_of
 from pipeline.labeling import get_chain
 from pipeline.sources import SourceItem, list_items
+from pipeline.store.faces import read_side_table
+from pipeline.store.layout import latest_version, list_versions
+from pipeline.store.manifest import Manifest
+from pipeline.store.schema import SCHEMA_VERSION, conform_quarantine
 
 log = logging.getLogger(__name__)
 
@@ -111,25 +114,25 @@ def plan_build(catalog: Catalog) -> BuildPlan:
     differs from the parent's (another model or other weights), every item is planned again.
     """
     store = store_of(catalog)
-    parent = shards.latest_version(store)
+    parent = latest_version(store)
     known: set[str] = set()
     retry: set[str] = set()
     rules_changed, change = False, ""
     if parent is not None:
-        manifest = shards.read_manifest(store, parent)
-        rules_changed = manifest.get("rules_hash") != catalog.rules_hash()
-        change = chain_change(manifest.get("detectors"), chain_identity(catalog))
-        if not change and manifest.get("schema_version") != shards.SCHEMA_VERSION:
-            change = f"shard schema v{manifest.get('schema_version')} -> v{shards.SCHEMA_VERSION}"
+        manifest = Manifest.read(store, parent)
+        rules_changed = manifest.rules_hash != catalog.rules_hash()
+        change = chain_change(manifest.detector_dicts(), chain_identity(catalog))
+        if not change and manifest.schema_version != SCHEMA_VERSION:
+            change = f"shard schema v{manifest.schema_version} -> v{SCHEMA_VERSION}"
         if change:
             log.warning("%s: detector chain changed since v%d (%s): re-labelling every listed image into the "
                         "next version, which holds only the new labels (v%d stays as it was)",
                         catalog.dataset, parent, change, parent)
         else:
-            quarantine = shards.conform_quarantine(shards.read_side_table(store, parent, "quarantine"))
+            quarantine = conform_quarantine(read_side_table(store, parent, "quarantine"))
             retry = {u for u, r in zip(quarantine.column("uri").to_pylist(),
                                        quarantine.column("retryable").to_pylist()) if r}
-            images = shards.read_side_table(store, parent, "images")
+            images = read_side_table(store, parent, "images")
             known = {k for k, u, st in zip(images.column("stat_key").to_pylist(), images.column("uri").to_pylist(),
                                            images.column("status").to_pylist())
                      if not (st == "quarantined" and u in retry)}
@@ -180,7 +183,7 @@ def clean_abandoned(catalog: Catalog) -> list[str]:
     Call under the DatasetLock, before planning."""
     store = store_of(catalog)
     fs = store.fs
-    committed = set(shards.list_versions(store))
+    committed = set(list_versions(store))
     removed = []
     for version, path in store.version_dirs().items():
         if version not in committed:

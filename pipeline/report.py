@@ -14,10 +14,13 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from pipeline import shards
 from pipeline.crops import apply_affine
 from pipeline.landmarks import ced_curve, nme_pct, yaw_bins
-from pipeline.shards import FEATURE_COLUMNS, Store
+from pipeline.store.faces import faces_schema, read_faces, read_side_table
+from pipeline.store.files import read_table_file
+from pipeline.store.layout import Store, resolve_version
+from pipeline.store.manifest import Counts, Manifest
+from pipeline.store.schema import FEATURE_COLUMNS
 from pipeline.summary import YAW_BINS, version_summary
 
 GALLERY_SIZE = 12
@@ -148,22 +151,22 @@ def _gallery(title: str, rows: pd.DataFrame, anchor: str) -> str:
 
 def _rounds_section(store: Store, version: int) -> str:
     files = store.list_scores(version)
-    manifest = shards.read_manifest(store, version)
-    if "scores" in manifest.get("tables", {}):
+    manifest = Manifest.read(store, version)
+    if "scores" in manifest.tables:
         files.insert(0, f"{store.version_dir(version)}/scores.parquet")
     evals = _round_evaluations(store)
     if not files:
         return evals or "<p class='muted'>No trainer round has scored this version yet.</p>"
     rows = []
     for f in files:
-        s = shards.read_table_file(store.fs, f).to_pandas()
+        s = read_table_file(store.fs, f).to_pandas()
         rows.append([f.rsplit("/", 1)[-1], int(s["round"].iloc[0]) if len(s) else "-", len(s), float(s.cycle_error.median()),
                      float(s.landmark_residual.median()), float(s.critic_score.median()), float(s.new_weight.mean()),
                      int((s.new_weight < 0.1).sum())])
     parts = [_table(["scores file", "round", "faces", "median cycle %", "median residual %", "median critic",
                      "mean new weight", "weight < 0.1"], rows, id_="rounds-table"), evals]
-    if "scores" in manifest.get("tables", {}) and manifest.get("parent"):
-        parts.append(_state_changes(store, manifest["parent"], version))
+    if "scores" in manifest.tables and manifest.parent:
+        parts.append(_state_changes(store, manifest.parent, version))
     return "".join(parts)
 
 
@@ -172,11 +175,11 @@ def _latest_scores(store: Store, version: int) -> tuple[str, pd.DataFrame] | Non
     files = store.list_scores(version)
     if files:
         name = files[-1].rsplit("/", 1)[-1].removesuffix(".parquet")
-        return name, shards.read_table_file(store.fs, files[-1]).to_pandas()
+        return name, read_table_file(store.fs, files[-1]).to_pandas()
     folded = f"{store.version_dir(version)}/scores.parquet"
     if not store.fs.exists(folded):
         return None
-    return "folded round", shards.read_table_file(store.fs, folded).to_pandas()
+    return "folded round", read_table_file(store.fs, folded).to_pandas()
 
 
 def _round_evaluations(store: Store) -> str:
@@ -200,8 +203,8 @@ def _round_evaluations(store: Store) -> str:
 def _state_changes(store: Store, parent: int, version: int) -> str:
     """What folding a round's scores changed: faces whose keep flipped and how weights moved."""
     cols = ["face_id", "keep", "weight"]
-    before = shards.read_faces(store, parent, columns=cols).to_pandas().set_index("face_id")
-    after = shards.read_faces(store, version, columns=cols).to_pandas().set_index("face_id")
+    before = read_faces(store, parent, columns=cols).to_pandas().set_index("face_id")
+    after = read_faces(store, version, columns=cols).to_pandas().set_index("face_id")
     both = before.join(after, lsuffix="_before", rsuffix="_after", how="inner")
     delta = both.weight_after - both.weight_before
     rows = [["kept -> dropped", int((both.keep_before & ~both.keep_after).sum())],
@@ -245,29 +248,29 @@ _REPORT_COLUMNS = ["face_id", "uri", "source", "keep", "weight", "reject_reason"
 
 
 def _header_html(summary: dict) -> list[str]:
-    manifest = summary["manifest"]
+    manifest: Manifest = summary["manifest"]
     return [f"<h1>Landmark quality report: {esc(summary['ref'])}</h1>",
-            f"<p class='muted'>created {esc(manifest['created_at'])}, parent v{esc(manifest['parent'])}, catalog "
-            f"{esc(manifest['catalog_hash'][:12])}; detectors: "
-            + ", ".join(f"{esc(d['name'])} ({esc(d['role'])})" for d in manifest["detectors"]) + "</p>"]
+            f"<p class='muted'>created {esc(manifest.created_at)}, parent v{esc(manifest.parent)}, catalog "
+            f"{esc(manifest.catalog_hash[:12])}; detectors: "
+            + ", ".join(f"{esc(d.name)} ({esc(d.role)})" for d in manifest.detectors) + "</p>"]
 
 
-def _funnel_html(counts: dict, quarantine: pd.DataFrame) -> list[str]:
+def _funnel_html(counts: Counts, quarantine: pd.DataFrame) -> list[str]:
     """Images and faces through each stage, with the reasons files were quarantined and faces dropped."""
-    funnel = [["images seen", counts["images_seen"]], ["decoded", counts["images_decoded"]],
-              ["quarantined", counts["images_quarantined"]], ["duplicates", counts["images_duplicate"]],
-              ["images with faces", counts["images_with_faces"]], ["faces found", counts["faces"]],
-              ["faces kept", counts["faces_kept"]], ["faces dropped", counts["faces_dropped"]]]
+    funnel = [["images seen", counts.images_seen], ["decoded", counts.images_decoded],
+              ["quarantined", counts.images_quarantined], ["duplicates", counts.images_duplicate],
+              ["images with faces", counts.images_with_faces], ["faces found", counts.faces],
+              ["faces kept", counts.faces_kept], ["faces dropped", counts.faces_dropped]]
     parts = ["<h2 id='funnel'>Funnel</h2>", _table(["stage", "count"], funnel, id_="funnel-table")]
-    if counts["quarantine_reasons"]:
+    if counts.quarantine_reasons:
         parts.append("<h3>Quarantined, by reason</h3>" + _table(
-            ["reason", "images"], sorted(counts["quarantine_reasons"].items()), id_="quarantine-reasons"))
+            ["reason", "images"], sorted(counts.quarantine_reasons.items()), id_="quarantine-reasons"))
         q = quarantine.head(50)
         parts.append("<details><summary>quarantined files</summary>" + _table(
             ["uri", "stage", "reason", "detail"], q[["uri", "stage", "reason", "detail"]].values.tolist(), left=4)
             + "</details>")
-    if counts["drop_reasons"]:
-        parts.append("<h3>Dropped, by rule</h3>" + _table(["rule", "faces"], sorted(counts["drop_reasons"].items()),
+    if counts.drop_reasons:
+        parts.append("<h3>Dropped, by rule</h3>" + _table(["rule", "faces"], sorted(counts.drop_reasons.items()),
                                                           id_="drop-reasons"))
     return parts
 
@@ -344,10 +347,10 @@ def _galleries_html(store: Store, version: int, faces: pd.DataFrame, seed: int) 
             *(_gallery(title, rows, "gallery-" + title.replace(" ", "-")) for title, rows in galleries)]
 
 
-def _files_html(store: Store, version: int, manifest: dict) -> list[str]:
+def _files_html(store: Store, version: int, manifest: Manifest) -> list[str]:
     vdir = Path(store.version_dir(version))
-    links = [f"<li><a href='{esc((vdir / e['file']).as_uri())}'>{esc(e['file'])}</a> ({e['rows']} faces)</li>"
-             for e in manifest["shards"][:200]]
+    links = [f"<li><a href='{esc((vdir / e.file).as_uri())}'>{esc(e.file)}</a> ({e.rows} faces)</li>"
+             for e in manifest.shards[:200]]
     return ["<h2 id='files'>Files</h2>",
             f"<p><a id='manifest-link' href='{esc((vdir / 'manifest.json').as_uri())}'>manifest.json</a></p>",
             f"<ul>{''.join(links)}</ul>"]
@@ -355,12 +358,13 @@ def _files_html(store: Store, version: int, manifest: dict) -> list[str]:
 
 def render_report(store: Store, version: int | None = None, *, seed: int = 0,
                   summary: dict | None = None) -> str:
-    version = shards.resolve_version(store, version)
+    version = resolve_version(store, version)
     summary = summary or version_summary(store, version)
-    manifest, counts = summary["manifest"], summary["manifest"]["counts"]
-    present = set(shards.faces_schema(store, version).names)  # versions before the verifier lack its columns
-    faces = shards.read_faces(store, version, columns=[c for c in _REPORT_COLUMNS if c in present]).to_pandas()
-    quarantine = shards.read_side_table(store, version, "quarantine").to_pandas()
+    manifest: Manifest = summary["manifest"]
+    counts = manifest.counts
+    present = set(faces_schema(store, version).names)  # versions before the verifier lack its columns
+    faces = read_faces(store, version, columns=[c for c in _REPORT_COLUMNS if c in present]).to_pandas()
+    quarantine = read_side_table(store, version, "quarantine").to_pandas()
 
     parts = [*_header_html(summary), *_funnel_html(counts, quarantine), *_features_html(faces), *_pose_html(faces),
              *_reference_nme_html(summary, faces, present)]
@@ -373,13 +377,13 @@ def render_report(store: Store, version: int | None = None, *, seed: int = 0,
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(summary['ref'])} quality report</title>"
             f"<style>{_CSS}</style></head><body>{body}<div id='lightbox'><div><img alt='enlarged'><p></p></div></div>"
             f"<script>{_JS}</script><script type='application/json' id='counts'>"
-            f"{_script_json(counts)}</script></body></html>")
+            f"{_script_json(counts.to_dict())}</script></body></html>")
 
 
 def write_report(store: Store, version: int | None = None, out_dir: str | Path | None = None,
                  summary: dict | None = None) -> Path:
     """Write the report next to the version (or into `out_dir`); returns the HTML file's path."""
-    version = shards.resolve_version(store, version)
+    version = resolve_version(store, version)
     out = Path(out_dir) if out_dir else Path(store.dir) / "reports"
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{store.dataset}-v{version:04d}.html"

@@ -1,15 +1,20 @@
-"""What a version holds, as plain dicts and text tables: funnel, reasons, pose bins, reference NME.
+"""What a version holds, as a dict (its typed manifest, then plain dicts) and text tables: funnel,
+reasons, pose bins, reference NME.
 
 Shared by `facecurate build`, `facecurate show` and the report.
 """
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow as pa
 
-from pipeline import shards
 from pipeline.landmarks import nme_table, yaw_bins
+from pipeline.store.faces import faces_schema, read_faces
+from pipeline.store.layout import Store, resolve_version
+from pipeline.store.manifest import Manifest
 
 YAW_BINS = ("0-30", "30-60", "60-90")
 
@@ -108,44 +113,50 @@ def pose_bins(faces: pa.Table) -> dict:
             for b, label in enumerate(YAW_BINS)}
 
 
-def version_summary(store: shards.Store, version: int | None = None) -> dict:
-    version = shards.resolve_version(store, version)
-    manifest = shards.read_manifest(store, version)
+def version_summary(store: Store, version: int | None = None) -> dict:
+    version = resolve_version(store, version)
+    manifest = Manifest.read(store, version)
     wanted = ["keep", "yaw_deg", "ref_landmarks", "ref_pose", "landmarks", "landmarker", "alt_landmarks", "source",
               "ref_points21", "verifier_nme_pct", "label_source"]
-    present = set(shards.faces_schema(store, version).names)
-    faces = shards.read_faces(store, version, columns=[c for c in wanted if c in present])
-    counts = manifest["counts"]
+    present = set(faces_schema(store, version).names)
+    faces = read_faces(store, version, columns=[c for c in wanted if c in present])
+    counts = manifest.counts
     return {
         "ref": f"{store.dataset}@v{version}",
         "manifest": manifest,
-        "kept_fraction": counts["faces_kept"] / counts["faces"] if counts["faces"] else 0.0,
+        "kept_fraction": counts.faces_kept / counts.faces if counts.faces else 0.0,
         "pose_bins": pose_bins(faces),
         "reference_nme": reference_nme(faces),
         "label_quality": label_quality(faces),
     }
 
 
+def summary_json(summary: dict) -> str:
+    """The summary as `facecurate show --json` prints it: its manifest as the file has it."""
+    return json.dumps(summary, indent=2, default=lambda o: o.to_dict() if isinstance(o, Manifest) else str(o))
+
+
 def format_summary(summary: dict) -> str:
-    m, c = summary["manifest"], summary["manifest"]["counts"]
-    lineage = "first version" if m.get("parent") is None else f"parent v{m['parent']}"
-    if m.get("relabelled"):
-        lineage += f", re-labelled: {m['relabelled']}"
+    m: Manifest = summary["manifest"]
+    c = m.counts
+    lineage = "first version" if m.parent is None else f"parent v{m.parent}"
+    if m.relabelled:
+        lineage += f", re-labelled: {m.relabelled}"
     lines = [
-        f"{summary['ref']}  ({lineage}, created {m['created_at']})",
-        f"  images: {c['images_seen']} seen ({c.get('images_new', 0)} new this version), {c['images_decoded']} decoded, "
-        f"{c['images_quarantined']} quarantined, {c['images_duplicate']} duplicates",
-        f"  faces: {c['faces']} found in {c['images_with_faces']} images ({c['images_without_faces']} images with none); "
-        f"kept {c['faces_kept']} ({summary['kept_fraction']:.1%}), dropped {c['faces_dropped']}",
+        f"{summary['ref']}  ({lineage}, created {m.created_at})",
+        f"  images: {c.images_seen} seen ({c.images_new} new this version), {c.images_decoded} decoded, "
+        f"{c.images_quarantined} quarantined, {c.images_duplicate} duplicates",
+        f"  faces: {c.faces} found in {c.images_with_faces} images ({c.images_without_faces} images with none); "
+        f"kept {c.faces_kept} ({summary['kept_fraction']:.1%}), dropped {c.faces_dropped}",
     ]
-    if m.get("round_folded"):  # a trainer round's scores were folded into this version
-        rounds = ", ".join(f"r{r}" for r in m["round_folded"])
-        lines.append(f"  trainer round {rounds} folded: {c.get('faces_relabelled', 0)} faces relabelled "
+    if m.round_folded:  # a trainer round's scores were folded into this version
+        rounds = ", ".join(f"r{r}" for r in m.round_folded)
+        lines.append(f"  trainer round {rounds} folded: {c.faces_relabelled} faces relabelled "
                      f"(their label_source says by what, relabel_reason why)")
-    if c["quarantine_reasons"]:
-        lines.append("  quarantine: " + ", ".join(f"{k} {v}" for k, v in sorted(c["quarantine_reasons"].items())))
-    if c["drop_reasons"]:
-        lines.append("  dropped by: " + ", ".join(f"{k} {v}" for k, v in sorted(c["drop_reasons"].items())))
+    if c.quarantine_reasons:
+        lines.append("  quarantine: " + ", ".join(f"{k} {v}" for k, v in sorted(c.quarantine_reasons.items())))
+    if c.drop_reasons:
+        lines.append("  dropped by: " + ", ".join(f"{k} {v}" for k, v in sorted(c.drop_reasons.items())))
     lines.append("  yaw bins (faces/kept): " + ", ".join(
         f"{k}: {v['faces']}/{v['kept']}" for k, v in summary["pose_bins"].items()))
     if summary["reference_nme"]:

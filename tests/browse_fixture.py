@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline import shards
 from pipeline.browse.queries import WORST_FIRST, View
 from pipeline.build import build
 from pipeline.catalog import load_catalog, store_of
+from pipeline.store.manifest import Manifest
 from tests.conftest import AFLW_DEV, DATA, WILD, copy_images, write_catalog
 
 SCRIPT_NAME = "<script>alert(1)</script>.jpg"  # a tar member may be called this
@@ -58,7 +58,7 @@ def build_browse_version(root: Path):
 def faces_frame(store, version) -> pd.DataFrame:
     """Every face row, straight from the version's Parquet files (the tests' independent reading)."""
     vdir = store.version_dir(version)
-    files = [f"{vdir}/{s['file']}" for s in shards.read_manifest(store, version)["shards"]]
+    files = [f"{vdir}/{s.file}" for s in Manifest.read(store, version).shards]
     return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
 
 

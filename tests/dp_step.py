@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from pipeline.bfm import load_bfm
-from pipeline.shards import Store
+from pipeline.store.layout import Store
 from trainer.config import AugmentationConfig, DataConfig, OptimizerConfig, TrainConfig, TrainingConfig
 from trainer.data import build_loader
 from trainer.distributed import World

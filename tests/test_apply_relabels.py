@@ -9,7 +9,7 @@ import math
 import pyarrow as pa
 
 from pipeline.rounds import apply_relabels
-from pipeline.shards import FACES_SCHEMA, SCORES_SCHEMA
+from pipeline.store.schema import FACES_SCHEMA, SCORES_SCHEMA
 
 COLUMNS = ("face_id", "landmarks", "alt_landmarks", "candidate_nme_pred", "fusion_weights", "label_source",
            "verifier_nme_pct", "relabel_round", "relabel_reason")

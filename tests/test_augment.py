@@ -34,7 +34,7 @@ def bfm():
 
 @pytest.fixture(scope="module")
 def teacher():
-    from pipeline.detect.registry import build_landmarker
+    from pipeline.detect.factory import build_landmarker
     from pipeline.detect.spec import DetectorSpec
 
     return build_landmarker(DetectorSpec(name="tddfa_mb05", weights=str(MODELS / "3ddfa_v2" / "mb05_120x120.pth"),

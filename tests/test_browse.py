@@ -14,9 +14,11 @@ import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
 
-from pipeline import shards
 from pipeline.browse.app import PortTaken, bind, create_app
 from pipeline.browse.queries import BadView, VersionFaces, View
+from pipeline.store.files import read_table_file
+from pipeline.store.layout import Store
+from pipeline.store.manifest import Manifest
 from tests.browse_fixture import (
     GONE,
     IMG_NAME,
@@ -103,9 +105,9 @@ def test_new_float_columns_are_features(tmp_path, version):
     store, v = version
     root = tmp_path / "out"
     shutil.copytree(store.dir, root / store.dataset)
-    copy = shards.Store(str(root), store.dataset)
-    path = f"{copy.version_dir(v)}/{shards.read_manifest(copy, v)['shards'][0]['file']}"
-    table = shards.read_table_file(copy.fs, path)
+    copy = Store(str(root), store.dataset)
+    path = f"{copy.version_dir(v)}/{Manifest.read(copy, v).shards[0].file}"
+    table = read_table_file(copy.fs, path)
     scores = pa.array(np.linspace(1, 9, table.num_rows).astype(np.float32))
     for name in ("new_score_pct", "verifier_nme_pct"):  # the verifier's may already be there: replaced
         at = table.schema.get_field_index(name)
@@ -217,27 +219,27 @@ def test_unreadable_shard_is_reported_and_the_rest_served(tmp_path, version, fra
     store, v = version
     root = tmp_path / "out"
     shutil.copytree(store.dir, root / store.dataset)
-    copy = shards.Store(str(root), store.dataset)
-    entries = shards.read_manifest(copy, v)["shards"]
+    copy = Store(str(root), store.dataset)
+    entries = Manifest.read(copy, v).shards
     bad, later = entries[0], entries[1]
-    bad_ids = pd.read_parquet(f"{copy.version_dir(v)}/{bad['file']}").face_id.tolist()
-    with open(f"{copy.version_dir(v)}/{bad['file']}", "r+b") as f:  # garble its footer
+    bad_ids = pd.read_parquet(f"{copy.version_dir(v)}/{bad.file}").face_id.tolist()
+    with open(f"{copy.version_dir(v)}/{bad.file}", "r+b") as f:  # garble its footer
         f.seek(-64, 2)
         f.write(b"\0" * 64)
     client = TestClient(create_app(copy, v))
     r = client.get("/?per_page=200")
     assert r.status_code == 200
-    assert re.search(rf'class="warn unavailable">unavailable: {bad["rows"]} faces in {bad["file"]}', r.text)
+    assert re.search(rf'class="warn unavailable">unavailable: {bad.rows} faces in {bad.file}', r.text)
     shown = face_ids(r.text)
     assert sorted(shown) == sorted(set(frame.face_id) - set(bad_ids))
     assert client.get(f"/face/{bad_ids[0]}").status_code == 404
     # A shard that disappears while serving: its faces' crops are unavailable, the page still answers.
-    later_ids = pd.read_parquet(f"{copy.version_dir(v)}/{later['file']}").face_id.tolist()
-    (root / store.dataset / f"v{v:04d}" / later["file"]).unlink()
+    later_ids = pd.read_parquet(f"{copy.version_dir(v)}/{later.file}").face_id.tolist()
+    (root / store.dataset / f"v{v:04d}" / later.file).unlink()
     r = client.get("/?per_page=200")
     assert r.status_code == 200 and r.text.count("crop unavailable") == len(later_ids)
     r = client.get(f"/face/{later_ids[0]}")
-    assert r.status_code == 503 and later["file"] in r.text
+    assert r.status_code == 503 and later.file in r.text
 
 
 def test_taken_port_is_one_clear_error(version, tmp_path):

@@ -11,9 +11,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import shards
 from pipeline.build import build
 from pipeline.catalog import load_catalog, store_of
+from pipeline.store.faces import read_faces, read_side_table
+from pipeline.store.layout import list_versions
+from pipeline.store.manifest import Manifest
 from pipeline.summary import version_summary
 from tests.badfiles import awkward_good_files, bad_files
 from tests.conftest import (
@@ -28,7 +30,7 @@ from tests.conftest import (
 
 
 def _faces(catalog, version=None) -> pd.DataFrame:
-    return shards.read_faces(store_of(catalog), version, columns=[
+    return read_faces(store_of(catalog), version, columns=[
         "face_id", "image_id", "source", "keep", "weight", "reject_reason", "ref_landmarks", "landmarks", "uri",
         "split", "agreement_nme_pct", "flip_nme_pct"]).to_pandas()
 
@@ -38,9 +40,9 @@ def test_build_small_catalog_end_to_end(built_small_catalog):
     catalog = load_catalog(path)
     assert version == 1 and plan.new_items == 11
     store = store_of(catalog)
-    manifest = shards.read_manifest(store, 1)
-    counts = manifest["counts"]
-    assert counts["images_seen"] == 11 and counts["images_quarantined"] == 0
+    manifest = Manifest.read(store, 1)
+    counts = manifest.counts
+    assert counts.images_seen == 11 and counts.images_quarantined == 0
     faces = _faces(catalog)
     assert faces.face_id.is_unique
     per_source = faces.groupby("source").image_id.nunique().to_dict()
@@ -53,12 +55,12 @@ def test_build_small_catalog_end_to_end(built_small_catalog):
     assert faces[faces.source != "dev"].ref_landmarks.isna().all()
     # Manifest: every shard listed with its real sha256; shards open without facecurate.
     vdir = Path(store.version_dir(1))
-    for entry in manifest["shards"]:
-        assert hashlib.sha256((vdir / entry["file"]).read_bytes()).hexdigest() == entry["sha256"]
-    first_shard = vdir / manifest["shards"][0]["file"]
-    assert len(pd.read_parquet(first_shard, columns=["face_id"])) == manifest["shards"][0]["rows"]
+    for entry in manifest.shards:
+        assert hashlib.sha256((vdir / entry.file).read_bytes()).hexdigest() == entry.sha256
+    first_shard = vdir / manifest.shards[0].file
+    assert len(pd.read_parquet(first_shard, columns=["face_id"])) == manifest.shards[0].rows
     n = duckdb.sql(f"select count(*) from read_parquet('{vdir}/faces-*.parquet')").fetchall()[0][0]
-    assert n == len(faces) == counts["faces"]
+    assert n == len(faces) == counts.faces
     summary = version_summary(store, 1)
     table = summary["reference_nme"]["tddfa_mb05"]
     # The teacher on the build's detector crops is the documented teacher under the detector protocol:
@@ -73,7 +75,7 @@ def test_rebuild_is_incremental_and_adds_only_new_images(small_catalog, tmp_path
     assert build(catalog)[0] == 1
     version, plan = build(catalog)
     assert (version, plan.new_items, plan.unchanged) == (1, 0, 11)  # nothing read, no new version
-    assert shards.list_versions(store_of(catalog)) == [1]
+    assert list_versions(store_of(catalog)) == [1]
     new = WILD[100:110]
     copy_images(tmp_path / "src" / "wild", "aflw-wild-crops", new)
     version, plan = build(catalog)
@@ -82,7 +84,7 @@ def test_rebuild_is_incremental_and_adds_only_new_images(small_catalog, tmp_path
     assert v2.face_id.is_unique
     assert set(v1.face_id) < set(v2.face_id)
     assert len(v2) == len(v1) + 10
-    assert shards.read_manifest(store_of(catalog), 2)["counts"]["images_new"] == 10
+    assert Manifest.read(store_of(catalog), 2).counts.images_new == 10
     # v1 is untouched by v2 (immutable): same rows as before.
     assert len(_faces(catalog, 1)) == len(v1)
     # `facecurate show`: a first version names no parent.
@@ -107,14 +109,14 @@ def test_bad_files_are_quarantined_and_good_faces_all_come_out(tmp_path):
         {"name": "mixed", "kind": "folder", "path": str(folder), "pre_cropped": False}], batch_images=6))
     version, _ = build(cat)
     store = store_of(cat)
-    quarantine = shards.read_side_table(store, version, "quarantine").to_pandas()
+    quarantine = read_side_table(store, version, "quarantine").to_pandas()
     quarantined = {Path(u).name: r for u, r in zip(quarantine.uri, quarantine.reason)}
     assert set(quarantined) == set(bad), set(bad) ^ set(quarantined)
     assert all(quarantined.values())
     faces = _faces(cat)
     got = {Path(u).name for u in faces.uri}
     assert set(awkward) <= got  # every awkward-but-valid face image gives a face
-    images = shards.read_side_table(store, version, "images").to_pandas()
+    images = read_side_table(store, version, "images").to_pandas()
     assert (images.status == "duplicate").sum() == 1
     assert len(images) == 5 + len(bad) + len(awkward) + 1
 
@@ -176,7 +178,7 @@ def test_in_process_build_needs_neither_prefect_nor_dask(small_catalog):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "RESULT 0 0 False False" in out.stdout
     assert "built faces@v1: processed 11 images" in out.stdout and "unchanged: faces@v1" in out.stdout
-    assert version_summary(store_of(load_catalog(small_catalog)), 1)["manifest"]["counts"]["images_seen"] == 11
+    assert version_summary(store_of(load_catalog(small_catalog)), 1)["manifest"].counts.images_seen == 11
 
 
 def test_build_profile_prints_and_the_manifest_keeps_each_stages_seconds(small_catalog, capsys):
@@ -187,14 +189,14 @@ def test_build_profile_prints_and_the_manifest_keeps_each_stages_seconds(small_c
     assert main(["build", "--catalog", str(small_catalog), "--in-process", "--profile"]) == 0
     catalog = load_catalog(small_catalog)
     manifest = version_summary(store_of(catalog), 1)["manifest"]
-    timings = manifest["timings"]
+    timings = manifest.timings
     landmarkers = [s.name for s in catalog.detectors.landmarkers]
     stages = {"read", "decode", "detect", f"{landmarkers[0]}.flip", "crop", "verifier", "features", "rules", "write"}
-    assert stages | set(landmarkers) <= set(timings["seconds"])
-    assert all(seconds >= 0 for seconds in timings["seconds"].values())
-    assert timings["faces"] == manifest["counts"]["faces"]
+    assert stages | set(landmarkers) <= set(timings.seconds)
+    assert all(seconds >= 0 for seconds in timings.seconds.values())
+    assert timings.faces == manifest.counts.faces
     printed = capsys.readouterr().out
-    assert all(re.search(rf"^{re.escape(name)} +[0-9.]+ ", printed, re.M) for name in timings["seconds"])
+    assert all(re.search(rf"^{re.escape(name)} +[0-9.]+ ", printed, re.M) for name in timings.seconds)
 
 
 def test_a_folder_of_symbolic_links_is_built_and_a_dangling_link_quarantined(tmp_path):
@@ -219,12 +221,12 @@ def test_a_folder_of_symbolic_links_is_built_and_a_dangling_link_quarantined(tmp
     store = store_of(cat)
     faces = _faces(cat)
     assert sorted(Path(u).name for u in faces.uri) == sorted([p.name for p in images[:3]] + ["inner.jpg"])
-    quarantine = shards.read_side_table(store, 1, "quarantine").to_pandas()
+    quarantine = read_side_table(store, 1, "quarantine").to_pandas()
     assert quarantine.uri.tolist() == [str(folder / "dangling.jpg")]
     assert quarantine.reason[0] == "broken symbolic link" and quarantine.detail[0].endswith(f"-> {gone}")
     gone.write_bytes(images[4].read_bytes())  # the link's target appears
     version, plan = build(cat)
     assert version == 2 and plan.new_items == 1
-    assert shards.read_side_table(store, 2, "quarantine").num_rows == 0
-    ledger = shards.read_side_table(store, 2, "images").to_pandas().set_index("uri")
+    assert read_side_table(store, 2, "quarantine").num_rows == 0
+    ledger = read_side_table(store, 2, "images").to_pandas().set_index("uri")
     assert ledger.index.is_unique and ledger.loc[str(folder / "dangling.jpg")].status == "ok"

@@ -108,7 +108,7 @@ def test_unknown_detector_lists_the_registered_names(tmp_path):
 
 def test_a_registry_line_is_all_a_new_landmarker_needs(tmp_path, monkeypatch):
     """The catalog accepts any name the registry lists (here a second name for Peppa's module)."""
-    from pipeline.detect import registry
+    from pipeline.detect import registry, spec
 
     monkeypatch.setitem(registry.LANDMARKERS, "peppa68_copy", registry.LANDMARKERS["peppa68"])
     data = yaml.safe_load((ROOT / "catalog.yaml").read_text())
@@ -117,4 +117,4 @@ def test_a_registry_line_is_all_a_new_landmarker_needs(tmp_path, monkeypatch):
     path.write_text(yaml.safe_dump(data))
     catalog = load_catalog(path)
     assert catalog.detectors.landmarkers[-1].name == "peppa68_copy"
-    assert type(registry.validate_options(catalog.detectors.landmarkers[-1])).__name__ == "PeppaOptions"
+    assert type(spec.validate_options(catalog.detectors.landmarkers[-1])).__name__ == "PeppaOptions"

@@ -12,9 +12,13 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipeline import compact, shards
+from pipeline import compact
 from pipeline.build import build
 from pipeline.catalog import CatalogError, load_catalog, parse_catalog, store_of
+from pipeline.store.faces import read_faces
+from pipeline.store.layout import Store, list_versions
+from pipeline.store.manifest import Manifest
+from pipeline.store.schema import conform_faces
 from tests.conftest import ROOT, WILD, copy_images, write_catalog
 
 N_FIRST, N_MORE, BATCH = 12, 4, 2
@@ -48,13 +52,13 @@ def _record_parts(monkeypatch) -> list[pa.Table]:
     return parts
 
 
-def _layout(store: shards.Store, version: int) -> list[list[int]]:
+def _layout(store: Store, version: int) -> list[list[int]]:
     """Rows of each row group of each file, in manifest order."""
     vdir = Path(store.version_dir(version))
     out = []
-    for entry in shards.read_manifest(store, version)["shards"]:
-        meta = pq.ParquetFile(vdir / entry["file"]).metadata
-        assert meta.num_rows == entry["rows"]
+    for entry in Manifest.read(store, version).shards:
+        meta = pq.ParquetFile(vdir / entry.file).metadata
+        assert meta.num_rows == entry.rows
         out.append([meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
     return out
 
@@ -71,7 +75,7 @@ def reference(tmp_path_factory):
     assert build(catalog)[0] == 2
     store = store_of(catalog)
     assert [len(f) for f in _layout(store, 2)] == [1]  # 16 rows in one file, one row group
-    return folder, _rows(shards.read_faces(store, 1)), _rows(shards.read_faces(store, 2))
+    return folder, _rows(read_faces(store, 1)), _rows(read_faces(store, 2))
 
 
 def test_many_batches_commit_into_files_of_shard_rows_with_the_same_rows(tmp_path, reference, monkeypatch):
@@ -83,9 +87,9 @@ def test_many_batches_commit_into_files_of_shard_rows_with_the_same_rows(tmp_pat
     assert build(catalog)[0] == 1
     assert len(parts) == N_FIRST // BATCH  # one part per batch
     assert _layout(store, 1) == [[2, 2, 1], [2, 2, 1], [2]]  # 12 faces in files of 5, row groups of 2
-    compacted = shards.read_faces(store, 1)
+    compacted = read_faces(store, 1)
     # the batches' rows in their order (in FACES_SCHEMA: a part's keep and weight lose `not null` on the way)
-    assert compacted.equals(shards.conform_faces(pa.concat_tables(parts)))
+    assert compacted.equals(conform_faces(pa.concat_tables(parts)))
     assert _rows(compacted).equals(v1)  # and the same rows as the default layout's single file
     assert not (tmp_path / "out" / "faces" / "_staging").exists() or not any(
         (tmp_path / "out" / "faces" / "_staging").iterdir())  # the batches' parts are gone
@@ -93,14 +97,14 @@ def test_many_batches_commit_into_files_of_shard_rows_with_the_same_rows(tmp_pat
     copy_images(first, "aflw-wild-crops", WILD[600 + N_FIRST:600 + N_FIRST + N_MORE])
     assert build(catalog)[0] == 2
     assert _layout(store, 2) == [[2, 2, 1], [2, 2, 1], [2, 2, 1], [1]]  # 16 faces
-    assert _rows(shards.read_faces(store, 2)).equals(v2)
-    m1, m2 = (shards.read_manifest(store, v)["shards"] for v in (1, 2))
+    assert _rows(read_faces(store, 2)).equals(v2)
+    m1, m2 = (Manifest.read(store, v).shards for v in (1, 2))
     # the parent's full files are shared as they are (hard links); its last, partial one is rewritten
     assert m2[:2] == m1[:2]
     for entry in m1[:2]:
-        assert os.stat(Path(store.version_dir(1)) / entry["file"]).st_ino == \
-            os.stat(Path(store.version_dir(2)) / entry["file"]).st_ino
-    assert m2[2]["file"].startswith("faces-v0002-")
+        assert os.stat(Path(store.version_dir(1)) / entry.file).st_ino == \
+            os.stat(Path(store.version_dir(2)) / entry.file).st_ino
+    assert m2[2].file.startswith("faces-v0002-")
 
 
 def test_a_crash_in_the_middle_of_compaction_keeps_the_parent_and_resumes(tmp_path, reference, monkeypatch):
@@ -124,13 +128,13 @@ def test_a_crash_in_the_middle_of_compaction_keeps_the_parent_and_resumes(tmp_pa
     with pytest.raises(OSError, match="simulated crash"):
         build(catalog)
     monkeypatch.setattr(compact.FacesWriter, "_finish_file", finish)
-    assert shards.list_versions(store) == [1]
-    assert _rows(shards.read_faces(store, 1)).equals(v1)  # the parent is untouched
+    assert list_versions(store) == [1]
+    assert _rows(read_faces(store, 1)).equals(v1)  # the parent is untouched
     staging = tmp_path / "out" / "faces" / "_staging"
     assert any(staging.glob("*/*.done.json"))  # the batches' parts are kept for the resume
 
     assert build(catalog)[0] == 2
-    assert _rows(shards.read_faces(store, 2)).equals(v2)
+    assert _rows(read_faces(store, 2)).equals(v2)
     assert not [p for p in (tmp_path / "out").rglob("*") if ".tmp" in p.name]
     assert not staging.exists() or not any(staging.iterdir())
 

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import shards
 from pipeline.build import build
 from pipeline.catalog import load_catalog, store_of
+from pipeline.store.faces import read_faces
+from pipeline.store.layout import Store, list_versions
 from tests.conftest import ROOT, WILD, copy_images, write_catalog
 
 BUILD = "import sys; from pipeline.build import build; from pipeline.catalog import load_catalog; build(load_catalog(sys.argv[1]))"
@@ -29,9 +30,9 @@ def _markers(out: Path) -> list[Path]:
     return list(out.glob("faces/_staging/*/*.done.json"))
 
 
-def _check_listing(store: shards.Store, out: Path) -> None:
+def _check_listing(store: Store, out: Path) -> None:
     """Every listed version is whole; every version folder without a manifest is unlisted."""
-    listed = shards.list_versions(store)
+    listed = list_versions(store)
     for v in listed:
         assert (out / "faces" / f"v{v:04d}" / "manifest.json").is_file()
     for folder in (out / "faces").glob("v*"):
@@ -74,8 +75,8 @@ def _trial(tmp_path: Path, seed: int) -> None:
 
     version, plan = build(load_catalog(path))
     _check_listing(store, out)
-    assert shards.list_versions(store) == [1], kills
-    faces = shards.read_faces(store, 1, columns=["face_id", "uri"]).to_pandas()
+    assert list_versions(store) == [1], kills
+    faces = read_faces(store, 1, columns=["face_id", "uri"]).to_pandas()
     assert faces.face_id.is_unique and faces.uri.is_unique, kills
     assert sorted(Path(u).name for u in faces.uri) == sorted(WILD[200:200 + N_IMAGES]), kills
     leftovers = [p for p in out.rglob("*") if ".tmp" in p.name]

@@ -10,7 +10,7 @@ import torch
 from pipeline.crops import roi_from_landmarks
 from pipeline.decode import decode_image
 from pipeline.detect.base import FaceDetector, Landmarker
-from pipeline.detect.registry import build_face_detector, build_landmarker
+from pipeline.detect.factory import build_face_detector, build_landmarker
 from pipeline.detect.spec import DetectorSpec
 from pipeline.landmarks import nme_pct, nme_table
 from pipeline.references import load_mat_reference

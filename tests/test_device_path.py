@@ -201,7 +201,7 @@ def test_fan_on_device_tensors_gives_the_host_points(tmp_path):
     equal the host crops within a grey level, so nearly every heatmap peak lands in the same cell."""
     from face_alignment.models import FAN
 
-    from pipeline.detect.registry import build_landmarker
+    from pipeline.detect.factory import build_landmarker
     from pipeline.detect.spec import DetectorSpec
     from pipeline.references import load_mat_reference
     from pipeline.weights import sha256_file

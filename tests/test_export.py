@@ -9,8 +9,9 @@ import math
 import numpy as np
 import pytest
 
-from pipeline import shards
 from pipeline.export import ExportError, export_coco, keypoint_names, skeleton
+from pipeline.store.layout import Store
+from pipeline.store.manifest import Manifest
 from tests.browse_fixture import faces_frame
 from tests.conftest import write_catalog
 
@@ -66,8 +67,8 @@ def test_unreadable_shard_fails_the_export_whole(version, tmp_path):
     store, v = version
     root = tmp_path / "out"
     shutil.copytree(store.dir, root / store.dataset)
-    copy = shards.Store(str(root), store.dataset)
-    last = shards.read_manifest(copy, v)["shards"][-1]["file"]
+    copy = Store(str(root), store.dataset)
+    last = Manifest.read(copy, v).shards[-1].file
     (root / store.dataset / f"v{v:04d}" / last).write_bytes(b"not parquet")
     out = tmp_path / "x.json"
     with pytest.raises(ExportError, match=last):

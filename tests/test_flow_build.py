@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline import shards
 from pipeline.catalog import load_catalog, store_of
+from pipeline.store.faces import read_faces
+from pipeline.store.layout import list_versions
 from tests.conftest import write_catalog
 
 
@@ -17,7 +18,7 @@ def test_build_flow_on_dask_then_noop(small_catalog, prefect_harness):
     second = run_build(str(small_catalog))
     assert not second["created"] and second["version"] == 1 and second["processed"] == 0
     store = store_of(load_catalog(small_catalog))
-    faces = shards.read_faces(store, 1, columns=["face_id"]).to_pandas()
+    faces = read_faces(store, 1, columns=["face_id"]).to_pandas()
     assert faces.face_id.is_unique and len(faces) >= 12
 
 
@@ -67,4 +68,4 @@ def test_the_flow_stops_on_a_missing_model_file(tmp_path, prefect_harness, capsy
     assert main(["build", "--catalog", str(path)]) == 2
     assert "det_500mm.onnx" in capsys.readouterr().err
     store = store_of(load_catalog(path))
-    assert shards.list_versions(store) == [] and not (tmp_path / "out" / "faces" / "_staging").exists()
+    assert list_versions(store) == [] and not (tmp_path / "out" / "faces" / "_staging").exists()

@@ -285,12 +285,12 @@ def test_build_keeps_candidates_verifier_scores_and_the_fused_label(built_small_
     """A build with the bundled chain: every face has the five candidates in one convention, their
     predicted errors and region weights, and a label that is per point a convex mix of them."""
     from flows.catalog import load_catalog
-    from pipeline import shards
     from pipeline.catalog import store_of
+    from pipeline.store.faces import read_faces
 
     path, version, _ = built_small_catalog
     catalog = load_catalog(path)
-    faces = shards.read_faces(store_of(catalog), version).to_pylist()
+    faces = read_faces(store_of(catalog), version).to_pylist()
     assert faces
     names = ["tddfa_mb05", "tddfa_mb05.flip", "peppa68", "openseeface"]
     for face in faces:

@@ -14,11 +14,13 @@ import torch
 import yaml
 
 from pipeline import batch as batch_module
-from pipeline import shards
 from pipeline.build import build
 from pipeline.catalog import load_catalog, store_of
-from pipeline.shards import FEATURE_COLUMNS, SCORES_SCHEMA
 from pipeline.sources import list_items
+from pipeline.store.faces import read_faces, read_side_table
+from pipeline.store.layout import list_versions
+from pipeline.store.manifest import Manifest
+from pipeline.store.schema import FEATURE_COLUMNS, QUARANTINE_SCHEMA, SCORES_SCHEMA, conform_quarantine
 from pipeline.weights import ModelError
 from tests.badfiles import face_jpeg
 from tests.conftest import DATA, MODELS, WILD, copy_images, write_catalog
@@ -26,7 +28,7 @@ from tests.http_server import LocalServer
 
 
 def _faces(catalog, version):
-    return shards.read_faces(store_of(catalog), version, columns=[
+    return read_faces(store_of(catalog), version, columns=[
         "face_id", "uri", "keep", "weight", "reject_reason", "det_score", *FEATURE_COLUMNS]).to_pandas()
 
 
@@ -65,7 +67,7 @@ def test_a_rules_only_rebuild_keeps_the_folded_round_weights(tmp_path):
     expected = np.maximum(v1.weight.to_numpy(), 0.9) * new_weight
     np.testing.assert_allclose(v3.weight.to_numpy()[1:][kept[1:]], expected[1:][kept[1:]], rtol=1e-5)
     assert not v3.keep.iloc[0] and v3.weight.iloc[0] == 0 and v3.reject_reason.iloc[0].startswith("rescore")
-    assert shards.read_manifest(store_of(changed), 3)["round_weights_from"] == 2
+    assert Manifest.read(store_of(changed), 3).round_weights_from == 2
 
 
 def test_transient_fetch_faults_are_tried_again_and_permanent_ones_not(tmp_path):
@@ -80,7 +82,7 @@ def test_transient_fetch_faults_are_tried_again_and_permanent_ones_not(tmp_path)
              "backoff_s": 0.01, "pre_cropped": True}], output_root=str(tmp_path / "out")))
         assert build(catalog)[0] == 1
         store = store_of(catalog)
-        q1 = shards.read_side_table(store, 1, "quarantine").to_pandas().set_index("uri")
+        q1 = read_side_table(store, 1, "quarantine").to_pandas().set_index("uri")
         assert q1.loc[urls[0]].reason == "fetch failed" and q1.loc[urls[0]].retryable
         assert q1.loc[urls[1]].reason == "HTTP 404" and not q1.loc[urls[1]].retryable
         version, plan = build(catalog)
@@ -90,15 +92,15 @@ def test_transient_fetch_faults_are_tried_again_and_permanent_ones_not(tmp_path)
         assert Routes.hits["/404"] == 1  # a permanent fault is not fetched again
         version, plan = build(catalog)
         assert version == 2 and plan.retry_uris == {urls[2]} and Routes.hits["/500"] == 6
-        assert shards.list_versions(store) == [1, 2]
-    q2 = shards.read_side_table(store, 2, "quarantine").to_pandas()
+        assert list_versions(store) == [1, 2]
+    q2 = read_side_table(store, 2, "quarantine").to_pandas()
     assert sorted(q2.uri) == urls[1:]  # the retried images' old rows are gone: one row each
     assert q2.set_index("uri").loc[urls[2]].version == 2
-    images = shards.read_side_table(store, 2, "images").to_pandas().set_index("uri")
+    images = read_side_table(store, 2, "images").to_pandas().set_index("uri")
     assert images.index.is_unique and images.loc[urls[0]].status == "ok"  # in the ledger once
-    faces = shards.read_faces(store, 2, columns=["uri"]).to_pandas()
+    faces = read_faces(store, 2, columns=["uri"]).to_pandas()
     assert faces.uri.tolist() == [urls[0]]
-    assert shards.read_manifest(store, 2)["counts"]["images_quarantined"] == 2
+    assert Manifest.read(store, 2).counts.images_quarantined == 2
 
 
 def _scene_catalog(tmp_path: Path, n: int = 3) -> Path:
@@ -117,13 +119,13 @@ def test_a_missing_model_file_stops_the_build_and_writes_nothing(tmp_path, capsy
     with pytest.raises(ModelError, match="det_500mm.onnx"):
         build(catalog)
     store = store_of(catalog)
-    assert shards.list_versions(store) == []
+    assert list_versions(store) == []
     assert not (Path(store.dir) / "_staging").exists() or not any((Path(store.dir) / "_staging").iterdir())
     from flows.cli import main
 
     assert main(["build", "--catalog", str(path), "--in-process"]) == 2
     assert "det_500mm.onnx" in capsys.readouterr().err
-    assert shards.list_versions(store) == []
+    assert list_versions(store) == []
 
 
 def test_a_missing_verifier_file_stops_the_build_before_any_batch(tmp_path):
@@ -133,7 +135,7 @@ def test_a_missing_verifier_file_stops_the_build_before_any_batch(tmp_path):
     with pytest.raises(ModelError, match="no-verifier.pt") as err:
         build(catalog)
     assert "a model could not be loaded" in str(err.value)  # the check before the first batch, not a batch
-    assert shards.list_versions(store_of(catalog)) == []
+    assert list_versions(store_of(catalog)) == []
 
 
 def test_a_model_failing_on_every_image_is_a_model_fault(tmp_path, monkeypatch):
@@ -179,15 +181,15 @@ def test_images_quarantined_for_a_model_error_are_tried_again(tmp_path, monkeypa
     monkeypatch.setattr(batch_module, "label_images", flaky)
     assert build(catalog)[0] == 1
     store = store_of(catalog)
-    q1 = shards.read_side_table(store, 1, "quarantine").to_pandas()
+    q1 = read_side_table(store, 1, "quarantine").to_pandas()
     assert q1.reason.tolist() == ["model error"] and q1.retryable.all()
     monkeypatch.setattr(batch_module, "label_images", real)
     version, plan = build(catalog)
     assert version == 2 and plan.new_items == 1
-    assert shards.read_side_table(store, 2, "quarantine").num_rows == 0
-    images = shards.read_side_table(store, 2, "images").to_pandas()
+    assert read_side_table(store, 2, "quarantine").num_rows == 0
+    images = read_side_table(store, 2, "images").to_pandas()
     assert len(images) == 3 and (images.status == "ok").all()
-    faces = shards.read_faces(store, 2, columns=["uri"]).to_pandas()
+    faces = read_faces(store, 2, columns=["uri"]).to_pandas()
     assert faces.uri.nunique() == 3
 
 
@@ -211,12 +213,12 @@ def test_a_changed_detector_chain_relabels_and_says_so(tmp_path, caplog):
     assert "scrfd weights: 5e4447f50245 -> 041f73f47371" in plan.chain_change
     assert "detector chain changed since v1" in caplog.text and plan.chain_change in caplog.text
     store = store_of(changed)
-    manifest = shards.read_manifest(store, 2)
-    assert manifest["relabelled"] == plan.chain_change
-    assert manifest["detectors"][0]["weights_sha256"].startswith("041f73f47371")
-    images = shards.read_side_table(store, 2, "images").to_pandas()
+    manifest = Manifest.read(store, 2)
+    assert manifest.relabelled == plan.chain_change
+    assert manifest.detectors[0].weights_sha256.startswith("041f73f47371")
+    images = read_side_table(store, 2, "images").to_pandas()
     assert len(images) == 2 and (images.version == 2).all()  # labelled by this version, none carried over
-    faces = shards.read_faces(store, 2, columns=["face_id"]).to_pandas()
+    faces = read_faces(store, 2, columns=["face_id"]).to_pandas()
     assert faces.face_id.is_unique and len(faces) >= 2
     assert build(changed)[1].nothing_to_do  # and then it is settled
 
@@ -228,6 +230,6 @@ def test_quarantine_tables_of_older_versions_are_judged_by_their_reasons():
                     "stage": ["fetch", "fetch", "fetch", "detect", "decode"],
                     "reason": ["fetch failed", "timeout", "HTTP 404", "model error", "not an image"],
                     "detail": [""] * 5, "version": pa.array([1] * 5, pa.int32())})
-    table = shards.conform_quarantine(old)
-    assert table.schema == shards.QUARANTINE_SCHEMA
+    table = conform_quarantine(old)
+    assert table.schema == QUARANTINE_SCHEMA
     assert table.column("retryable").to_pylist() == [True, True, False, True, False]

@@ -18,9 +18,10 @@ import pytest
 import torch
 from fsspec.implementations.memory import MemoryFileSystem
 
-from pipeline import shards
 from pipeline.build import build
 from pipeline.catalog import CatalogError, load_catalog, parse_catalog, store_of
+from pipeline.store.faces import read_faces, read_side_table
+from pipeline.store.layout import Store, list_versions, parse_ref
 from tests.badfiles import face_jpeg
 from tests.conftest import ROOT, WILD, copy_images, write_catalog
 from tests.http_server import LocalServer
@@ -44,15 +45,15 @@ def test_http_faults_in_a_build_end_in_quarantine_rows(tmp_path):
         version, _ = build(catalog)
         assert time.monotonic() - started < 90  # bounded retries and timeouts: no hang
     store = store_of(catalog)
-    quarantine = shards.read_side_table(store, version, "quarantine").to_pandas().set_index("uri")
+    quarantine = read_side_table(store, version, "quarantine").to_pandas().set_index("uri")
     for route, reason in HTTP_FAULTS.items():
         row = quarantine.loc[server.url + route]
         assert row.reason == reason if reason else row.reason, (route, row.reason)
     # The three good URLs (one served after two 503s, one after a 429) serve the same bytes: one
     # image, one face; the other two are recorded as duplicates of it, not lost and not quarantined.
-    faces = shards.read_faces(store, version, columns=["uri"]).to_pandas()
+    faces = read_faces(store, version, columns=["uri"]).to_pandas()
     assert len(faces) == 1 and faces.uri[0] in urls[:3]
-    images = shards.read_side_table(store, version, "images").to_pandas().set_index("uri")
+    images = read_side_table(store, version, "images").to_pandas().set_index("uri")
     assert sorted(images.loc[urls[:3]].status) == ["duplicate", "duplicate", "ok"]
 
 
@@ -90,7 +91,7 @@ def test_a_full_disk_keeps_the_previous_version_and_says_so(tmp_path):
         output_root="fulldisk://out", batch_images=2))
     store = store_of(catalog)
     assert build(catalog)[0] == 1
-    v1 = shards.read_faces(store, 1)
+    v1 = read_faces(store, 1)
     copy_images(folder, "aflw-wild-crops", WILD[504:508])
     FullDisk.written, FullDisk.budget = 0, 60_000  # room for a part file or two, not for the version
     try:
@@ -99,15 +100,15 @@ def test_a_full_disk_keeps_the_previous_version_and_says_so(tmp_path):
     finally:
         FullDisk.budget = float("inf")
     assert err.value.errno == errno.ENOSPC and "out/faces" in str(err.value)  # says what and where
-    assert shards.list_versions(store) == [1]
-    assert shards.read_faces(store, 1).equals(v1)  # the previous version is intact
+    assert list_versions(store) == [1]
+    assert read_faces(store, 1).equals(v1)  # the previous version is intact
     assert not store.fs.exists(f"{store.dir}/.lock")
     assert build(catalog)[0] == 2  # with room again, the build resumes
-    assert len(shards.read_faces(store, 2)) == 8
+    assert len(read_faces(store, 2)) == 8
 
 
 def test_two_builds_at_once_never_collide(tmp_path):
-    from pipeline.shards import LockedError
+    from pipeline.store.lock import LockedError
 
     folder = copy_images(tmp_path / "wild", "aflw-wild-crops", WILD[520:532])
     path = write_catalog(tmp_path / "c.yaml", [{"name": "wild", "kind": "folder", "path": str(folder),
@@ -126,7 +127,7 @@ def test_two_builds_at_once_never_collide(tmp_path):
     version, _ = build(load_catalog(path), lock_wait_s=120)  # ...or waits its turn
     assert first.wait(timeout=120) == 0 and first.stdout.read().strip() == b"1"
     assert version == 1  # it found nothing new: one version, never two for the same images
-    assert shards.list_versions(store_of(load_catalog(path))) == [1]
+    assert list_versions(store_of(load_catalog(path))) == [1]
 
 
 def test_training_killed_mid_epoch_resumes_on_the_same_curve(tmp_path):
@@ -181,9 +182,9 @@ def test_output_paths_cannot_escape_the_root(tmp_path):
             parse_catalog({**base, "dataset": name})
     for ref in ("../x@v1", "a/b"):
         with pytest.raises(ValueError, match="dataset names"):
-            shards.parse_ref(ref)
+            parse_ref(ref)
     with pytest.raises(ValueError, match="leave the output root"):
-        shards.Store(str(tmp_path), "..")
+        Store(str(tmp_path), "..")
 
 
 class _Boom:

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import shards
 from pipeline.build import build
 from pipeline.catalog import load_catalog, store_of
 from pipeline.report import render_report, write_report
+from pipeline.store.manifest import Manifest
 from tests.conftest import DATA, WILD, copy_images, write_catalog
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -62,7 +62,7 @@ def test_report_in_chromium(hostile_version, tmp_path):
     catalog, version = hostile_version
     store = store_of(catalog)
     path = write_report(store, version, tmp_path / "report")
-    counts = shards.read_manifest(store, version)["counts"]
+    counts = Manifest.read(store, version).counts
     dialogs = []
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
@@ -71,11 +71,11 @@ def test_report_in_chromium(hostile_version, tmp_path):
         page.goto(path.as_uri())
         funnel = dict(row.locator("td").all_inner_texts() for row in page.locator("#funnel-table tr").all()
                       if row.locator("td").count() == 2)
-        assert int(funnel["images seen"]) == counts["images_seen"] == 17
-        assert int(funnel["quarantined"]) == counts["images_quarantined"] == 1
-        assert int(funnel["faces found"]) == counts["faces"]
-        assert int(funnel["faces kept"]) == counts["faces_kept"]
-        assert json.loads(page.locator("#counts").inner_text())["faces"] == counts["faces"]
+        assert int(funnel["images seen"]) == counts.images_seen == 17
+        assert int(funnel["quarantined"]) == counts.images_quarantined == 1
+        assert int(funnel["faces found"]) == counts.faces
+        assert int(funnel["faces kept"]) == counts.faces_kept
+        assert json.loads(page.locator("#counts").inner_text())["faces"] == counts.faces
         assert page.get_by_text(SCRIPT_NAME).count() >= 1  # shown as text
         # one CED curve per row of the NME table: the label and every candidate (teacher, its flip, the others)
         n_rows = page.locator("#nme-table tr").count() - 1

@@ -12,12 +12,16 @@ import pyarrow as pa
 import pytest
 import yaml
 
-from pipeline import shards
 from pipeline.batch import decide, with_decisions
 from pipeline.build import build
 from pipeline.catalog import load_catalog, store_of
 from pipeline.landmarks import nme_pct
 from pipeline.rounds import apply_relabels
+from pipeline.store.faces import read_faces
+from pipeline.store.files import read_table_file, write_table
+from pipeline.store.layout import Store, list_versions
+from pipeline.store.manifest import FileEntry, Manifest
+from pipeline.store.schema import SCORES_SCHEMA, conform_faces
 from tests.conftest import WILD, copy_images, write_catalog
 from trainer.rescore import RELABEL_MIN_GAIN_PCT, RELABEL_MIN_GAIN_REL, read_scores, rescore, write_scores
 
@@ -26,12 +30,12 @@ CORRUPTED = 4  # faces of v1 whose label is made wrong on purpose
 
 def _rewrite_shards(store, version: int, edit) -> None:
     """Test surgery on a version nothing has read yet: each shard through `edit`, manifest entries updated."""
-    manifest = shards.read_manifest(store, version)
+    manifest = Manifest.read(store, version)
     vdir = store.version_dir(version)
-    for entry in manifest["shards"]:
-        table = edit(shards.read_table_file(store.fs, f"{vdir}/{entry['file']}"))
-        entry.update(shards.write_table(store.fs, f"{vdir}/{entry['file']}", table))
-    shards.write_atomic(store.fs, f"{vdir}/{shards.MANIFEST}", json.dumps(manifest, indent=2).encode())
+    for i, entry in enumerate(manifest.shards):
+        table = edit(read_table_file(store.fs, f"{vdir}/{entry.file}"))
+        manifest.shards[i] = FileEntry(**write_table(store.fs, f"{vdir}/{entry.file}", table))
+    manifest.write(store)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +50,7 @@ def corrupted(tmp_path_factory):
         {"name": "wild", "kind": "folder", "path": str(wild), "pre_cropped": True}], output_root=str(root / "out")))
     assert build(catalog)[0] == 1
     store = store_of(catalog)
-    faces = shards.read_faces(store, 1, columns=["face_id", "landmarks"])
+    faces = read_faces(store, 1, columns=["face_id", "landmarks"])
     ids = faces.column("face_id").to_pylist()
     bad = set(ids[::3][:CORRUPTED])
     original = dict(zip(ids, np.asarray(faces.column("landmarks").to_pylist(), np.float32).reshape(-1, 68, 2)))
@@ -90,7 +94,7 @@ def test_rescore_proposes_the_students_fusion_only_where_predicted_better_by_the
     catalog, bad, original = corrupted
     scores, plain = round_scores
     store = store_of(catalog)
-    v1 = shards.read_faces(store, 1, columns=["face_id", "landmarks", "alt_landmarks"])
+    v1 = read_faces(store, 1, columns=["face_id", "landmarks", "alt_landmarks"])
     assert sorted(scores.column("face_id").to_pylist()) == sorted(v1.column("face_id").to_pylist())
     # The student's points are back in image px: the teacher re-predicts its own candidate whatever
     # label drew the map (the crop's JPEG round trip parts them: measured up to 0.6%; a point in the
@@ -138,7 +142,7 @@ def _relabelled(scores: pa.Table) -> set[str]:
 
 
 def _v1_label(store, face_id: str) -> list:
-    return _by_face(shards.read_faces(store, 1, columns=["face_id", "landmarks"]), "landmarks")[face_id]
+    return _by_face(read_faces(store, 1, columns=["face_id", "landmarks"]), "landmarks")[face_id]
 
 
 def test_a_round_folds_its_relabels_before_the_rules_idempotently(corrupted, round_scores, capsys):
@@ -149,8 +153,8 @@ def test_a_round_folds_its_relabels_before_the_rules_idempotently(corrupted, rou
     store = store_of(catalog)
     write_scores(store, 1, scores, 1)
     assert build(catalog, scores=read_scores(store, 1, 1), scores_for_version=1)[0] == 2
-    v1 = shards.read_faces(store, 1).to_pandas().set_index("face_id")
-    v2_table = shards.read_faces(store, 2)
+    v1 = read_faces(store, 1).to_pandas().set_index("face_id")
+    v2_table = read_faces(store, 2)
     v2 = v2_table.to_pandas().set_index("face_id")
     changed = _relabelled(scores)
     row = {f: i for i, f in enumerate(scores.column("face_id").to_pylist())}
@@ -190,8 +194,8 @@ def test_a_round_folds_its_relabels_before_the_rules_idempotently(corrupted, rou
         assert v2.keep[f] == keep, f
         assert v2.weight[f] == pytest.approx(rule_weight * w if keep else 0.0, rel=1e-4, abs=1e-6), f
     assert v2.keep[list(bad)].any(), "a repaired label is kept again"
-    manifest = shards.read_manifest(store, 2)
-    assert manifest["counts"]["faces_relabelled"] == len(changed) >= CORRUPTED and manifest["round_folded"] == [1]
+    manifest = Manifest.read(store, 2)
+    assert manifest.counts.faces_relabelled == len(changed) >= CORRUPTED and manifest.round_folded == [1]
     assert main(["show", "--catalog", str(catalog.path), "faces@v2"]) == 0
     assert f"trainer round r1 folded: {len(changed)} faces relabelled" in capsys.readouterr().out
 
@@ -204,12 +208,12 @@ def test_a_round_folds_its_relabels_before_the_rules_idempotently(corrupted, rou
     open(catalog.path, "w").write(yaml.safe_dump(data, sort_keys=False))
     changed_rules = load_catalog(catalog.path)
     assert build(changed_rules)[0] == 3
-    v3 = shards.read_faces(store, 3).to_pandas().set_index("face_id").loc[v2.index]
+    v3 = read_faces(store, 3).to_pandas().set_index("face_id").loc[v2.index]
     assert all([a["name"] for a in alts].count("student:r1") == 1 for alts in v3.alt_landmarks)
     assert all(np.array_equal(a, b) for a, b in zip(v3.landmarks, v2.landmarks))
     assert (v3.relabel_round.fillna(0) == v2.relabel_round.fillna(0)).all()
-    manifest = shards.read_manifest(store, 3)
-    assert manifest["counts"]["faces_relabelled"] == 0 and manifest["round_weights_from"] == 2
+    manifest = Manifest.read(store, 3)
+    assert manifest.counts.faces_relabelled == 0 and manifest.round_weights_from == 2
 
 
 def test_rounds_command_runs_train_rescore_fold_and_resumes_without_duplicates(tmp_path, capsys):
@@ -224,18 +228,18 @@ def test_rounds_command_runs_train_rescore_fold_and_resumes_without_duplicates(t
 
     assert main([*args, "--rounds", "1"]) == 0
     first = capsys.readouterr().out.strip().splitlines()
-    assert shards.list_versions(store) == [1, 2]
+    assert list_versions(store) == [1, 2]
     assert main([*args, "--rounds", "2"]) == 0  # one more round on v2, not two
     out = capsys.readouterr().out.strip().splitlines()
     assert out[0].startswith("dataset faces@v2:") and "1 of 2 rounds done" in out[0]
-    assert shards.list_versions(store) == [1, 2, 3]
+    assert list_versions(store) == [1, 2, 3]
     final = out[-1]
     assert final == f"{store.round_dir(2)}/checkpoints/step-0000002.pt" and open(final, "rb").read(1)
     assert first[-1] == f"{store.round_dir(1)}/checkpoints/step-0000002.pt"
     for version, parent in ((2, 1), (3, 2)):
-        manifest = shards.read_manifest(store, version)
-        assert manifest["parent"] == parent and manifest["round_folded"] == [parent]
-    v3 = shards.read_faces(store, 3, columns=["alt_landmarks"])
+        manifest = Manifest.read(store, version)
+        assert manifest.parent == parent and manifest.round_folded == [parent]
+    v3 = read_faces(store, 3, columns=["alt_landmarks"])
     assert all([a["name"] for a in alts if a["name"].startswith("student:")] == ["student:r2"]
                for alts in v3.column("alt_landmarks").to_pylist())
 
@@ -243,14 +247,14 @@ def test_rounds_command_runs_train_rescore_fold_and_resumes_without_duplicates(t
     log_lines = (tmp_path / "out/faces/rounds/v0002/checkpoints/train_log.jsonl").read_text()
     assert main([*args, "--rounds", "2"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
-    assert out[-1] == final and "2 of 2 rounds done" in out[0] and shards.list_versions(store) == [1, 2, 3]
+    assert out[-1] == final and "2 of 2 rounds done" in out[0] and list_versions(store) == [1, 2, 3]
     # A crash after round 2 finished but before v3 was committed (a version without a manifest does not
     # exist): the rerun reuses the finished round's checkpoint and scores and commits v3 once.
     (tmp_path / "out/faces/v0003/manifest.json").unlink()
     assert main([*args, "--rounds", "2"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert any("finished earlier, reused" in line for line in out) and out[-1] == final
-    assert shards.list_versions(store) == [1, 2, 3]
+    assert list_versions(store) == [1, 2, 3]
     assert (tmp_path / "out/faces/rounds/v0002/checkpoints/train_log.jsonl").read_text() == log_lines
 
 
@@ -268,14 +272,14 @@ def test_round_command_is_the_round_on_the_latest_version_with_a_given_checkpoin
 
     assert main([*args, "--round", "2"]) == 2  # another index than the version's is refused, nothing written
     assert "a round's index is the version it scores" in capsys.readouterr().err
-    assert shards.list_versions(store) == [1] and not store.fs.exists(store.round_dir(1))
+    assert list_versions(store) == [1] and not store.fs.exists(store.round_dir(1))
     assert main(args) == 0
     assert "rescored faces@v1 round 1: 4 faces" in capsys.readouterr().out
     record = json.loads(store.fs.cat_file(f"{store.round_dir(1)}/done.json"))
     assert record["round"] == 1 and record["checkpoint"] == "teacher" and record["steps"] is None
     assert record["scores"] == store.scores_path(1, 1)
-    manifest = shards.read_manifest(store, 2)
-    assert shards.list_versions(store) == [1, 2] and manifest["parent"] == 1 and manifest["round_folded"] == [1]
+    manifest = Manifest.read(store, 2)
+    assert list_versions(store) == [1, 2] and manifest.parent == 1 and manifest.round_folded == [1]
 
 
 def test_scores_and_shards_written_before_the_relabelling_columns_still_read(corrupted, tmp_path):
@@ -283,24 +287,24 @@ def test_scores_and_shards_written_before_the_relabelling_columns_still_read(cor
     a version whose shards predate relabel_round (linked from an older parent) reads as one table."""
     catalog, _, _ = corrupted
     store = store_of(catalog)
-    faces = shards.conform_faces(shards.read_faces(store, 1))
+    faces = conform_faces(read_faces(store, 1))
     old = pa.table({"face_id": faces.column("face_id"), "round": pa.array([9] * faces.num_rows, pa.int32()),
                     "model_sha256": ["x" * 64] * faces.num_rows, "cycle_error": [1.0] * faces.num_rows,
                     "critic_score": [0.5] * faces.num_rows, "landmark_residual": [1.0] * faces.num_rows,
                     "new_weight": [0.5] * faces.num_rows})
-    shards.write_table(store.fs, store.scores_path(1, 9), old)
+    write_table(store.fs, store.scores_path(1, 9), old)
     scores = read_scores(store, 1, 9)
-    assert scores.schema.equals(shards.SCORES_SCHEMA) and scores.column("relabel_landmarks").null_count == len(old)
+    assert scores.schema.equals(SCORES_SCHEMA) and scores.column("relabel_landmarks").null_count == len(old)
     assert apply_relabels(faces, scores) == (faces, 0)
 
-    mixed = shards.Store(str(tmp_path), "mixed")
+    mixed = Store(str(tmp_path), "mixed")
     vdir = mixed.version_dir(1)
-    entries = [shards.write_table(mixed.fs, f"{vdir}/faces-a.parquet", faces.drop_columns(["relabel_round", "relabel_reason"])),
-               shards.write_table(mixed.fs, f"{vdir}/faces-b.parquet", faces)]
-    shards.write_atomic(mixed.fs, f"{vdir}/{shards.MANIFEST}", json.dumps({"shards": entries}).encode())
-    both = shards.read_faces(mixed, 1)
+    entries = [write_table(mixed.fs, f"{vdir}/faces-a.parquet", faces.drop_columns(["relabel_round", "relabel_reason"])),
+               write_table(mixed.fs, f"{vdir}/faces-b.parquet", faces)]
+    Manifest(version=1, shards=entries).write(mixed)
+    both = read_faces(mixed, 1)
     assert both.num_rows == 2 * faces.num_rows and both.column("relabel_round").null_count == both.num_rows
-    assert shards.read_faces(mixed, 1, columns=["face_id", "relabel_reason"]).column_names == ["face_id", "relabel_reason"]
+    assert read_faces(mixed, 1, columns=["face_id", "relabel_reason"]).column_names == ["face_id", "relabel_reason"]
 
 
 def test_a_label_the_self_critic_finds_wrong_is_replaced_by_the_students_answer(corrupted):
@@ -311,7 +315,7 @@ def test_a_label_the_self_critic_finds_wrong_is_replaced_by_the_students_answer(
     from trainer.rescore import CRITIC_RELABEL, Relabeller, _candidates, _decode_crops
 
     catalog, _, _ = corrupted
-    v1 = shards.read_faces(store_of(catalog), 1, columns=["face_id", "crop", "crop_affine", "landmarks",
+    v1 = read_faces(store_of(catalog), 1, columns=["face_id", "crop", "crop_affine", "landmarks",
                                                            "alt_landmarks", "pose"])
     n = v1.num_rows
     crops, ok = _decode_crops(v1.column("crop").to_pylist(), v1.column("face_id").to_pylist())

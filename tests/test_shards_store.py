@@ -1,4 +1,5 @@
-"""The store: writes are atomic, versions without a manifest do not exist, one writer at a time."""
+"""The store: writes are atomic, versions without a manifest do not exist, one writer at a time; a
+manifest reads typed and writes back as it was."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import sys
 import pyarrow as pa
 import pytest
 
-from pipeline import shards
-from pipeline.shards import DatasetLock, LockedError, Store, parse_ref, write_atomic, write_table
+from pipeline.store.files import sha256_bytes, write_atomic, write_table
+from pipeline.store.layout import MANIFEST, Store, latest_version, list_versions, parse_ref, resolve_version
+from pipeline.store.lock import DatasetLock, LockedError
+from pipeline.store.schema import SCORES_SCHEMA
 
 
 def test_parse_ref():
@@ -29,20 +32,20 @@ def test_version_without_manifest_is_not_listed(tmp_path):
     for v in (1, 3):
         (tmp_path / "d" / f"v{v:04d}" / "manifest.json").write_text("{}")
     (tmp_path / "d" / "v0004.tmp-x").mkdir()
-    assert shards.list_versions(store) == [1, 3]
-    assert shards.latest_version(store) == 3
+    assert list_versions(store) == [1, 3]
+    assert latest_version(store) == 3
     with pytest.raises(FileNotFoundError, match="d@v2 does not exist"):
-        shards.resolve_version(store, 2)
+        resolve_version(store, 2)
 
 
 def test_write_table_round_trip_and_entry(tmp_path):
     store = Store(str(tmp_path), "d")
     table = pa.Table.from_pylist([{"face_id": "a:0", "round": 1, "model_sha256": "x", "cycle_error": 1.5,
                                    "critic_score": 0.2, "landmark_residual": 3.0, "new_weight": 0.5}],
-                                 schema=shards.SCORES_SCHEMA)
+                                 schema=SCORES_SCHEMA)
     entry = write_table(store.fs, f"{tmp_path}/x/scores.parquet", table)
     assert entry["rows"] == 1 and len(entry["sha256"]) == 64
-    assert shards.sha256_bytes((tmp_path / "x" / "scores.parquet").read_bytes()) == entry["sha256"]
+    assert sha256_bytes((tmp_path / "x" / "scores.parquet").read_bytes()) == entry["sha256"]
     assert [p.name for p in (tmp_path / "x").iterdir()] == ["scores.parquet"]  # no temp file left
 
 
@@ -96,7 +99,7 @@ def test_store_owns_every_path_and_reads_back_what_it_names(tmp_path, kind):
     root = str(tmp_path) if kind == "local" else f"memory://store-{uuid.uuid4().hex[:8]}"
     store = Store(root, "d")
     fs = store.fs
-    scores = shards.SCORES_SCHEMA.empty_table()
+    scores = SCORES_SCHEMA.empty_table()
     for version, round_index in [(2, 1), (2, 10), (2, 2), (3, 1), (12345, 7)]:
         path = store.scores_path(version, round_index)
         write_table(fs, path, scores)
@@ -117,8 +120,69 @@ def test_store_owns_every_path_and_reads_back_what_it_names(tmp_path, kind):
 
     for version in (1, 2):
         write_atomic(fs, f"{store.version_dir(version)}/faces.parquet", b"x")
-    write_atomic(fs, f"{store.version_dir(1)}/{shards.MANIFEST}", b"{}")
+    write_atomic(fs, f"{store.version_dir(1)}/{MANIFEST}", b"{}")
     assert sorted(store.version_dirs()) == [1, 2]
-    assert shards.list_versions(store) == [1]
+    assert list_versions(store) == [1]
     write_atomic(fs, f"{store.staging_dir('p0001-abc')}/x.done.json", b"{}")
     assert list(store.staging_dirs()) == ["p0001-abc"]
+
+
+# A manifest as pipeline/commit.py writes it (a version folding a round), and one from an older writer:
+# keys in another order, parts missing, and keys this code does not know.
+_ENTRY = {"file": "faces-v0002-00000.parquet", "rows": 12, "bytes": 34567, "sha256": "ab" * 32}
+_MANIFEST = {
+    "schema_version": 2, "dataset": "faces", "version": 2, "parent": 1, "created_at": "2025-01-02T03:04:05+00:00",
+    "note": "", "catalog_path": "/x/catalog.yaml", "catalog_hash": "c" * 64, "rules_hash": "r" * 64,
+    "detectors": [{"role": "face", "name": "scrfd", "weights": "/m/det_500m.onnx", "weights_sha256": "5e" * 32},
+                  {"role": "primary", "name": "tddfa_mb05", "weights": "/m/mb05.pth", "weights_sha256": None},
+                  {"role": "verifier", "name": "verifier", "weights": "/v.pt", "weights_sha256": "f9" * 32,
+                   "fuse": True, "tau_pct": 2.5, "fusion": "regions-v1"}],
+    "counts": {"images_seen": 11, "images_decoded": 11, "images_quarantined": 0, "images_duplicate": 0,
+               "images_with_faces": 10, "images_without_faces": 1, "faces": 12, "faces_kept": 9, "faces_dropped": 3,
+               "drop_reasons": {"verifier_nme_pct": 2, "face_px": 1}, "quarantine_reasons": {},
+               "images_new": 0, "images_unchanged": 11, "faces_relabelled": 3},
+    "shards": [_ENTRY],
+    "tables": {"images": {**_ENTRY, "file": "images.parquet"}, "quarantine": {**_ENTRY, "file": "quarantine.parquet"},
+               "scores": {**_ENTRY, "file": "scores.parquet"}},
+    "timings": {"faces": 0, "seconds": {}},
+    "round_folded": [1],
+}
+_OLDER = {"version": 1, "dataset": "faces", "parent": None, "schema_version": 1, "shards": [{**_ENTRY, "extra": 1}],
+          "counts": {"faces": 12, "faces_kept": 9, "by_source": {"wild": 6}}, "tables": {}, "built_by": "v0.1"}
+
+
+@pytest.mark.parametrize("data", [_MANIFEST, _OLDER], ids=["current", "older"])
+def test_a_manifest_reads_and_writes_back_the_same_file(tmp_path, data):
+    from pipeline.store.manifest import Manifest
+
+    store = Store(str(tmp_path), "faces")
+    text = json.dumps(data, indent=2).encode()
+    write_atomic(store.fs, f"{store.version_dir(data['version'])}/{MANIFEST}", text)
+    manifest = Manifest.read(store, data["version"])
+    assert manifest.to_dict() == data and list(manifest.to_dict()) == list(data)  # the same keys, in order
+    (tmp_path / "faces" / f"v{data['version']:04d}" / MANIFEST).unlink()
+    manifest.write(store)
+    assert (tmp_path / "faces" / f"v{data['version']:04d}" / MANIFEST).read_bytes() == text
+
+
+def test_a_manifest_reads_typed():
+    from pipeline.store.manifest import Manifest
+
+    current, older = Manifest.from_dict(_MANIFEST), Manifest.from_dict(_OLDER)
+    assert current.parent == 1 and current.round_folded == [1] and current.relabelled is None
+    assert current.counts.faces_relabelled == 3 and current.counts.drop_reasons["face_px"] == 1
+    assert current.shards[0].rows == 12 and current.tables["scores"].file == "scores.parquet"
+    assert current.detectors[2].tau_pct == 2.5 and current.timings.seconds == {}
+    assert current.detector_dicts() == _MANIFEST["detectors"]
+    # Parts an older manifest lacks read as empty; they stay absent when it is written back.
+    assert older.counts.images_new == 0 and older.detectors is None and older.detector_dicts() is None
+    assert older.timings is None and older.note == "" and "images_new" not in older.to_dict()["counts"]
+
+
+def test_a_manifest_made_in_code_writes_only_what_it_was_given():
+    from pipeline.store.manifest import Counts, Manifest
+
+    manifest = Manifest(version=3, parent=2, counts=Counts(faces=1, faces_kept=1), shards=[_ENTRY])
+    manifest.relabelled = "scrfd weights: a -> b"
+    assert manifest.to_dict() == {"version": 3, "parent": 2, "counts": {"faces": 1, "faces_kept": 1},
+                                  "shards": [_ENTRY], "relabelled": "scrfd weights: a -> b"}

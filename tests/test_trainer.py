@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import shards
 from pipeline.build import build
 from pipeline.catalog import load_catalog, store_of
+from pipeline.store.faces import read_faces
+from pipeline.store.manifest import Manifest
+from pipeline.store.schema import SCORES_SCHEMA
 from tests.conftest import (
     AFLW_DEV,
     DATA,
@@ -132,7 +134,7 @@ def test_rescore_scores_every_face_and_a_round_folds_them(tiny, tmp_path):
     from trainer.rescore import read_scores, rescore, write_scores
 
     store = store_of(tiny)
-    faces = shards.read_faces(store, 1, columns=["face_id", "weight", "keep"])
+    faces = read_faces(store, 1, columns=["face_id", "weight", "keep"])
     scores = rescore(load_predictor("teacher", device="cpu"), store, 1, round_index=1, batch_size=7)
     assert sorted(scores.column("face_id").to_pylist()) == sorted(faces.column("face_id").to_pylist())
     residual = scores.column("landmark_residual").to_numpy()
@@ -146,7 +148,7 @@ def test_rescore_scores_every_face_and_a_round_folds_them(tiny, tmp_path):
     from pipeline.crops import apply_affine
     from trainer.rescore import _decode_crops, roc_auc, score_auc, score_batch
 
-    table = shards.read_faces(store, 1, columns=["face_id", "crop", "landmarks", "crop_affine"])
+    table = read_faces(store, 1, columns=["face_id", "crop", "landmarks", "crop_affine"])
     n = table.num_rows
     crops, decoded = _decode_crops(table.column("crop").to_pylist(), table.column("face_id").to_pylist())
     labels = apply_affine(np.asarray(table.column("landmarks").to_pylist(), np.float32).reshape(n, 68, 2),
@@ -159,7 +161,7 @@ def test_rescore_scores_every_face_and_a_round_folds_them(tiny, tmp_path):
     assert decoded.all() and roc_auc(raw["landmark_residual"], corrupted) > 0.99, raw["landmark_residual"]
     assert raw["landmark_residual"][corrupted].min() > 2.0 > raw["landmark_residual"][~corrupted].max()
 
-    report = score_auc(scores, shards.read_faces(store, 1), threshold_pct=8.0)
+    report = score_auc(scores, read_faces(store, 1), threshold_pct=8.0)
     assert report["n"] == 4  # the four faces with reference labels
     assert report["label_nme_all_pct"] == pytest.approx(_documented_label_nme(), rel=NME_MARGIN)
     # The teacher scores its own labels ~1 everywhere; to see the fold act, give the round spread-out
@@ -168,11 +170,11 @@ def test_rescore_scores_every_face_and_a_round_folds_them(tiny, tmp_path):
 
     new_weight = np.linspace(0.05, 1.0, scores.num_rows).astype(np.float32)
     scores = scores.set_column(scores.schema.get_field_index("new_weight"), "new_weight", pa.array(new_weight))
-    write_scores(store, 1, scores.cast(shards.SCORES_SCHEMA), 1)
+    write_scores(store, 1, scores.cast(SCORES_SCHEMA), 1)
     version, plan = build(tiny, scores=read_scores(store, 1, 1), scores_for_version=1)
     assert version == 2 and plan.new_items == 0
-    assert shards.read_manifest(store, 2)["parent"] == 1
-    v2 = shards.read_faces(store, 2, columns=["face_id", "weight", "keep"]).to_pandas().set_index("face_id")
+    assert Manifest.read(store, 2).parent == 1
+    v2 = read_faces(store, 2, columns=["face_id", "weight", "keep"]).to_pandas().set_index("face_id")
     rule_weight = faces.to_pandas().set_index("face_id").weight  # v1's weights: the catalog rules'
     by_face = dict(zip(scores.column("face_id").to_pylist(), new_weight))
     kept = v2[v2.keep]

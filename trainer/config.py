@@ -23,7 +23,7 @@ def _model_file(*parts: str) -> str:
 
 @dataclass
 class DataConfig:
-    """A dataset version in a pipeline.shards store, and how it is streamed."""
+    """A dataset version in a pipeline.store store, and how it is streamed."""
 
     root: str = "out/datasets"  # the store root (path or fsspec URL), catalog.yaml's output_root
     dataset: str = "faces"  # 'name@vN' ('faces@v3'); a bare name means the latest version

@@ -20,7 +20,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.crops import CROP_SIZE, apply_affine
-from pipeline.shards import Store, read_manifest
+from pipeline.store.layout import Store
+from pipeline.store.manifest import Manifest
 from trainer.augment import AugmentSettings, choose_map, face_size_px, sample_rng
 from trainer.augment import augment as augment_face  # the name `augment` is the settings argument below
 
@@ -60,9 +61,9 @@ def _row_groups(store: Store, version: int) -> list[tuple[str, int]]:
     """(shard file, row group) units: finer than shards, so one big shard still feeds every worker."""
     vdir = store.version_dir(version)
     units = []
-    for shard in read_manifest(store, version)["shards"]:
-        with store.fs.open(f"{vdir}/{shard['file']}", "rb") as f:
-            units += [(shard["file"], g) for g in range(pq.ParquetFile(f).num_row_groups)]
+    for shard in Manifest.read(store, version).shards:
+        with store.fs.open(f"{vdir}/{shard.file}", "rb") as f:
+            units += [(shard.file, g) for g in range(pq.ParquetFile(f).num_row_groups)]
     return units
 
 
@@ -172,7 +173,7 @@ class FaceStream(IterableDataset):
         return self._units
 
     def _rows(self, units: list[tuple[str, int]]) -> Iterator[dict]:
-        from pipeline.shards import faces_schema
+        from pipeline.store.faces import faces_schema
 
         present = set(faces_schema(self.store, self.version).names)
         columns = [c for c in COLUMNS if c in present]  # versions before the candidate columns still train

@@ -415,7 +415,7 @@ def evaluate_version(predictor, store, version: int, batch_size: int = 128) -> d
     import pyarrow.compute as pc
 
     from pipeline.crops import apply_affine, invert_affine
-    from pipeline.shards import read_faces
+    from pipeline.store.faces import read_faces
 
     faces = read_faces(store, version, columns=["face_id", "split", "crop", "crop_affine", "landmarks",
                                                  "ref_landmarks", "ref_pose"])

@@ -23,16 +23,10 @@ from pipeline.catalog import DetectorChain
 from pipeline.crops import CROP_SIZE, apply_affine, invert_affine
 from pipeline.landmarks import nme_pct, roc_auc  # noqa: F401 - roc_auc lives with the other metrics
 from pipeline.rounds import STUDENT_PREFIX, student_name
-from pipeline.shards import (
-    SCORES_SCHEMA,
-    Store,
-    conform_scores,
-    faces_schema,
-    iter_face_batches,
-    read_faces,
-    resolve_version,
-    write_table,
-)
+from pipeline.store.faces import faces_schema, iter_face_batches, read_faces
+from pipeline.store.files import write_table
+from pipeline.store.layout import Store, resolve_version
+from pipeline.store.schema import SCORES_SCHEMA, conform_scores
 
 log = logging.getLogger(__name__)
 
@@ -350,7 +344,7 @@ def scores_against_references(store: Store, version: int, scores: pa.Table, thre
     """`score_auc` on the version's faces that carry 68-point reference labels, and the version's
     `label_quality` (the verifier's ROC-AUC, kept/dropped NME per yaw bin, every kind of reference);
     None when no face has a reference."""
-    from pipeline.shards import faces_schema
+    from pipeline.store.faces import faces_schema
     from pipeline.summary import label_quality
 
     present = set(faces_schema(store, version).names)

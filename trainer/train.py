@@ -23,7 +23,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from pipeline.bfm import landmarks_3d, load_bfm
-from pipeline.shards import Store, parse_ref, resolve_version
+from pipeline.store.layout import Store, parse_ref, resolve_version
 from trainer import losses
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from trainer.config import TrainConfig

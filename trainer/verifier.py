@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline import shards
 from pipeline.fusion import fusion_weights, voters
 from pipeline.label_score import LabelScore, score_features
 from pipeline.landmarks import nme_pct, roc_auc, yaw_bins
 from pipeline.references import AFLW21_FROM_68, aflw21_from_68
+from pipeline.store.faces import read_faces
 from pipeline.verifier import (
     CONTEXT,
     REGIONS,
@@ -279,7 +279,7 @@ def load_faces(store, version: int, teacher_net: torch.nn.Module, *, split: str 
 
 
     column = "ref_points21" if reference == "aflw21" else "ref_landmarks"
-    faces = shards.read_faces(store, version, columns=["face_id", "split", "source", "crop", "crop_affine",
+    faces = read_faces(store, version, columns=["face_id", "split", "source", "crop", "crop_affine",
                                                        "alt_landmarks", "pose", "ref_pose", column])
     faces = faces.filter(pc.is_valid(faces.column(column)))
     if split is not None:

@@ -27,7 +27,7 @@ from default_chain import distinct_copies, variant_catalog  # noqa: E402
 from pipeline.build import build  # noqa: E402
 from pipeline.catalog import load_catalog, store_of  # noqa: E402
 from pipeline.settings import shared_root  # noqa: E402
-from pipeline.shards import read_faces  # noqa: E402
+from pipeline.store.faces import read_faces  # noqa: E402
 
 
 def chains_loaded() -> int:

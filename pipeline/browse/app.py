@@ -18,7 +18,7 @@ from fastapi.responses import HTMLResponse
 from pipeline.browse.images import ImageUnavailable, data_uri, points_path, read_image
 from pipeline.browse.queries import PAGE_SIZE, STATUSES, BadView, VersionFaces, View, format_number
 from pipeline.browse.templates import ENV, render
-from pipeline.shards import Store
+from pipeline.store.layout import Store
 from pipeline.summary import YAW_BINS
 
 # The label first, then the other landmarkers' opinions, then the reference: distinct on a photo.

@@ -23,9 +23,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import shards
 from pipeline.landmarks import YAW_EDGES_DEG
-from pipeline.shards import Store
+from pipeline.store.layout import Store, resolve_version
+from pipeline.store.manifest import Manifest
+from pipeline.store.schema import FACES_SCHEMA
 from pipeline.summary import YAW_BINS
 
 STATUSES = ("kept", "dropped")
@@ -183,8 +184,8 @@ class VersionFaces:
 
     def __init__(self, store: Store, version: int | None = None):
         self.store = store
-        self.version = shards.resolve_version(store, version)
-        self.manifest = shards.read_manifest(store, self.version)
+        self.version = resolve_version(store, version)
+        self.manifest = Manifest.read(store, self.version)
         self.ref = f"{store.dataset}@v{self.version}"
         self._fs = store.fs
         vdir = store.version_dir(self.version)
@@ -192,8 +193,7 @@ class VersionFaces:
         self.unavailable: list[dict] = []  # {"file", "rows", "error"} of shards that cannot be read
         parts: list[pa.Table] = []
         schemas: list[pa.Schema] = []
-        listed = [Shard(i, e["file"], f"{vdir}/{e['file']}", int(e.get("rows", 0)))
-                  for i, e in enumerate(self.manifest["shards"])]
+        listed = [Shard(i, e.file, f"{vdir}/{e.file}", e.rows) for i, e in enumerate(self.manifest.shards)]
         with ThreadPoolExecutor(_THREADS) as pool:  # pyarrow reads without the GIL: opening in parallel
             for shard, (part, schema) in zip(listed, pool.map(self._read_narrow, listed)):
                 if isinstance(part, Exception):
@@ -203,7 +203,7 @@ class VersionFaces:
                 schemas.append(schema)
                 self.shards.append(shard)
         # Shards linked from a parent may predate a column: the union, missing values read as null.
-        self.schema = pa.unify_schemas(schemas) if schemas else shards.FACES_SCHEMA
+        self.schema = pa.unify_schemas(schemas) if schemas else FACES_SCHEMA
         self.scalar_columns = _indexed(self.schema)
         self.float_columns = [f.name for f in self.schema if _is_float(f.type)]
         self.numeric_columns = [f.name for f in self.schema

@@ -2,20 +2,15 @@
 
 Adding a detector or landmarker: one module in `pipeline/detect/` (a class built from
 (weights, weights_sha256, device, batch_size, precision, options) and its pydantic options model)
-and one line below. The catalog's allowed names are these keys.
+and one line below. The catalog's allowed names are these keys; `pipeline.detect.spec` checks a
+catalog entry against them, `pipeline.detect.factory` builds one.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, NamedTuple
-
-from pydantic import BaseModel
+from typing import NamedTuple
 
 from pipeline.rounds import STUDENT_PREFIX  # a trainer round's model as a candidate ("student:r1")
-
-if TYPE_CHECKING:  # the spec validates names against this registry; no import at run time
-    from pipeline.detect.spec import DetectorSpec
 
 
 class Entry(NamedTuple):
@@ -55,42 +50,3 @@ def contour_convention(candidate: str) -> str:
 def known_names() -> list[str]:
     """Every registered detector and landmarker name, sorted."""
     return sorted({**FACE_DETECTORS, **LANDMARKERS})
-
-
-def check_name(name: str) -> str:
-    """`name` if it is registered; ValueError listing the known names otherwise."""
-    if name not in FACE_DETECTORS and name not in LANDMARKERS:
-        raise ValueError(f"unknown detector {name!r}; known detectors: {', '.join(known_names())} "
-                         "(pipeline/detect/registry.py lists them)")
-    return name
-
-
-def _entry(name: str) -> Entry:
-    return FACE_DETECTORS.get(name) or LANDMARKERS.get(check_name(name))
-
-
-def validate_options(spec: DetectorSpec) -> BaseModel:
-    """The detector's typed options; raises pydantic.ValidationError with the field path."""
-    entry = _entry(spec.name)
-    return getattr(importlib.import_module(entry.module), entry.options).model_validate(spec.options)
-
-
-def _build(spec: DetectorSpec):
-    entry = _entry(spec.name)
-    if entry.needs_weights and spec.weights is None:
-        raise ValueError(f"detector {spec.name!r} needs `weights:` (a weight file path)")
-    factory = getattr(importlib.import_module(entry.module), entry.cls)
-    return factory(spec.weights, weights_sha256=spec.sha256, device=spec.device, batch_size=spec.batch_size,
-                   precision=spec.precision, options=validate_options(spec))
-
-
-def build_face_detector(spec: DetectorSpec):
-    if spec.name not in FACE_DETECTORS:
-        raise ValueError(f"{spec.name!r} is not a face detector (one of {sorted(FACE_DETECTORS)})")
-    return _build(spec)
-
-
-def build_landmarker(spec: DetectorSpec):
-    if spec.name not in LANDMARKERS:
-        raise ValueError(f"{spec.name!r} is not a landmarker (one of {sorted(LANDMARKERS)})")
-    return _build(spec)

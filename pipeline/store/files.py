@@ -1,0 +1,64 @@
+"""Store files: atomic writes, Parquet tables written and read whole, files shared between versions."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import uuid
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write to a temp name beside `path`, then rename: readers see the whole file or none."""
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    parent = path.rsplit("/", 1)[0]
+    fs.makedirs(parent, exist_ok=True)
+    try:
+        with fs.open(tmp, "wb") as f:
+            f.write(data)
+        fs.mv(tmp, path)
+    except BaseException:
+        if fs.exists(tmp):
+            fs.rm(tmp)
+        raise
+
+
+def table_bytes(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd", row_group_size=4096)
+    return sink.getvalue()
+
+
+def write_table(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table) -> dict:
+    """Write `table` atomically; returns its manifest entry (file name, rows, bytes, sha256)."""
+    data = table_bytes(table)
+    write_atomic(fs, path, data)
+    return {"file": path.rsplit("/", 1)[-1], "rows": table.num_rows, "bytes": len(data), "sha256": sha256_bytes(data)}
+
+
+def link_or_copy(fs: fsspec.AbstractFileSystem, src: str, dst: str) -> None:
+    """Immutable files are shared between versions by hard link where the filesystem allows."""
+    if getattr(fs, "protocol", None) in ("file", ("file", "local"), "local") or fs.__class__.__name__ == "LocalFileSystem":
+        try:
+            os.link(src, dst)
+            return
+        except OSError:
+            pass
+    fs.copy(src, dst)
+
+
+def read_table_file(fs: fsspec.AbstractFileSystem, path: str) -> pa.Table:
+    """One Parquet file (a shard, a side table, a trainer round's scores) as an Arrow table."""
+    try:
+        with fs.open(path, "rb") as f:
+            return pq.read_table(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such table: {path}") from None
