@@ -105,7 +105,8 @@ def judge_candidates(verifier: Verifier, faces: list[FaceCandidates], *, tau_pct
     if fuse_labels:
         labels = fused
         labels_crop = [f.in_crop(label[None]) for f, label in zip(faces, fused)]
-        label_head = [nme[0] for nme in _head_nmes(verifier.score([make(c) for make, c in zip(inputs, labels_crop)]))]
+        fused_inputs = [make(c) for make, c in zip(inputs, labels_crop)]
+        label_head = [nme[0] for nme in _head_nmes(verifier.score(fused_inputs, scored.maps))]
     else:
         labels = [points[0] for points in frame]
         labels_crop = [c[:1] for c in crop]

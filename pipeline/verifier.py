@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 # A chain without one of them marks it absent; the verifier was trained with random absences too.
 CONTEXT = ("tddfa_mb05", "tddfa_mb05.flip", "peppa68", "openseeface")
 SHIPPED_WEIGHTS = Path(__file__).parent / "assets" / "verifier.pt"
+Maps = tuple[Tensor, Tensor]  # the trunk's maps of N crops: [N, C, 30, 30], [N, C', 15, 15]
 _TRUNK = ("dw2_1", "dw2_2", "dw3_1", "dw3_2", "dw4_1")  # up to 15x15: local appearance, not identity
 
 # Face regions for per-region fusion (iBUG-68 indices).
@@ -189,12 +190,16 @@ class Verifier:
         x = (x.flip(1) - 127.5) / 128.0  # RGB -> BGR, the teacher's input
         return trunk_maps(self.trunk, x)
 
-    def _predict(self, faces: list[VerifierInputs]):
+    def _predict(self, faces: list[VerifierInputs], maps: Maps | None = None):
         """The head over `faces` a chunk at a time: yields (chunk, errors [B, L, 68], visibility logits
-        [B, L, 68] or None), L the chunk's most labels (shorter stacks padded with their first label)."""
+        [B, L, 68] or None, the chunk's maps), L the chunk's most labels (shorter stacks padded with their
+        first label). `maps`: the faces' trunk maps from an earlier pass over the same crops, in order."""
         for start in range(0, len(faces), self.batch_size):
             chunk = faces[start:start + self.batch_size]
-            m30, m15 = self.maps(np.stack([f.crop_rgb for f in chunk]))
+            if maps is None:
+                m30, m15 = self.maps(np.stack([f.crop_rgb for f in chunk]))
+            else:
+                m30, m15 = (m[start:start + len(chunk)] for m in maps)
             t = lambda a: torch.as_tensor(np.asarray(a, np.float32), device=self.device)  # noqa: E731
             n_max = max(len(f.labels) for f in chunk)
             labels = t(np.stack([np.concatenate([f.labels, np.repeat(f.labels[:1], n_max - len(f.labels), 0)])
@@ -202,12 +207,13 @@ class Verifier:
             err, vis = predict_points(self.head, m30, m15, labels, t(np.stack([f.context for f in chunk])),
                                       torch.as_tensor(np.stack([f.present for f in chunk]), device=self.device),
                                       t(np.stack([f.pose_deg for f in chunk])))
-            yield chunk, err, vis
+            yield chunk, err, vis, (m30, m15)
 
     @torch.inference_mode()
-    def score(self, faces: list[VerifierInputs]) -> list[np.ndarray]:
-        """Per face, per label: predicted per-point errors [L, 68] (% of face size)."""
-        return [p[:len(f.labels)] for chunk, err, _ in self._predict(faces)
+    def score(self, faces: list[VerifierInputs], maps: Maps | None = None) -> list[np.ndarray]:
+        """Per face, per label: predicted per-point errors [L, 68] (% of face size). `maps`: the trunk's
+        maps of these faces' crops from an earlier pass (`Scored.maps`), so the trunk does not run again."""
+        return [p[:len(f.labels)] for chunk, err, _, _ in self._predict(faces, maps)
                 for p, f in zip(err.cpu().numpy(), chunk)]
 
     @torch.inference_mode()
@@ -218,18 +224,21 @@ class Verifier:
         teacher = [_teacher_row(f) for f in faces]
         errs: list[np.ndarray] = []
         chances: list[np.ndarray] = []
-        for chunk, err, vis in self._predict(faces):
+        maps: list[tuple[Tensor, Tensor]] = []
+        for chunk, err, vis, chunk_maps in self._predict(faces):
+            maps.append(chunk_maps)
             errs.extend(p[:len(f.labels)] for p, f in zip(err.cpu().numpy(), chunk))
             if vis is not None:
                 rows = [max(r, 0) for r in teacher[len(errs) - len(chunk):len(errs)]]
                 chances.append(visibility21(vis[list(range(len(chunk))), rows]).cpu().numpy())
+        maps = tuple(torch.cat(parts) for parts in zip(*maps)) if maps else None
         if self.head.vis is None:
-            return Scored(errs, None)
+            return Scored(errs, None, maps)
         chances = np.concatenate(chances).astype(np.float64) if chances else np.zeros((0, 21))
         missing = [i for i, r in enumerate(teacher) if r < 0]
         if missing:
             chances[missing] = self.visibility([faces[i] for i in missing])
-        return Scored(errs, chances)
+        return Scored(errs, chances, maps)
 
     @torch.inference_mode()
     def visibility(self, faces: list[VerifierInputs]) -> np.ndarray | None:
@@ -238,7 +247,7 @@ class Verifier:
         if self.head.vis is None:
             return None
         at_teacher = [replace(f, labels=f.context[:1]) for f in faces]
-        out = [visibility21(vis[:, 0]).cpu().numpy() for _, _, vis in self._predict(at_teacher)]
+        out = [visibility21(vis[:, 0]).cpu().numpy() for _, _, vis, _ in self._predict(at_teacher)]
         return np.concatenate(out).astype(np.float64) if out else np.zeros((0, 21))
 
     def label_nme(self, faces: list[VerifierInputs], label_nme: np.ndarray, context_nme: np.ndarray,
@@ -264,11 +273,13 @@ class Verifier:
 
 @dataclass
 class Scored:
-    """One verifier pass over faces: per face the per-point errors [L, 68] of its labels, and [N, 21] the
-    faces' marked-point chances (None for a head without them)."""
+    """One verifier pass over faces: per face the per-point errors [L, 68] of its labels, [N, 21] the
+    faces' marked-point chances (None for a head without them), and the trunk's maps of their crops
+    (another pass over the same crops reads them instead of running the trunk again)."""
 
     point_err: list[np.ndarray]
     visibility: np.ndarray | None
+    maps: Maps | None = None
 
 
 def _teacher_row(face: VerifierInputs) -> int:

@@ -96,12 +96,14 @@ class OpenSeeFaceLandmarker:
         for start in range(0, len(rois), self.batch_size):
             chunk = rois[start:start + self.batch_size]
             crops = crop_rois(images, chunk, INPUT_SIZE)
-            if isinstance(crops, torch.Tensor):  # [N, 3, 224, 224] RGB grey levels, on the device
-                mean = torch.as_tensor(_MEAN, device=crops.device).view(1, 3, 1, 1)
-                std = torch.as_tensor(_STD, device=crops.device).view(1, 3, 1, 1)
-                x = (crops - mean) / std
-            else:
-                x = np.ascontiguousarray(((crops.astype(np.float32) - _MEAN) / _STD).transpose(0, 3, 1, 2))
+            host = not isinstance(crops, torch.Tensor)  # else [N, 3, 224, 224] RGB grey levels, on the device
+            if host:  # normalised by torch, as on the device: the same float32 steps, without holding the GIL
+                crops = torch.from_numpy(crops).permute(0, 3, 1, 2).float()
+            mean = torch.as_tensor(_MEAN, device=crops.device).view(1, 3, 1, 1)
+            std = torch.as_tensor(_STD, device=crops.device).view(1, 3, 1, 1)
+            x = (crops - mean) / std
+            if host:
+                x = x.contiguous().numpy()
             uv, conf = decode_heatmaps(self._run(x))
             for (_, roi), p, c in zip(chunk, uv, conf):
                 sx, sy, ex, ey = roi_window(roi)
