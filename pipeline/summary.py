@@ -6,6 +6,7 @@ Shared by `facecurate build`, `facecurate show` and the report.
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -113,9 +114,25 @@ def pose_bins(faces: pa.Table) -> dict:
             for b, label in enumerate(YAW_BINS)}
 
 
+# Summaries already computed in this process, by store, version and manifest: a committed version never
+# changes, and a build's flow, its report and the command that ran it all summarise the new version.
+_SUMMARIES: dict[tuple[str, int, str], dict] = {}
+_SUMMARIES_KEPT = 4
+
+
 def version_summary(store: Store, version: int | None = None) -> dict:
     version = resolve_version(store, version)
     manifest = Manifest.read(store, version)
+    # The manifest is in the key: a version deleted and built again under the same number is another one.
+    key = (f"{store.root}|{store.dataset}", version, json.dumps(manifest.to_dict(), sort_keys=True, default=str))
+    if key not in _SUMMARIES:
+        while len(_SUMMARIES) >= _SUMMARIES_KEPT:
+            _SUMMARIES.pop(next(iter(_SUMMARIES)))
+        _SUMMARIES[key] = _summarise(store, version, manifest)
+    return copy.deepcopy(_SUMMARIES[key])
+
+
+def _summarise(store: Store, version: int, manifest: Manifest) -> dict:
     wanted = ["keep", "yaw_deg", "ref_landmarks", "ref_pose", "landmarks", "landmarker", "alt_landmarks", "source",
               "ref_points21", "verifier_nme_pct", "label_source"]
     present = set(faces_schema(store, version).names)
