@@ -112,6 +112,30 @@ def apply_rule(d: dict, bounds: np.ndarray, *, min_gain: float, min_rel: float, 
             "all_nme_after": per_bin(after, np.ones_like(change))}
 
 
+def selector_ceiling(d: dict, shares=(0.01, 0.03, 0.05)) -> dict:
+    """How often a proposal is closer to the references than the label, among the faces a score ranks
+    first, per fold: the best any rule on that score could do when it relabels that share of faces."""
+    ok = np.isfinite(d["nme_label"]) & np.isfinite(d["nme_student"])
+    scores = {"critic (low first)": -d["critic"], "cycle": d["cycle"], "residual": d["residual"],
+              "verifier gain of the answer": d["pred_label"] - d["pred_student"],
+              "verifier gain of the fusion": d["pred_label"] - d["pred_fused"],
+              "verifier's figure for the label": d["pred_label"]}
+    out = {}
+    for proposal in ("student", "fused"):
+        closer = d[f"nme_{proposal}"] < d["nme_label"]
+        out[f"{proposal}: closer among all faces"] = round(float(closer[ok].mean()), 3)
+        for name, score in scores.items():
+            score = np.where(np.isfinite(score), score, -np.inf)
+            for share in shares:
+                per_fold = []
+                for fold in sorted(set(d["fold"].tolist())):
+                    idx = np.flatnonzero(ok & (d["fold"] == fold))
+                    top = idx[np.argsort(-score[idx], kind="stable")[: int(share * len(idx))]]
+                    per_fold.append(round(float(closer[top].mean()), 3))
+                out[f"{proposal} by {name}, top {share:.0%}"] = per_fold
+    return out
+
+
 def main() -> None:
     from flows.catalog import load_catalog
 
@@ -145,6 +169,7 @@ def main() -> None:
                 key = f"gain>={min_gain} critic<={critic_relabel} fold={fold}"
                 result["rules"][key] = apply_rule(part, bounds, min_gain=min_gain, min_rel=0.03,
                                                   critic_relabel=critic_relabel)
+    result["closer_share_among_the_top_ranked"] = selector_ceiling(data)
     emit({**header(), **result}, args.json)
 
 
