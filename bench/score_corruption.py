@@ -30,7 +30,8 @@ JAW = slice(0, 17)
 def corrupt(points: np.ndarray, kind: str, rng: np.random.Generator, donor: np.ndarray,
             strength: float = 1.0) -> np.ndarray:
     """One pseudo-label (68, 2) in crop px made wrong in the way `kind` names; `strength` scales
-    how far (1: about 10% NME, 0.5: about 5%, near the line between ordinary and bad labels)."""
+    how far (0.5 puts the corrupted labels near the line between ordinary and bad labels; their median
+    NME per strength: docs/rounds.md, 'The critic, checked off the eval split')."""
     centre = points.mean(0)
     size = float(np.sqrt(np.prod(points.max(0) - points.min(0)))) * strength
     out = points.copy()

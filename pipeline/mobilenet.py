@@ -80,7 +80,8 @@ def load_teacher_mobilenet(weights: str | os.PathLike, in_channels: int = 3,
 
 def fused_for_inference(net: MobileNetV1) -> MobileNetV1:
     """A copy with every BatchNorm folded into the conv before it (eval-mode maths, same outputs up
-    to float rounding): about a third less time per forward on the CPU, for the labelling path.
+    to float rounding): less time per forward on the CPU, for the labelling path (figures:
+    docs/benchmarks.md, 'Labelling throughput: batched across images vs one image at a time').
     The trainer keeps the unfused network (its BN statistics stay frozen but present)."""
     import copy
 

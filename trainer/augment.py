@@ -4,11 +4,11 @@ Crop geometry, stated once: every crop the model sees, in training and at infere
 roi of a face (`pipeline.crops`): at build time the teacher's refine-pass roi (from its own first
 pass; from the detector's box on photos), at evaluation the same roi (`detector` protocol) or the roi
 of the reference points (`gt`). What differs between those crops is where the roi sits around the
-face: on aflw2000-dev the detector crop's centre is off the reference crop's by 2.1% / 1.6% of the
-side (std, x / y) and its side by 4.1% (std of the log ratio; 5-95% range -6% .. +7%), measured in
-docs/rounds.md. Training jitters the roi wider than that (shift, scale), rotates it in plane, mirrors
-it with the 68-point index swap, and changes colour, sharpness and occludes parts, so the student
-learns faces rather than the one way its training crops were cut.
+face: on aflw2000-dev the detector crop's centre and side scatter around the reference crop's by a
+few percent of the side (measured by bench/roi_spread.py; figures: docs/rounds.md, 'The CPU round trip
+that beats the teacher'). Training jitters the roi wider than that (shift, scale), rotates it in
+plane, mirrors it with the 68-point index swap, and changes colour, sharpness and occludes parts, so
+the student learns faces rather than the one way its training crops were cut.
 
 Everything geometric is one 2x3 similarity (or a mirror) of the 120x120 crop; the labels move
 with it and so do the teacher's 3DMM params (exactly: pose and translation are rewritten, shape and

@@ -48,8 +48,10 @@ class AugmentationConfig:
     """trainer.augment: crops like the ones curation makes, and 2DASL's noisy map (its AugmentSettings)."""
 
     enabled: bool = True  # off: the stored crops and labels as they are, the map drawn from the label
-    shift: float = 0.06  # roi centre jitter, fraction of its side (dev detector vs reference crops: std 0.02)
-    scale: float = 0.12  # roi side x exp(U(-s, s)) (dev: std of the log ratio 0.04)
+    # wider than the dev detector crops' spread around the reference crops (figures: docs/rounds.md,
+    # 'The CPU round trip that beats the teacher', bench/roi_spread.py)
+    shift: float = 0.06  # roi centre jitter, fraction of its side
+    scale: float = 0.12  # roi side x exp(U(-s, s))
     rotate_deg: float = 12.0
     mirror: float = 0.5
     color: float = 0.3
@@ -123,8 +125,9 @@ class OptimizerConfig:
     """The regressor's AdamW and its schedule; the reader's and the critic's Adam."""
 
     # AdamW for the regressor. Small and warmed up: the student starts as the teacher, and at 1e-4 with
-    # no warm-up the first step alone threw its landmarks to 22% NME on the training batch (every weight
-    # moves by about lr at once; docs/rounds.md). A randomly initialised ResNet-50 wants more (3e-4).
+    # no warm-up the first step alone threw its landmarks far off on the training batch (every weight
+    # moves by about lr at once; figures: docs/rounds.md, 'How the settings were chosen'). A randomly
+    # initialised ResNet-50 wants more (3e-4).
     lr: float = 3e-5
     weight_decay: float = 1e-4
     lr_schedule: Literal["constant", "cosine"] = "cosine"  # cosine decays to 0 at training.max_steps

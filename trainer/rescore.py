@@ -33,15 +33,17 @@ log = logging.getLogger(__name__)
 _COLUMNS = ["face_id", "crop", "landmarks", "crop_affine"]
 
 # combine(): a label whose model residual is within RESIDUAL_OK_PCT keeps full weight (the teacher's
-# own NME on AFLW2000-3D is ~3.8%, so a few percent of disagreement is ordinary noise); beyond it the
-# weight decays by e every RESIDUAL_SCALE_PCT. At the defaults 8% -> 0.37, 12% -> 0.14, 13.2% -> 0.1.
+# own NME on AFLW2000-3D is a few percent - figures: README.md, 'Measured (2-core CPU, no GPU)' - so a
+# few percent of disagreement is ordinary noise); beyond it the weight decays by e every
+# RESIDUAL_SCALE_PCT. At the defaults 8% -> 0.37, 12% -> 0.14, 13.2% -> 0.1.
 RESIDUAL_OK_PCT = 4.0
 RESIDUAL_SCALE_PCT = 4.0
 # The critic is a GAN discriminator, only a prior (2DASL.md §3.5): it may scale a weight down to
 # CRITIC_FLOOR, linearly as its score falls from CRITIC_OK to 0. The default floor is 1, i.e. the
-# critic is recorded but does not move the weight: measured, it finds no bad labels - ROC-AUC 0.46-0.59
-# on synthetically corrupted labels of the *training* split for every kind of corruption
-# (bench/score_corruption.py) and worse than chance at 5-6% on the eval split (docs/rounds.md). It
+# critic is recorded but does not move the weight: measured, it finds no bad labels - at chance on
+# synthetically corrupted labels of the *training* split for every kind of corruption
+# (bench/score_corruption.py) and worse than chance on the eval split (figures: docs/rounds.md, 'The
+# critic, checked off the eval split' and 'How well round 2's scores find bad labels'). It
 # scores the params the model predicts from the label's map, and a model that leans on the image more
 # than on the map predicts much the same params for a good and a bad label. Lower the floor (0.5 was
 # the first default) for a critic that has shown it can tell.
@@ -51,8 +53,8 @@ CRITIC_FLOOR = 1.0
 # Relabelling: a proposed label replaces the current one only when the verifier predicts it better by
 # at least RELABEL_MIN_GAIN_PCT points of NME and by RELABEL_MIN_GAIN_REL of the current prediction.
 # The absolute floor is above the prediction's own noise: the same label re-judged on the stored JPEG
-# crop (the build judged the crop before encoding) moves by 0.016 points median, 0.056 at the 95th
-# percentile and 0.095 at most (200 wild crops, the bundled chain), so a smaller gain is noise. The
+# crop (the build judged the crop before encoding) moves by less than RELABEL_MIN_GAIN_PCT, so a
+# smaller gain is noise (figures: docs/rounds.md, 'Relabelling (wild crops, cross-fitted ...)'). The
 # relative part keeps a label the verifier already finds poor from flipping to a near-equal one:
 # every change costs the next round a moving target.
 RELABEL_MIN_GAIN_PCT = 0.1
