@@ -29,11 +29,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.dataset as ds
 import yaml
 from common import emit, header
 
 from pipeline.settings import shared_root
+from pipeline.store.faces import read_faces
+from pipeline.store.layout import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 RATE_LINE = re.compile(r"processed (\d+) images in ([\d.]+) s")
@@ -81,9 +82,10 @@ def run_build(code: Path, catalog: Path) -> dict:
 
 
 def faces_of(catalog: Path) -> dict:
-    store = yaml.safe_load(catalog.read_text())["output_root"]
-    files = sorted(str(p) for p in Path(store).rglob("faces*.parquet") if "staging" not in str(p))
-    t = ds.dataset(files).to_table(columns=["face_id", "landmarks", "keep", "verifier_nme_pct"])
+    """The latest version's faces, read by this checkout's store reader (it reads older layouts too)."""
+    data = yaml.safe_load(catalog.read_text())
+    t = read_faces(Store(data["output_root"], data["dataset"]), None,
+                   columns=["face_id", "landmarks", "keep", "verifier_nme_pct"])
     order = np.argsort(t.column("face_id").to_numpy(zero_copy_only=False))
     return {"face_id": t.column("face_id").to_numpy(zero_copy_only=False)[order],
             "landmarks": np.stack(t.column("landmarks").to_numpy(zero_copy_only=False))[order],

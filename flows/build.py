@@ -86,7 +86,7 @@ def run_build(catalog_path: str, *, dask_address: str | None = None, workers: in
     address = dask_address or ex.dask_address
     runner = dask_task_runner(address, workers, ex.dask_processes, cuda=ex.dask_cuda,
                               threads=ex.threads_per_worker)
-    # A remote cluster's workers have cores of their own: only the catalog's model_threads speaks for them.
-    threads = ex.model_threads if address else model_threads(ex, workers=workers)
+    # Sized for this machine's cores and the worker count actually used (--workers may override the
+    # catalog's); a remote cluster's workers have cores of their own: the catalog's model_threads is theirs.
     return build_dataset.with_options(task_runner=runner)(catalog_path=str(catalog.path), scores_path=scores_path,
-                                                          model_threads=threads)
+                                                          model_threads=model_threads(ex, workers=workers))

@@ -30,3 +30,12 @@ def expand_vars(text: str) -> str:
         return os.environ[name]
 
     return _VAR.sub(sub, text)
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity, which a container or taskset narrows). Here, not
+    in `pipeline.threads`: the tests size their workers' threads with it before torch is imported."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1

@@ -11,7 +11,6 @@ made, so the chain's models are loaded per thread count (`labeling.get_chain`).
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,17 +18,10 @@ from contextlib import contextmanager
 import torch
 
 from pipeline.catalog import Execution
+from pipeline.settings import available_cores
 
 _LOCK = threading.Lock()
 _onnx_threads = 0  # 0: ONNX Runtime's own default, a thread per core
-
-
-def available_cores() -> int:
-    """The cores this process may run on (its affinity, which a container or taskset narrows)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def batches_per_worker(threads_per_worker: int | None, workers: int) -> int:

@@ -10,21 +10,21 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+from pipeline.settings import available_cores, shared_root  # noqa: E402 - imports no torch
+
 # The README's test command runs pytest-xdist workers, one per core: each worker gets its share of
 # the cores for torch (set before torch loads; two workers each on both cores would fight over them)
 # and its own Prefect home.
 WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
 if WORKER:
-    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+    _share = available_cores() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _share)))
 # Before anything imports prefect: a project-local home, no analytics, quiet logs.
 os.environ.setdefault("PREFECT_HOME", str(ROOT / ".prefect" / (f"test-home-{WORKER}" if WORKER else "test-home")))
 Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["DO_NOT_TRACK"] = "1"
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-
-from pipeline.settings import shared_root  # noqa: E402
 
 SHARED = shared_root()
 DATA = SHARED / "data"

@@ -57,6 +57,10 @@ def osf_box(tight_box: np.ndarray, grow_x: float, grow_y: float) -> np.ndarray:
                     dtype=np.float32)
 
 
+def _tensor(per_channel: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.as_tensor(per_channel, device=device).view(1, 3, 1, 1)
+
+
 def decode_heatmaps(out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """[N, 198, 28, 28] -> points [N, 66, 2] in 224-crop pixels (x, y), confidences [N, 66]."""
     n = out.shape[0]
@@ -96,16 +100,12 @@ class OpenSeeFaceLandmarker:
         for start in range(0, len(rois), self.batch_size):
             chunk = rois[start:start + self.batch_size]
             crops = crop_rois(images, chunk, INPUT_SIZE)
-            host = not isinstance(crops, torch.Tensor)  # else [N, 3, 224, 224] RGB grey levels, on the device
-            # Host crops: bytes laid out NCHW first, then the float32 steps in place: the same values in
-            # less time (figures: docs/benchmarks.md, 'The bundled build against c679b14, ...').
-            if host:
-                crops = torch.from_numpy(crops).permute(0, 3, 1, 2).contiguous().float()
-            mean = torch.as_tensor(_MEAN, device=crops.device).view(1, 3, 1, 1)
-            std = torch.as_tensor(_STD, device=crops.device).view(1, 3, 1, 1)
-            x = crops.sub_(mean).div_(std) if host else (crops - mean) / std
-            if host:
-                x = x.numpy()
+            if isinstance(crops, torch.Tensor):  # [N, 3, 224, 224] RGB grey levels, on the device
+                x = (crops - _tensor(_MEAN, crops.device)) / _tensor(_STD, crops.device)
+            else:  # bytes laid out NCHW first, then the same float32 steps in place: the same values in less
+                # time (figures: docs/benchmarks.md, 'The bundled build against c679b14, ...')
+                x = torch.from_numpy(crops).permute(0, 3, 1, 2).contiguous().float()
+                x = x.sub_(_tensor(_MEAN, x.device)).div_(_tensor(_STD, x.device)).numpy()
             uv, conf = decode_heatmaps(self._run(x))
             for (_, roi), p, c in zip(chunk, uv, conf):
                 sx, sy, ex, ey = roi_window(roi)
