@@ -29,6 +29,7 @@ import pipeline.verifier as verifier_module
 from pipeline.batch import decode_items, label_items, read_items
 from pipeline.catalog import load_catalog
 from pipeline.labeling import get_chain
+from pipeline.memory import keep_freed_memory
 from pipeline.plan import plan_build
 from pipeline.sources import TarReader
 from pipeline.threads import batches_per_worker, model_threads, using_model_threads
@@ -92,6 +93,7 @@ def model_bound_rate(catalog_path) -> dict:
     side_by_side, threads = batches_per_worker(ex.threads_per_worker, ex.dask_workers), model_threads(ex)
     per_model: dict[str, float] = defaultdict(float)
     faces, wall = 0, 0.0
+    keep_freed_memory()  # the allocator every batch of a build runs with (pipeline.batch.process_batch)
     with using_model_threads(threads), ThreadPoolExecutor(side_by_side) as pool:
         chain = get_chain(catalog.detectors)
         recorder = Recorder(chain)

@@ -16,11 +16,17 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from flows.catalog import load_catalog
 from flows.events import emit_landed
-from flows.runtime import dask_task_runner, default_task_runner
+from flows.runtime import (
+    dask_task_runner,
+    default_task_runner,
+    local_workers_are_processes,
+)
+from flows.server import TemporaryServer
+from pipeline.batch import check_models
 from pipeline.build import Batch, BatchResult, build
 from pipeline.catalog import store_of
 from pipeline.summary import format_summary, version_summary
-from pipeline.threads import model_threads
+from pipeline.threads import model_threads, using_model_threads
 
 
 @task(name="process-batch", cache_policy=NONE, retries=1, retry_delay_seconds=2)
@@ -78,15 +84,25 @@ def build_dataset(catalog_path: str = "catalog.yaml", lock_wait_s: float = 0.0, 
 
 
 def run_build(catalog_path: str, *, dask_address: str | None = None, workers: int | None = None,
-              scores_path: str | None = None) -> dict:
-    """Run the flow with the dask runner the catalog (or the caller) asks for."""
+              scores_path: str | None = None, temporary_server: TemporaryServer | None = None) -> dict:
+    """Run the flow with the dask runner the catalog (or the caller) asks for.
+
+    `temporary_server`: the command's own Prefect server (`flows.server`), still starting: the models
+    load meanwhile, in this process, for the local worker threads to share."""
     catalog = load_catalog(catalog_path)  # fail fast, before any Prefect or dask start-up
     ex = catalog.execution
     workers = workers or ex.dask_workers
     address = dask_address or ex.dask_address
+    temporary = temporary_server is not None
     runner = dask_task_runner(address, workers, ex.dask_processes, cuda=ex.dask_cuda,
-                              threads=ex.threads_per_worker)
+                              threads=ex.threads_per_worker, temporary_server=temporary)
     # Sized for this machine's cores and the worker count actually used (--workers may override the
     # catalog's); a remote cluster's workers have cores of their own: the catalog's model_threads is theirs.
+    threads = model_threads(ex, workers=workers)
+    if temporary:
+        if not address and not ex.dask_cuda and not local_workers_are_processes(ex.dask_processes, temporary):
+            with using_model_threads(threads):  # the build's own check then finds them loaded
+                check_models(catalog)
+        temporary_server.wait_ready()
     return build_dataset.with_options(task_runner=runner)(catalog_path=str(catalog.path), scores_path=scores_path,
-                                                          model_threads=model_threads(ex, workers=workers))
+                                                          model_threads=threads)

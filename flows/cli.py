@@ -43,12 +43,16 @@ def _build(args, scores_path: str | None) -> int:
         from flows.inprocess import build_in_process
 
         result = build_in_process(catalog, scores_path=scores_path)
+        seconds = time.perf_counter() - started
     else:
-        from flows.build import run_build
+        from flows.server import temporary_server
 
-        result = run_build(args.catalog, dask_address=args.dask_address, workers=args.workers,
-                           scores_path=scores_path)
-    seconds = time.perf_counter() - started
+        with temporary_server() as server:  # first: it starts while the rest imports and loads
+            from flows.build import run_build
+
+            result = run_build(args.catalog, dask_address=args.dask_address, workers=args.workers,
+                               scores_path=scores_path, temporary_server=server)
+            seconds = time.perf_counter() - started  # the server's shutdown is not the build's
     summary = version_summary(store_of(catalog), result["version"])
     print(format_summary(summary))
     verb = "built" if result["created"] else "unchanged:"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 
+import dask
 from prefect_dask import DaskTaskRunner
 
 from pipeline.threads import batches_per_worker
@@ -18,22 +19,35 @@ def prefect_server_configured() -> bool:
     return bool(os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value())
 
 
+def local_workers_are_processes(processes: bool | None, temporary_server: bool = False) -> bool:
+    """The catalog's choice, else processes with a configured server and threads without one or with the
+    command's own temporary server (`flows.server`): see `dask_task_runner`."""
+    if processes is not None:
+        return processes
+    return prefect_server_configured() and not temporary_server
+
+
 def dask_task_runner(address: str | None, workers: int = 1, processes: bool | None = None,
-                     cuda: bool = False, threads: int | None = None) -> DaskTaskRunner:
+                     cuda: bool = False, threads: int | None = None,
+                     temporary_server: bool = False) -> DaskTaskRunner:
     """An existing scheduler when `address` is given, else a LocalCluster.
 
     In Prefect's ephemeral mode every dask worker *process* would start its own temporary Prefect
     server (several times slower: measured in docs/design-notes.md, note 7), so by default the local
-    cluster runs its workers as threads of this process then; with a real server, as processes.
+    cluster runs its workers as threads of this process then, and with the command's own temporary
+    server too (the threads share the models it loads while that server starts); with a real server,
+    as processes.
     """
     if address:
         return DaskTaskRunner(address=address)
     if cuda:
         return cuda_task_runner(threads)
-    if processes is None:
-        processes = prefect_server_configured()
+    processes = local_workers_are_processes(processes, temporary_server)
     kwargs = {"n_workers": workers, "threads_per_worker": batches_per_worker(threads, workers),
               "processes": processes, "dashboard_address": None}
+    # No dashboard, so nobody reads the workers' statistical profiler: it samples every thread's stack
+    # 100 times a second, holding the GIL the batches' pre- and post-processing needs.
+    dask.config.set({"distributed.worker.profile.enabled": False})
     return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=kwargs)
 
 

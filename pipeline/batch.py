@@ -25,6 +25,7 @@ from pipeline.decode import DecodeError
 from pipeline.device_images import image_hw
 from pipeline.gpu_decode import decode_batch, decode_device
 from pipeline.labeling import LabelledFace, get_chain, label_images
+from pipeline.memory import keep_freed_memory
 from pipeline.plan import Batch
 from pipeline.quality import apply_rules, face_features
 from pipeline.sources import FetchError, SourceItem, TarReader, fetch_url, read_file
@@ -319,6 +320,7 @@ def process_batch(catalog: Catalog, plan_staging_key: str, batch: Batch, *,
 
     if model_threads:
         use_model_threads(model_threads)
+    keep_freed_memory()
     tars = TarReader()
     timings: dict[str, float] = {}
     try:

@@ -11,6 +11,7 @@ import json
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.landmarks import nme_table, yaw_bins
 from pipeline.store.faces import faces_schema, read_faces
@@ -46,14 +47,28 @@ def reference_nme(faces: pa.Table) -> dict:
 
 def _labels_by_name(t: pa.Table) -> dict[str, np.ndarray]:
     """{'label': the faces' labels, each candidate's name: its points (NaN where a face lacks it)} as [N, 136].
-    Versions before the verifier name the label by its landmarker (there the label was the primary's)."""
+    Versions before the verifier name the label by its landmarker (there the label was the primary's).
+    Read as Arrow buffers, not Python lists: a version's summary reads every face's candidates."""
     names = set(t.column_names)
     label_name = "label" if "label_source" in names else t.column("landmarker")[0].as_py()
-    preds = {label_name: np.asarray(t.column("landmarks").to_pylist(), np.float32)}
-    for i, alts in enumerate(t.column("alt_landmarks").to_pylist()):
-        for alt in alts or []:
-            preds.setdefault(alt["name"], np.full((t.num_rows, 136), np.nan, np.float32))[i] = alt["points"]
+    preds = {label_name: _points(t.column("landmarks").combine_chunks(), t.num_rows)}
+    alts = t.column("alt_landmarks").combine_chunks()
+    if len(alts.flatten()) == 0:
+        return preds
+    face_of = pc.list_parent_indices(alts).to_numpy()
+    entries = alts.flatten()
+    alt_names = np.asarray(entries.field("name").to_pylist(), dtype=object)
+    alt_points = _points(entries.field("points"), len(entries))
+    for name in dict.fromkeys(alt_names):  # first-seen order, as the faces list them
+        rows = alt_names == name
+        preds[name] = np.full((t.num_rows, 136), np.nan, np.float32)
+        preds[name][face_of[rows]] = alt_points[rows]
     return preds
+
+
+def _points(lists: pa.Array, n: int) -> np.ndarray:
+    """A list<float> array of 136 values per row (x0, y0, x1, ...) -> [n, 136] float32."""
+    return np.asarray(lists.flatten().to_numpy(zero_copy_only=False), np.float32).reshape(n, 136)
 
 
 def _mean_or_none(v: np.ndarray) -> float | None:

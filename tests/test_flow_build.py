@@ -69,3 +69,37 @@ def test_the_flow_stops_on_a_missing_model_file(tmp_path, prefect_harness, capsy
     assert "det_500mm.onnx" in capsys.readouterr().err
     store = store_of(load_catalog(path))
     assert list_versions(store) == [] and not (tmp_path / "out" / "faces" / "_staging").exists()
+
+
+def test_a_batch_is_named_to_dask_by_its_content_key():
+    """The task runner's submit tokenizes its arguments: a batch is its key, not a walk over its items."""
+    from dask.base import tokenize
+
+    from pipeline.plan import Batch
+    from pipeline.sources import SourceItem
+
+    items = [SourceItem("s", f"/x/{k}.jpg", 10, "t") for k in range(3)]
+    assert tokenize(Batch("k1", items)) == tokenize(Batch("k1", items[:1]))
+    assert tokenize(Batch("k1", items)) != tokenize(Batch("k2", items))
+
+
+def test_the_readme_build_in_prefect_ephemeral_mode(small_catalog):
+    """`facecurate build` as a new user runs it: no Prefect server configured, so the command starts a
+    temporary one itself (`flows.server`, while it loads the models), the batches run on a dask
+    LocalCluster of threads that share those models, and the server stops with the command (a server
+    left running keeps the output pipe open: the command never returns; seen with `stop` left out)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PYTHONPATH"] = str(ROOT)  # the tests' own Prefect home (conftest), so its database is made once
+    done = subprocess.run([sys.executable, "-c", "import sys; from flows.cli import main; sys.exit(main(sys.argv[1:]))",
+                           "build", "--catalog", str(small_catalog)], cwd=small_catalog.parent, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "built faces@v1: processed 11 images" in done.stdout
+    faces = read_faces(store_of(load_catalog(small_catalog)), 1, columns=["face_id"]).to_pandas()
+    assert faces.face_id.is_unique and len(faces) >= 12
