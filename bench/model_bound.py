@@ -87,7 +87,9 @@ def replay(calls: list) -> dict[str, float]:
     return seconds
 
 
-def model_bound_rate(catalog_path) -> dict:
+def model_bound_rate(catalog_path, repeats: int = 2) -> dict:
+    """Each group of side-by-side batches is replayed `repeats` times and its fastest replay counts: the
+    ceiling is the best the networks did, as a build's rate is the best of its repeats."""
     catalog = load_catalog(catalog_path)
     ex = catalog.execution
     side_by_side, threads = batches_per_worker(ex.threads_per_worker, ex.dask_workers), model_threads(ex)
@@ -108,12 +110,18 @@ def model_bound_rate(catalog_path) -> dict:
                     labelled, _ = label_items(chain, catalog, decoded)
                 faces += sum(len(f) for _, f in labelled)
                 groups.append(recorder.calls)
-            began = time.perf_counter()
-            for seconds in pool.map(replay, groups):
-                for name, s in seconds.items():
+            best_wall, best_seconds = float("inf"), []
+            for _ in range(repeats):
+                began = time.perf_counter()
+                seconds = list(pool.map(replay, groups))
+                if time.perf_counter() - began < best_wall:
+                    best_wall, best_seconds = time.perf_counter() - began, seconds
+            wall += best_wall
+            for per_batch in best_seconds:
+                for name, s in per_batch.items():
                     per_model[name] += s
-            wall += time.perf_counter() - began
     return {"model_bound_layout": f"{side_by_side} batches side by side x {threads} threads each",
+            "model_bound_repeats": repeats,
             "model_bound_faces": faces, "model_bound_seconds": wall, "model_bound_faces_per_s": faces / wall,
             **{f"model_seconds_{name}": s for name, s in per_model.items()}}
 

@@ -1,10 +1,10 @@
 """glibc's allocator, told to keep what a batch frees for the next batch instead of returning it.
 
-By default glibc serves every block of 128 KiB or more (a batch's images, crops, activations) with its
-own mmap and unmaps it on free, so the next batch page-faults the same memory in again, zeroed by the
-kernel: millions of faults and a sixth of a build's CPU time spent in the kernel. A fixed mmap
-threshold of 32 MiB (glibc's ceiling for it) and a high trim threshold keep those blocks in the heap
-for reuse. Figures: docs/benchmarks.md ('The bundled build against c679b14').
+By default glibc serves large blocks (a batch's images, crops, activations) with their own mmap and
+unmaps them on free, and trims the heap's free top, so the next batch page-faults the same memory in
+again, zeroed by the kernel. A fixed mmap threshold of 32 MiB (glibc's ceiling for it) and a high trim
+threshold keep those blocks in the heap for reuse. Figures (page faults, kernel time):
+docs/benchmarks.md ('The bundled build against c679b14').
 """
 
 from __future__ import annotations
