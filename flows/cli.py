@@ -288,8 +288,8 @@ def cmd_verifier_train(args) -> int:
 
 def cmd_serve(args) -> int:
     from flows.catalog import load_catalog
-    from flows.runtime import prefect_server_configured
     from flows.serve import serve_catalog
+    from flows.server import prefect_server_configured
 
     if not prefect_server_configured():
         raise ValueError("serve needs a Prefect server: set PREFECT_API_URL (e.g. http://127.0.0.1:4200/api; "

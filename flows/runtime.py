@@ -10,13 +10,8 @@ import os
 import dask
 from prefect_dask import DaskTaskRunner
 
+from flows.server import prefect_server_configured
 from pipeline.threads import batches_per_worker
-
-
-def prefect_server_configured() -> bool:
-    from prefect.settings import PREFECT_API_URL
-
-    return bool(os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value())
 
 
 def local_workers_are_processes(processes: bool | None, temporary_server: bool = False) -> bool:

@@ -71,13 +71,21 @@ class TemporaryServer:
                 self.process.wait()
 
 
+def prefect_server_configured() -> bool:
+    """A Prefect API URL is set (environment or profile). Here, not in `flows.runtime`: this module is
+    imported first thing by `build`, before dask and prefect-dask."""
+    from prefect.settings import PREFECT_API_URL
+
+    return bool(os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value())
+
+
 @contextmanager
 def temporary_server() -> Iterator[TemporaryServer | None]:
     """A temporary server for the body, its URL set as this process's (and its children's) Prefect API;
     None, and nothing started, when a server is configured or ephemeral mode is turned off."""
     from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED, temporary_settings
 
-    if os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+    if prefect_server_configured() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
         yield None
         return
     server = TemporaryServer()

@@ -53,10 +53,10 @@ def _labels_by_name(t: pa.Table) -> dict[str, np.ndarray]:
     label_name = "label" if "label_source" in names else t.column("landmarker")[0].as_py()
     preds = {label_name: _points(t.column("landmarks").combine_chunks(), t.num_rows)}
     alts = t.column("alt_landmarks").combine_chunks()
-    if len(alts.flatten()) == 0:
+    entries = alts.flatten()
+    if len(entries) == 0:
         return preds
     face_of = pc.list_parent_indices(alts).to_numpy()
-    entries = alts.flatten()
     alt_names = np.asarray(entries.field("name").to_pylist(), dtype=object)
     alt_points = _points(entries.field("points"), len(entries))
     for name in dict.fromkeys(alt_names):  # first-seen order, as the faces list them
