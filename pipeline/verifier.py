@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.crops import CROP_SIZE
+from pipeline.device import resolve_batch_size
 from pipeline.label_score import LabelScore, score_features
 from pipeline.references import AFLW21_FROM_68
 
@@ -164,13 +165,13 @@ class Verifier:
     """The shipped verifier: the teacher's trunk (from the teacher weights) + the trained head."""
 
     def __init__(self, teacher_net: nn.Module, head: VerifierHead, *, device: torch.device | str = "cpu",
-                 batch_size: int = 256, tau_pct: float = 2.0, label_score: LabelScore | None = None):
+                 batch_size: int | None = None, tau_pct: float = 2.0, label_score: LabelScore | None = None):
         self.tau_pct = tau_pct  # the fusion softness chosen when it was trained
         self.label_score = label_score  # None: a file from before it, the head's own figure is the label's
         self.device = torch.device(device)
         self.trunk = teacher_net.eval().to(self.device)
         self.head = head.eval().to(self.device)
-        self.batch_size = batch_size
+        self.batch_size = resolve_batch_size(batch_size, self.device, cpu=16, gpu=256)
 
     @classmethod
     def load(cls, teacher_net: nn.Module, weights: str | Path | None = None, **kw) -> Verifier:

@@ -101,16 +101,41 @@ def test_default_chain_labels_dev_faces_and_agrees_with_references(scrfd, tddfa,
     assert np.corrcoef(np.abs(t_yaw), np.abs(yaw))[0, 1] > 0.8
 
 
-@pytest.mark.parametrize("which", ["tddfa", "peppa"])
+def _reference_boxes(refs):
+    return [np.array([np.r_[r.landmarks_68.min(0), r.landmarks_68.max(0)]], np.float32) for r in refs]
+
+
+@pytest.mark.parametrize("which", ["tddfa", "peppa", "openseeface"])
 def test_batching_changes_no_landmark(which, tddfa, peppa, dev_set):
-    model = {"tddfa": tddfa, "peppa": peppa}[which]
+    if which == "openseeface":
+        model = build_landmarker(_spec("openseeface", MODELS / "openseeface/lm_model0_opt.onnx"))
+    else:
+        model = {"tddfa": tddfa, "peppa": peppa}[which]
     images, refs = dev_set
-    images, refs = images[:6], refs[:6]
-    boxes = [np.array([np.r_[r.landmarks_68.min(0), r.landmarks_68.max(0)]], np.float32) for r in refs]
-    together = model(images, boxes)
+    images, boxes = images[:20], _reference_boxes(refs[:20])
+    together = model(images, boxes)  # the model's own batch size: several batches for 20 faces on CPU
     alone = [model([img], [b])[0] for img, b in zip(images, boxes)]
-    for a, b in zip(together, alone):
+    model.batch_size, in_one = 64, model(images, boxes)  # one batch (a GPU's size)
+    for a, b, c in zip(together, alone, in_one):
         np.testing.assert_allclose(a[0].points, b[0].points, atol=2e-3)
+        np.testing.assert_allclose(a[0].points, c[0].points, atol=2e-3)
+
+
+def test_the_teacher_labels_alike_in_onnxruntime_and_in_torch(dev_set):
+    """On CPU the teacher runs as an ONNX graph exported from its torch network (faster there); both
+    give the same points, pose and params, refine pass included."""
+    images, refs = dev_set
+    boxes = _reference_boxes(refs)
+    files = dict(bfm=str(MODELS / "bfm/bfm_68.npz"), param_stats=str(MODELS / "3ddfa_v2/param_mean_std_62d_120x120.pkl"))
+    on = {backend: build_landmarker(_spec("tddfa_mb05", MODELS / "3ddfa_v2/mb05_120x120.pth", backend=backend, **files))
+          for backend in ("onnxruntime", "torch")}
+    assert on["onnxruntime"].session is not None and on["torch"].session is None
+    got, want = (sum(on[b](images, boxes), []) for b in ("onnxruntime", "torch"))
+    assert len(got) == len(want) == len(images)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a.points, b.points, atol=0.01)  # pixels
+        np.testing.assert_allclose(a.pose_deg, b.pose_deg, atol=0.01)  # degrees
+        np.testing.assert_allclose(a.params_62, b.params_62, rtol=1e-3, atol=1e-3 * np.abs(b.params_62).max())
 
 
 def test_a_tampered_weight_file_is_refused(tmp_path):

@@ -115,11 +115,8 @@ def _chain(precision: str) -> Chain:
     spec = load_catalog(ROOT / "catalog.yaml").detectors
     torch_backend = {"backend": "torch"}
     face = spec.face.model_copy(update={"options": {**spec.face.options, **torch_backend}, "precision": precision})
-    landmarkers = tuple(
-        s.model_copy(update={"precision": precision,
-                             "options": ({**s.options, **torch_backend} if s.name in ("peppa68", "openseeface")
-                                         else s.options)})
-        for s in spec.landmarkers)
+    landmarkers = tuple(s.model_copy(update={"precision": precision, "options": {**s.options, **torch_backend}})
+                        for s in spec.landmarkers)
     return Chain(spec.model_copy(update={"face": face, "landmarkers": landmarkers}))
 
 

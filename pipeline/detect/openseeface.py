@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pipeline.crops import roi_window
 from pipeline.detect.base import Landmarks
 from pipeline.detect.onnx_session import OnnxRunner, resolve_backend
-from pipeline.device import pick_device, resolve_precision
+from pipeline.device import pick_device, resolve_batch_size, resolve_precision
 from pipeline.device_images import as_numpy, crop_rois, is_tensor_batch
 from pipeline.weights import sha256_file, verified_path
 
@@ -83,13 +83,13 @@ def decode_heatmaps(out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 class OpenSeeFaceLandmarker:
     name = "openseeface"
 
-    def __init__(self, weights, *, weights_sha256: str | None = None, device: str = "auto", batch_size: int = 64,
+    def __init__(self, weights, *, weights_sha256: str | None = None, device: str = "auto", batch_size: int | None = None,
                  precision: str = "auto", options: OpenSeeFaceOptions | None = None):
         self.options = options or OpenSeeFaceOptions()
         path = verified_path(weights, weights_sha256, what="OpenSeeFace weights")
         self.weights_sha256 = sha256_file(path)
-        self.batch_size = batch_size
         self.device = pick_device(device)
+        self.batch_size = resolve_batch_size(batch_size, self.device, cpu=8, gpu=64)
         self.backend = resolve_backend(self.options.backend, self.device)
         self.precision = resolve_precision(precision, self.device, backend=self.backend)
         self._run = OnnxRunner(path, self.device, self.backend, self.precision, session_model=None)

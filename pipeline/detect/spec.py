@@ -40,7 +40,8 @@ class DetectorSpec(BaseModel):
     weights: Path | None = None  # main weight file; None for detectors that find their own (fan)
     sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$")  # defaults to KNOWN_SHA256
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    batch_size: int = Field(default=64, ge=1, le=4096)
+    # crops per forward pass; None: the model's default for its device (small on CPU, large on a GPU)
+    batch_size: int | None = Field(default=None, ge=1, le=4096)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: fp16 on CUDA, fp32 on CPU
     options: dict = Field(default_factory=dict)  # validated by the detector's own options model
 

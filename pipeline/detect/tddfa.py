@@ -9,14 +9,16 @@ use), which the measured figures show closes most of the gap to ground-truth cro
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 
 from pipeline.crops import CROP_SIZE, roi_from_box, roi_from_landmarks
+from pipeline.detect import onnx_session
 from pipeline.detect.base import Landmarks
-from pipeline.device import autocast, pick_device, resolve_precision
+from pipeline.device import autocast, pick_device, resolve_batch_size, resolve_precision
 from pipeline.device_images import crop_rois
 from pipeline.weights import sha256_file, verified_path
 
@@ -27,24 +29,32 @@ class TDDFAOptions(BaseModel):
     bfm: Path  # bfm/bfm_68.npz
     param_stats: Path  # 3ddfa_v2/param_mean_std_62d_120x120.pkl
     refine: bool = True  # second pass from the first pass's landmarks
+    # auto: the network as an ONNX graph in ONNX Runtime on CPU (faster there, same weights), torch on CUDA
+    backend: Literal["auto", "onnxruntime", "torch"] = "auto"
 
 
 class TDDFALandmarker:
     name = "tddfa_mb05"
 
-    def __init__(self, weights, *, weights_sha256: str | None = None, device: str = "auto", batch_size: int = 128,
+    def __init__(self, weights, *, weights_sha256: str | None = None, device: str = "auto", batch_size: int | None = None,
                  precision: str = "auto", options: TDDFAOptions):
         from pipeline.bfm import landmarks_3d, load_bfm, load_param_stats
         from pipeline.mobilenet import fused_for_inference, load_teacher_mobilenet
 
         self.device = pick_device(device)
-        self.precision = resolve_precision(precision, self.device)
-        self.batch_size = batch_size
+        self.backend = onnx_session.resolve_backend(options.backend, self.device)
+        self.precision = resolve_precision(precision, self.device, backend=self.backend)
+        self.batch_size = resolve_batch_size(batch_size, self.device, cpu=16, gpu=128)
         self.refine = options.refine
         path = verified_path(weights, weights_sha256, what="3DDFA_V2 mb05 weights")
         self.weights_sha256 = sha256_file(path)
         teacher = load_teacher_mobilenet(path, in_channels=3, weights_sha256=self.weights_sha256)
-        self.net = fused_for_inference(teacher).to(self.device)  # BN folded into the convs: same outputs
+        # BN folded into the convs: same outputs. The verifier reads its trunk (`labeling.Chain.verifier`).
+        self.net = fused_for_inference(teacher).to(self.device)
+        self.session = None  # the torch network runs the passes
+        if self.backend == "onnxruntime":
+            example = torch.zeros(1, 3, CROP_SIZE, CROP_SIZE)
+            self.session = onnx_session.session(onnx_session.onnx_graph(self.net, example), self.device)
         self.bfm = load_bfm(options.bfm, device=self.device)
         mean, std = load_param_stats(options.param_stats)
         self.mean = torch.as_tensor(mean, device=self.device)
@@ -65,10 +75,12 @@ class TDDFALandmarker:
             else:
                 x = torch.from_numpy(np.ascontiguousarray(chunk)).to(self.device).permute(0, 3, 1, 2).float()
             x = (x.flip(1) - 127.5) / 128.0  # RGB -> BGR, as trained
-            x = x.contiguous(memory_format=torch.channels_last)  # faster than NCHW on CPU
-            with autocast(self.device, self.precision):
-                p = self.net(x)
-            p = p.float() * self.std + self.mean
+            if self.session is not None:
+                p = torch.from_numpy(self.session.run(None, {"x": x.contiguous().cpu().numpy()})[0]).to(self.device)
+            else:
+                with autocast(self.device, self.precision):
+                    p = self.net(x.contiguous(memory_format=torch.channels_last)).float()  # CL: faster
+            p = p * self.std + self.mean
             params.append(p.cpu().numpy())
             points.append(self._to_points(p, self.bfm).cpu().numpy())
         return np.concatenate(params), np.concatenate(points)
