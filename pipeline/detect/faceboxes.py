@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.detect.base import FaceBox
-from pipeline.device import autocast, pick_device, resolve_precision
+from pipeline.device import autocast, pick_device, resolve_batch_size, resolve_precision
 from pipeline.device_images import as_numpy
 from pipeline.weights import sha256_file, verified_path
 
@@ -205,7 +205,7 @@ class FaceBoxesDetector:
         *,
         weights_sha256: str | None = None,
         device: str = "auto",
-        batch_size: int = 16,
+        batch_size: int | None = None,
         precision: str = "auto",
         options: FaceBoxesOptions | None = None,
     ):
@@ -213,7 +213,7 @@ class FaceBoxesDetector:
         self.weights_sha256 = sha256_file(path)
         self.device = pick_device(device)
         self.precision = resolve_precision(precision, self.device)
-        self.batch_size = max(1, int(batch_size))
+        self.batch_size = resolve_batch_size(batch_size, self.device, cpu=16, gpu=64)
         self.options = options or FaceBoxesOptions()
         state = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(state, dict) and "state_dict" in state:

@@ -13,9 +13,8 @@ def _build(spec: DetectorSpec):
     if entry.needs_weights and spec.weights is None:
         raise ValueError(f"detector {spec.name!r} needs `weights:` (a weight file path)")
     factory = getattr(importlib.import_module(entry.module), entry.cls)
-    sized = {} if spec.batch_size is None else {"batch_size": spec.batch_size}  # else the model's own default
-    return factory(spec.weights, weights_sha256=spec.sha256, device=spec.device, precision=spec.precision,
-                   options=validate_options(spec), **sized)
+    return factory(spec.weights, weights_sha256=spec.sha256, device=spec.device, batch_size=spec.batch_size,
+                   precision=spec.precision, options=validate_options(spec))
 
 
 def build_face_detector(spec: DetectorSpec):

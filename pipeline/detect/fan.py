@@ -15,7 +15,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from pipeline.detect.base import Landmarks
-from pipeline.device import PRECISIONS, pick_device, resolve_precision
+from pipeline.device import PRECISIONS, pick_device, resolve_batch_size, resolve_precision
 from pipeline.device_images import crop_rois
 from pipeline.weights import WeightsError, sha256_file
 
@@ -70,7 +70,7 @@ def resolve_fan_weights(weights: Path | None, sha256: str | None) -> Path:
 class FanLandmarker:
     name = "fan"
 
-    def __init__(self, weights=None, *, weights_sha256: str | None = None, device: str = "auto", batch_size: int = 32,
+    def __init__(self, weights=None, *, weights_sha256: str | None = None, device: str = "auto", batch_size: int | None = None,
                  precision: str = "auto", options: FanOptions | None = None):
         import face_alignment
 
@@ -81,7 +81,7 @@ class FanLandmarker:
         self.weights_sha256 = sha256_file(path)
         self.device = pick_device(device)
         self.precision = resolve_precision(precision, self.device)
-        self.batch_size = batch_size
+        self.batch_size = resolve_batch_size(batch_size, self.device, cpu=32, gpu=64)
         blaze = Path(shared_root()) / "models" / "blazeface"
         detector_kwargs = {"path_to_detector": str(options.blazeface_weights or blaze / "blazeface.pth"),
                            "path_to_anchor": str(options.blazeface_anchors or blaze / "anchors.npy")}

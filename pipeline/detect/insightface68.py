@@ -41,7 +41,7 @@ def resolve_pack_file(weights: Path | None, options: Insightface68Options) -> Pa
 class Insightface68Landmarker:
     name = "insightface68"
 
-    def __init__(self, weights=None, *, weights_sha256: str | None = None, device: str = "auto", batch_size: int = 1,
+    def __init__(self, weights=None, *, weights_sha256: str | None = None, device: str = "auto", batch_size: int | None = None,
                  precision: str = "auto", options: Insightface68Options | None = None):
         from insightface.model_zoo import get_model
 

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.detect.base import FaceBox
 from pipeline.detect.onnx_session import providers_for, resolve_backend, session_options
-from pipeline.device import autocast, pick_device, resolve_precision
+from pipeline.device import autocast, pick_device, resolve_batch_size, resolve_precision
 from pipeline.device_images import as_numpy, image_hw, is_tensor_batch, resize
 from pipeline.weights import sha256_file, verified_path
 
@@ -35,13 +35,13 @@ class ScrfdOptions(BaseModel):
 class ScrfdDetector:
     name = "scrfd"
 
-    def __init__(self, weights, *, weights_sha256: str | None = None, device: str = "auto", batch_size: int = 16,
+    def __init__(self, weights, *, weights_sha256: str | None = None, device: str = "auto", batch_size: int | None = None,
                  precision: str = "auto", options: ScrfdOptions | None = None):
         self.options = options or ScrfdOptions()
         path = verified_path(weights, weights_sha256, what="SCRFD weights")
         self.weights_sha256 = sha256_file(path)
         self.device = pick_device(device)
-        self.batch_size = batch_size
+        self.batch_size = resolve_batch_size(batch_size, self.device, cpu=16, gpu=64)  # the torch backend's
         self.backend = resolve_backend(self.options.backend, self.device)
         self.precision = resolve_precision(precision, self.device, backend=self.backend)
         if self.backend == "torch":
