@@ -45,9 +45,8 @@ def autocast(device: torch.device, precision: str):
 
 def resolve_batch_size(option: int | None, device: torch.device, *, cpu: int, gpu: int) -> int:
     """Crops per forward pass: the catalog's `batch_size` when set, else the model's default for the
-    device. On CPU a small batch is faster per crop (its activations stay in the core's cache: 8-16
-    crops ran the chain's networks 1.3-1.8x faster than 64-128, docs/benchmarks.md); a GPU wants large
-    batches to fill it."""
+    device. On CPU a small batch is faster per crop: its activations stay in the core's cache
+    (`bench/batch_sizes.py`, figures in docs/benchmarks.md). A GPU wants large batches to fill it."""
     if option is not None:
         return option
     return gpu if device.type == "cuda" else cpu
