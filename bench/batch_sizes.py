@@ -18,23 +18,22 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import onnxruntime as ort
 import torch
 from common import emit, header
 
-from pipeline.detect.onnx_session import onnx_graph
+from pipeline.detect import onnx_session
 from pipeline.detect.peppa import _dynamic_batch
 from pipeline.mobilenet import fused_for_inference, load_teacher_mobilenet
 from pipeline.settings import shared_root
+from pipeline.threads import use_model_threads
 from pipeline.verifier import trunk_maps
 
 CROPS = 128  # per thread
 
 
 def onnx_runner(model):
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.log_severity_level = 1, 3
-    session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+    """A session as the build makes one (`onnx_session.session`), under the thread count set in `main`."""
+    session = onnx_session.session(model, torch.device("cpu"))
     name = session.get_inputs()[0].name
     return lambda x: session.run(None, {name: x})
 
@@ -50,7 +49,7 @@ def networks() -> dict:
     """name -> (input side, a factory of one thread's runner)."""
     models = shared_root() / "models"
     teacher = fused_for_inference(load_teacher_mobilenet(models / "3ddfa_v2/mb05_120x120.pth")).eval()
-    graph = onnx_graph(teacher, torch.zeros(1, 3, 120, 120))
+    graph = onnx_session.onnx_graph(teacher, torch.zeros(1, 3, 120, 120))
     return {
         "teacher_torch": (120, lambda: torch_runner(lambda x: teacher(x.contiguous(memory_format=torch.channels_last)))),
         "teacher_onnxruntime": (120, lambda: onnx_runner(graph)),
@@ -83,7 +82,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[4, 8, 16, 32, 64, 128])
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    torch.set_num_threads(1)
+    use_model_threads(1)  # torch's and ONNX Runtime's intra-op threads, as a build's batch sets them
     result = {**header(), "layout": "2 threads side by side x 1 intra-op thread each", "crops_per_thread": CROPS}
     for name, (side, make_runner) in networks().items():
         for batch in args.batches:

@@ -106,7 +106,7 @@ def _reference_boxes(refs):
 
 
 @pytest.mark.parametrize("which", ["tddfa", "peppa", "openseeface"])
-def test_batching_changes_no_landmark(which, tddfa, peppa, dev_set):
+def test_batching_changes_no_landmark(which, tddfa, peppa, dev_set, monkeypatch):
     if which == "openseeface":
         model = build_landmarker(_spec("openseeface", MODELS / "openseeface/lm_model0_opt.onnx"))
     else:
@@ -115,7 +115,8 @@ def test_batching_changes_no_landmark(which, tddfa, peppa, dev_set):
     images, boxes = images[:20], _reference_boxes(refs[:20])
     together = model(images, boxes)  # the model's own batch size: several batches for 20 faces on CPU
     alone = [model([img], [b])[0] for img, b in zip(images, boxes)]
-    model.batch_size, in_one = 64, model(images, boxes)  # one batch (a GPU's size)
+    monkeypatch.setattr(model, "batch_size", 64)  # one batch (a GPU's size); the shared fixture keeps its own
+    in_one = model(images, boxes)
     for a, b, c in zip(together, alone, in_one):
         np.testing.assert_allclose(a[0].points, b[0].points, atol=2e-3)
         np.testing.assert_allclose(a[0].points, c[0].points, atol=2e-3)
