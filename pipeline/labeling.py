@@ -30,34 +30,39 @@ class Chain:
     _face: object = None
     _landmarkers: list = field(default_factory=list)
     _verifier: object = None
+    # The batch threads of a worker share its chain: each model is built once, by the first to ask.
+    _load_lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     @property
     def face_detector(self):
-        if self._face is None:  # built lazily: a run of pre-cropped sources never needs it
-            from pipeline.detect.factory import build_face_detector
+        with self._load_lock:
+            if self._face is None:  # built lazily: a run of pre-cropped sources never needs it
+                from pipeline.detect.factory import build_face_detector
 
-            self._face = build_face_detector(self.spec.face)
-        return self._face
+                self._face = build_face_detector(self.spec.face)
+            return self._face
 
     @property
     def landmarkers(self) -> list:
-        if not self._landmarkers:
-            from pipeline.detect.factory import build_landmarker
+        with self._load_lock:
+            if not self._landmarkers:
+                from pipeline.detect.factory import build_landmarker
 
-            self._landmarkers = [build_landmarker(s) for s in self.spec.landmarkers]
-        return self._landmarkers
+                self._landmarkers = [build_landmarker(s) for s in self.spec.landmarkers]
+            return self._landmarkers
 
     @property
     def verifier(self):
         """The label verifier over the teacher's network, or None when the chain has none."""
         if self.spec.verifier is None:
             return None
-        if self._verifier is None:
-            from pipeline.verifier import Verifier
+        with self._load_lock:
+            if self._verifier is None:
+                from pipeline.verifier import Verifier
 
-            teacher = next(m for m in self.landmarkers if m.name == "tddfa_mb05")
-            self._verifier = Verifier.load(teacher.net, self.spec.verifier.weights, device=teacher.device)
-        return self._verifier
+                teacher = next(m for m in self.landmarkers if m.name == "tddfa_mb05")
+                self._verifier = Verifier.load(teacher.net, self.spec.verifier.weights, device=teacher.device)
+            return self._verifier
 
     def identity(self) -> list[dict]:
         """Names and weight digests, for the manifest."""

@@ -229,3 +229,34 @@ def test_torch_scrfd_and_peppa_equal_the_onnxruntime_ones(dev_set):
     p_torch = build_landmarker(_spec("peppa68", MODELS / "peppa/slim_160_latest.onnx", backend="torch"))
     for la, lb in zip(sum(p_ort(images, boxes), []), sum(p_torch(images, boxes), [])):
         np.testing.assert_allclose(lb.points, la.points, atol=0.01)
+
+
+def test_the_teacher_exports_from_several_threads_at_once():
+    """Two batch threads load their chains side by side, each exporting the teacher to ONNX: torch's
+    exporter keeps process-global state, so unguarded exports at once fail ("in_onnx_export must be
+    False", seen in CI as a whole batch retried image by image). Every export succeeds and gives the
+    graph a lone export gives."""
+    import threading
+
+    from pipeline.detect.onnx_session import onnx_graph
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3)).eval()
+    example = torch.zeros(1, 3, 32, 32)
+    alone = onnx_graph(net, example)
+    start, results, errors = threading.Barrier(4), [], []
+
+    def export():
+        start.wait()
+        try:
+            for _ in range(5):
+                results.append(onnx_graph(net, example))
+        except Exception as err:  # noqa: BLE001 - the test reports every thread's failure
+            errors.append(repr(err))
+
+    threads = [threading.Thread(target=export) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and len(results) == 20
+    assert all(r == alone for r in results)

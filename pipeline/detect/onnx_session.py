@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import threading
+
 import torch
+
+# torch.onnx.export keeps its state in process globals (GLOBALS.in_onnx_export): two exports at once,
+# as two batch threads loading their chains side by side, fail with "in_onnx_export must be False".
+_EXPORT_LOCK = threading.Lock()
 
 
 def resolve_backend(option: str, device: torch.device) -> str:
@@ -28,7 +34,7 @@ def onnx_graph(net: torch.nn.Module, example: torch.Tensor) -> bytes:
     import warnings
 
     buffer = io.BytesIO()
-    with warnings.catch_warnings():
+    with _EXPORT_LOCK, warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)  # "legacy TorchScript-based export"
         torch.onnx.export(net.eval(), example, buffer, input_names=["x"], output_names=["y"],
                           dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, dynamo=False)
