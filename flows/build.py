@@ -16,11 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from flows.catalog import load_catalog
 from flows.events import emit_landed
-from flows.runtime import (
-    dask_task_runner,
-    default_task_runner,
-    local_workers_are_processes,
-)
+from flows.runtime import batches_run_in_this_process, dask_task_runner, default_task_runner
 from flows.server import TemporaryServer
 from pipeline.batch import check_models
 from pipeline.build import Batch, BatchResult, build
@@ -100,7 +96,7 @@ def run_build(catalog_path: str, *, dask_address: str | None = None, workers: in
     # catalog's); a remote cluster's workers have cores of their own: the catalog's model_threads is theirs.
     threads = model_threads(ex, workers=workers)
     if temporary:
-        if not address and not ex.dask_cuda and not local_workers_are_processes(ex.dask_processes, temporary):
+        if batches_run_in_this_process(address, ex.dask_processes, ex.dask_cuda, temporary):
             with using_model_threads(threads):  # the build's own check then finds them loaded
                 check_models(catalog)
         temporary_server.wait_ready()

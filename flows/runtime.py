@@ -22,6 +22,13 @@ def local_workers_are_processes(processes: bool | None, temporary_server: bool =
     return prefect_server_configured() and not temporary_server
 
 
+def batches_run_in_this_process(address: str | None, processes: bool | None, cuda: bool,
+                                temporary_server: bool = False) -> bool:
+    """Whether `dask_task_runner` with these settings runs the batches as threads of this process (a local
+    cluster of threads), so that models loaded here are the ones its batches use."""
+    return not address and not cuda and not local_workers_are_processes(processes, temporary_server)
+
+
 def dask_task_runner(address: str | None, workers: int = 1, processes: bool | None = None,
                      cuda: bool = False, threads: int | None = None,
                      temporary_server: bool = False) -> DaskTaskRunner:
