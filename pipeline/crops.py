@@ -62,7 +62,10 @@ def crop_roi(image: np.ndarray, roi: np.ndarray, size: int = CROP_SIZE) -> np.nd
     out = np.zeros((dh, dw) + image.shape[2:], dtype=image.dtype)
     src_x0, src_y0, src_x1, src_y1 = max(sx, 0), max(sy, 0), min(ex, w), min(ey, h)
     if src_x1 > src_x0 and src_y1 > src_y0:
-        out[src_y0 - sy : src_y1 - sy, src_x0 - sx : src_x1 - sx] = image[src_y0:src_y1, src_x0:src_x1]
+        window = image[src_y0:src_y1, src_x0:src_x1]
+        if window.strides[1] < 0:  # a mirrored view (`device_images.mirror`): the same pixels, but
+            window = cv2.flip(window[:, ::-1], 1)  # OpenCV flips far faster than numpy's reversed copy
+        out[src_y0 - sy : src_y1 - sy, src_x0 - sx : src_x1 - sx] = window
     return cv2.resize(out, dsize=(size, size), interpolation=cv2.INTER_LINEAR)
 
 

@@ -37,10 +37,12 @@ def as_numpy(image: Image) -> np.ndarray:
 
 
 def mirror(image: Image) -> Image:
-    """The image flipped left-right."""
+    """The image flipped left-right. A host image comes back as a view, not a copy: the landmarkers
+    only cut their crops' windows out of it, so copying a whole photo to read a face from it cost
+    more than the teacher's pass on that face (docs/benchmarks.md)."""
     if isinstance(image, Tensor):
         return image.flip(-1)
-    return np.ascontiguousarray(image[:, ::-1])
+    return image[:, ::-1]
 
 
 def to_device(images: list[np.ndarray], device: torch.device) -> list[Tensor]:

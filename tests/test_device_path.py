@@ -18,7 +18,7 @@ from PIL import Image
 
 from pipeline.catalog import load_catalog
 from pipeline.decode import DecodeError, decode_image
-from pipeline.device_images import crop_rois, crops_to_numpy, resize, to_device
+from pipeline.device_images import crop_rois, crops_to_numpy, mirror, resize, to_device
 from pipeline.gpu_decode import decode_batch, probe_jpeg
 from pipeline.labeling import Chain, label_images
 from tests.badfiles import awkward_good_files, bad_files, face_jpeg
@@ -49,6 +49,28 @@ def test_device_crops_equal_opencv_crops_within_one_grey_level():
         diff = np.abs(host - device)
         assert diff.max() <= 1 and diff.mean() < 0.2, (diff.max(), diff.mean())
         assert host.std() > 10  # real picture content was compared, not two blank crops
+
+
+def test_crops_of_a_mirrored_view_equal_crops_of_a_mirrored_copy():
+    """`mirror` gives a host image as a view (the flip pass cuts its crops from it without copying the
+    photo): its crops are, pixel for pixel, those of a mirrored copy, inside, across and beyond the
+    border, and the image itself is left as it was."""
+    images = _images(3)
+    before = [img.copy() for img in images]
+    rng = np.random.default_rng(11)
+    rois = []
+    for i, img in enumerate(images):
+        h, w = img.shape[:2]
+        for _ in range(8):
+            cx, cy, side = rng.uniform(-80, w + 80), rng.uniform(-80, h + 80), rng.uniform(12, 1.5 * max(h, w))
+            rois.append((i, np.array([cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2], np.float32)))
+    copies = [cv2.flip(img, 1) for img in images]  # OpenCV's mirror: not the code under test
+    for size in (120, 224):
+        got = crop_rois([mirror(img) for img in images], rois, size)
+        want = crop_rois(copies, rois, size)
+        np.testing.assert_array_equal(got, want)
+        assert want.std() > 10
+    assert all(np.array_equal(a, b) for a, b in zip(images, before))
 
 
 @pytest.mark.parametrize("shape", [(217, 333), (640, 640), (50, 71)])
