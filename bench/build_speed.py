@@ -13,8 +13,11 @@ the chain's model-bound rate.
    alone, timed, with as many batches side by side as the build runs. faces / replay seconds is the
    rate the chain could reach if everything but the networks cost nothing.
 
-Usage: .venv/bin/python bench/build_speed.py [--baseline c679b14] [--repeats 1] [--limit N] [--json out.json]
-(`--limit N`: the first N images of each source, for a quick look; the figures use every image.)
+Usage: .venv/bin/python bench/build_speed.py [--baseline c679b14] [--repeats 1] [--limit N] [--photos N] [--json out.json]
+(`--limit N`: the first N images of each source, for a quick look; the figures use every image.
+`--photos N`: instead of the bundled sources, N synthetic 1920x1080 photos, each one AFLW2000-3D dev image
+scaled to 300-700 px and pasted on a blurred enlargement of another: the full-photo path (decode, detection
+on a large image, crops cut from it) that the bundled set, mostly 120 px crops, hardly exercises.)
 """
 
 from __future__ import annotations
@@ -40,11 +43,32 @@ ROOT = Path(__file__).resolve().parent.parent
 RATE_LINE = re.compile(r"processed (\d+) images in ([\d.]+) s")
 
 
-def bench_catalog(work: Path, name: str, limit: int | None) -> Path:
+def synthetic_photos(folder: Path, n: int) -> Path:
+    """`n` 1920x1080 JPEG photos, the same for every run with the same `n` (seeded)."""
+    import cv2
+
+    if folder.exists():
+        return folder
+    folder.mkdir()
+    faces = sorted((shared_root() / "data" / "aflw2000-dev").glob("*.jpg"))
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        photo = cv2.GaussianBlur(cv2.resize(cv2.imread(str(faces[(i + 7) % len(faces)])), (1920, 1080)), (31, 31), 0)
+        side = int(rng.integers(300, 700))
+        x, y = int(rng.integers(0, 1920 - side)), int(rng.integers(0, 1080 - side))
+        photo[y:y + side, x:x + side] = cv2.resize(cv2.imread(str(faces[i % len(faces)])), (side, side))
+        cv2.imwrite(str(folder / f"photo_{i:04d}.jpg"), photo, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    return folder
+
+
+def bench_catalog(work: Path, name: str, limit: int | None, photos: int | None = None) -> Path:
     """The bundled catalog writing to its own store; with `limit`, each folder source cut to its first
-    `limit` images (symlinks; every other file of the folder, such as .mat labels, linked too)."""
+    `limit` images (symlinks; every other file of the folder, such as .mat labels, linked too); with
+    `photos`, one source of that many synthetic photos instead of the bundled ones."""
     data = yaml.safe_load((ROOT / "catalog.yaml").read_text())
     data["output_root"] = str(work / f"store-{name}")
+    if photos:
+        data["sources"] = [{"name": "photos", "kind": "folder", "path": str(synthetic_photos(work / "photos", photos))}]
     if limit:
         for source in data["sources"]:
             folder = Path(source["path"].replace("${FACECURATE_SHARED}", str(shared_root())))
@@ -108,18 +132,19 @@ def main() -> None:
     parser.add_argument("--baseline", default="c679b14")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--photos", type=int, default=None)
     parser.add_argument("--no-model-bound", action="store_true")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="facecurate-build-speed-"))
     codes = {"baseline": extract(args.baseline, work / "baseline"), "current": ROOT}
-    result = {**header(), "baseline": args.baseline, "limit": args.limit,
+    result = {**header(), "baseline": args.baseline, "limit": args.limit, "photos": args.photos,
               "current": subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
                                         capture_output=True, text=True).stdout.strip()}
     runs: dict[str, list[dict]] = {name: [] for name in codes}
     for rep in range(args.repeats):
         for name, code in codes.items():
-            catalog = bench_catalog(work, f"{name}-{rep}", args.limit)
+            catalog = bench_catalog(work, f"{name}-{rep}", args.limit, args.photos)
             runs[name].append({**run_build(code, catalog), "faces": len(faces_of(catalog)["face_id"])})
             print(f"{name} run {rep}: {runs[name][-1]}", flush=True)
     for name, rs in runs.items():
@@ -132,7 +157,7 @@ def main() -> None:
     if not args.no_model_bound:
         from model_bound import model_bound_rate
 
-        bound = model_bound_rate(bench_catalog(work, "model-bound", args.limit))
+        bound = model_bound_rate(bench_catalog(work, "model-bound", args.limit, args.photos))
         result.update(bound)
         result["build_share_of_model_bound"] = result["current_faces_per_s"] / bound["model_bound_faces_per_s"]
     emit(result, args.json)
