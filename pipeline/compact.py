@@ -15,6 +15,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.store.files import parquet_options
 from pipeline.store.schema import FACES_SCHEMA, conform_faces
 
 _HASH_CHUNK = 8 << 20
@@ -122,7 +123,7 @@ class FacesWriter:
         self._tmp = f"{self._path}.tmp-{uuid.uuid4().hex[:8]}"
         self.fs.makedirs(self.folder, exist_ok=True)
         self._sink = self.fs.open(self._tmp, "wb")
-        self._writer = pq.ParquetWriter(self._sink, FACES_SCHEMA, compression="zstd")
+        self._writer = pq.ParquetWriter(self._sink, FACES_SCHEMA, **parquet_options(FACES_SCHEMA))
         self._file_rows = 0
 
     def _finish_file(self) -> None:

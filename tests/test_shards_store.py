@@ -49,6 +49,27 @@ def test_write_table_round_trip_and_entry(tmp_path):
     assert [p.name for p in (tmp_path / "x").iterdir()] == ["scores.parquet"]  # no temp file left
 
 
+def test_store_files_dictionary_encode_only_flat_columns(tmp_path):
+    """Crop bytes and point lists are unique per face: no dictionary for them (building one only to drop
+    it cost half a write); flat columns whose values repeat keep theirs; every value reads back."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(0)
+    table = pa.table({"source": ["wild"] * 50 + ["dev"] * 50,
+                      "crop": [rng.bytes(300) for _ in range(100)],
+                      "landmarks": [rng.standard_normal(136).astype(np.float32).tolist() for _ in range(100)]})
+    write_table(Store(str(tmp_path), "d").fs, f"{tmp_path}/t.parquet", table)
+    chunks = pq.ParquetFile(tmp_path / "t.parquet").metadata.row_group(0)
+    encodings = {chunks.column(i).path_in_schema.split(".")[0]: chunks.column(i).encodings
+                 for i in range(chunks.num_columns)}
+    dictionary = ("PLAIN_DICTIONARY", "RLE_DICTIONARY")
+    assert any(e in encodings["source"] for e in dictionary)
+    assert not any(e in encodings["crop"] for e in dictionary)
+    assert not any(e in encodings["landmarks"] for e in dictionary)
+    assert pq.read_table(tmp_path / "t.parquet").equals(table)
+
+
 def test_failed_write_leaves_no_file(tmp_path):
     class Boom(Exception):
         pass

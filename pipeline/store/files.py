@@ -31,9 +31,20 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         raise
 
 
+def parquet_options(schema: pa.Schema) -> dict:
+    """How every store file is written: zstd, and dictionary encoding only for flat columns, whose
+    values repeat (sources, reasons, flags). A face's crop bytes and point lists are unique to it: the
+    writer would build their dictionaries only to drop them, which cost about half of a write. The
+    values read back are the same either way."""
+    nested_or_bytes = (pa.types.is_binary, pa.types.is_large_binary, pa.types.is_list, pa.types.is_large_list,
+                       pa.types.is_fixed_size_list, pa.types.is_struct, pa.types.is_map)
+    flat = [f.name for f in schema if not any(test(f.type) for test in nested_or_bytes)]
+    return {"compression": "zstd", "use_dictionary": flat}
+
+
 def table_bytes(table: pa.Table) -> bytes:
     sink = io.BytesIO()
-    pq.write_table(table, sink, compression="zstd", row_group_size=4096)
+    pq.write_table(table, sink, row_group_size=4096, **parquet_options(table.schema))
     return sink.getvalue()
 
 
