@@ -139,9 +139,7 @@ class Limits(_Strict):
 
 
 class Execution(_Strict):
-    # Images per work unit, at most: a small build is cut finer so every core has work to its end
-    # (`pipeline.plan.batch_size_for`).
-    batch_images: int = Field(default=64, ge=1, le=100_000)
+    batch_images: int = Field(default=64, ge=1, le=100_000)  # images per work unit (one shard part)
     dask_address: str | None = None  # an existing scheduler; None = LocalCluster
     dask_workers: int = Field(default=1, ge=1)
     dask_processes: bool | None = None  # None: threads in ephemeral Prefect mode, processes with a server

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,19 +112,6 @@ def chain_change(old: list[dict] | None, new: list[dict]) -> str:
     return "; ".join(changes)
 
 
-# A build of few images still gives every core work until near its end: it is cut into at least
-# MIN_BATCHES batches (of MIN_BATCH_IMAGES or more), so that what one core runs alone at the end is one
-# small batch, not a third of the build (5 batches of 64 photos on 2 cores left one core idle for a
-# whole batch: docs/benchmarks.md).
-MIN_BATCHES = 16
-MIN_BATCH_IMAGES = 8
-
-
-def batch_size_for(new_items: int, batch_images: int) -> int:
-    """Images per batch for a build of `new_items`: the catalog's `batch_images` at most."""
-    return min(batch_images, max(MIN_BATCH_IMAGES, math.ceil(new_items / MIN_BATCHES)))
-
-
 def plan_build(catalog: Catalog) -> BuildPlan:
     """List every source; what the parent's ledger already holds is skipped without reading it.
 
@@ -168,7 +154,7 @@ def plan_build(catalog: Catalog) -> BuildPlan:
     if retried:
         log.info("%s: trying %d images again that v%d quarantined for a transient fault",
                  catalog.dataset, len(retried), parent)
-    size = batch_size_for(len(fresh), catalog.execution.batch_images)
+    size = catalog.execution.batch_images
     chain = _chain_hash(catalog)
     batches = []
     for start in range(0, len(fresh), size):

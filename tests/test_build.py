@@ -230,26 +230,3 @@ def test_a_folder_of_symbolic_links_is_built_and_a_dangling_link_quarantined(tmp
     assert read_side_table(store, 2, "quarantine").num_rows == 0
     ledger = read_side_table(store, 2, "images").to_pandas().set_index("uri")
     assert ledger.index.is_unique and ledger.loc[str(folder / "dangling.jpg")].status == "ok"
-
-
-@pytest.mark.parametrize("images, batch_images, sizes", [
-    (300, 64, [19] * 15 + [15]),  # 16 batches: 300 / 16 rounded up
-    (40, 64, [8] * 5),  # never under 8 images a batch
-    (3354, 64, [64] * 52 + [26]),  # a large build keeps the catalog's size
-    (40, 4, [4] * 10),  # and a catalog asking for fewer gets them
-])
-def test_a_small_build_is_cut_fine_enough_for_every_core(tmp_path, images, batch_images, sizes):
-    """Five batches of 64 photos on two cores left one core idle for a whole batch at the end: a build is
-    cut into at least 16 batches of 8 images or more, the catalog's batch_images the most."""
-    from pipeline.plan import plan_build
-
-    folder = tmp_path / "src"
-    folder.mkdir()
-    for i in range(images):  # planning lists and stats the files; it does not decode them
-        (folder / f"img_{i:05d}.jpg").write_bytes(i.to_bytes(4, "little"))
-    catalog = load_catalog(write_catalog(tmp_path / "catalog.yaml", [{"name": "s", "kind": "folder", "path": str(folder)}],
-                                         output_root=str(tmp_path / "out"), batch_images=batch_images))
-    plan = plan_build(catalog)
-    assert [len(b.items) for b in plan.batches] == sizes
-    assert len({b.key for b in plan.batches}) == len(sizes)
-    assert plan_build(catalog).batches == plan.batches  # the same cut again: a resumed build finds its batches
