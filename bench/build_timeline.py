@@ -132,10 +132,14 @@ def main() -> None:
         bound = json.loads(Path(args.model_bound).read_text())["model_bound_faces_per_s"]
     else:
         from model_bound import model_bound_rate
+        from prefect.settings import PREFECT_LOGGING_TO_API_ENABLED, temporary_settings
 
         catalog["output_root"] = str(work / "store-model-bound")  # its plan must see every image as new
         (work / "catalog-model-bound.yaml").write_text(yaml.safe_dump(catalog, sort_keys=False))
-        bound = model_bound_rate(work / "catalog-model-bound.yaml")["model_bound_faces_per_s"]
+        # The command's server is gone: the library's log lines stay off the API (else Prefect's log
+        # worker reports, at exit, that it could not send them)
+        with temporary_settings(updates={PREFECT_LOGGING_TO_API_ENABLED: False}):
+            bound = model_bound_rate(work / "catalog-model-bound.yaml")["model_bound_faces_per_s"]
     if bound:
         result["model_bound_faces_per_s"] = bound
         result["batch_phase_share_of_model_bound"] = result["batch_phase_faces_per_s"] / bound

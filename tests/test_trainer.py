@@ -338,11 +338,19 @@ def test_data_parallel_training_on_two_processes(tmp_path):
         torch.testing.assert_close(ranks[1]["weights"][key], value, atol=0, rtol=0, msg=key)
     # The averaged gradient is the whole batch's (float summation order aside), and so is the step.
     # Adam's first step moves each weight by about its lr (3e-5 at the least): a tenth of that is the
-    # tolerance (measured: 8e-7 at most).
+    # tolerance (measured: 8e-7 at most). Where a gradient is within the gradient check's own tolerance
+    # of zero, its sign is summation-order noise and Adam's first step (lr * sign) may go either way:
+    # those weights are left out (a CI run once saw one in the critic's first layer flip).
     for key, grad in single["grads"].items():
         torch.testing.assert_close(ranks[0]["grads"][key], grad, atol=1e-6, rtol=1e-4, msg=key)
+    compared = total = 0
     for key, value in single["weights"].items():
-        torch.testing.assert_close(ranks[0]["weights"][key], value, atol=3e-6, rtol=0, msg=key)
+        grad = single["grads"].get(key)
+        # an exact zero has no sign to flip: Adam leaves such a weight where it was, on both sides
+        settled = torch.ones_like(value, dtype=torch.bool) if grad is None else (grad.abs() > 1e-6) | (grad == 0)
+        compared, total = compared + int(settled.sum()), total + value.numel()
+        torch.testing.assert_close(ranks[0]["weights"][key][settled], value[settled], atol=3e-6, rtol=0, msg=key)
+    assert compared > 0.95 * total, (compared, total)  # 96% in the measured run: nearly every weight is compared
 
     def run(steps: int, *extra: str):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
