@@ -21,7 +21,7 @@ from pipeline.catalog import Catalog, store_of
 from pipeline.compact import FacesWriter
 from pipeline.plan import BuildPlan, chain_identity
 from pipeline.store.faces import read_side_table
-from pipeline.store.files import link_or_copy, read_table_file, write_table
+from pipeline.store.files import link_or_copy, open_for_arrow, read_table_file, write_table
 from pipeline.store.layout import Store, latest_version
 from pipeline.store.manifest import Manifest
 from pipeline.store.schema import (
@@ -144,10 +144,10 @@ def _carry_parent(store: Store, catalog: Catalog, plan: BuildPlan, new: _Version
         if not rewrite and whole and writer.at_file_boundary:
             link_or_copy(fs, src, f"{new.dir}/{entry.file}")
             writer.link(entry.to_dict())
-            with fs.open(src, "rb") as f:
+            with open_for_arrow(fs, src) as f:
                 new.add_faces(pq.read_table(f, columns=["keep", "reject_reason"]))
             continue
-        with fs.open(src, "rb") as f:
+        with open_for_arrow(fs, src) as f:
             for batch in pq.ParquetFile(f).iter_batches(batch_size=_REWRITE_ROWS):
                 table = conform_faces(pa.Table.from_batches([batch]))
                 if rewrite:

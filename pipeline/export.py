@@ -19,6 +19,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.store.files import open_for_arrow
 from pipeline.store.layout import Store, resolve_version
 from pipeline.store.manifest import Manifest
 
@@ -105,7 +106,7 @@ def export_coco(store: Store, version: int | None = None, out: str | Path | None
             for entry in manifest.shards:
                 shard_path = f"{store.version_dir(version)}/{entry.file}"
                 try:
-                    with store.fs.open(shard_path, "rb") as shard:
+                    with open_for_arrow(store.fs, shard_path) as shard:
                         pf = pq.ParquetFile(shard)
                         names = pf.schema_arrow.names
                         floats = [fl.name for fl in pf.schema_arrow if pa.types.is_floating(fl.type)]

@@ -207,3 +207,43 @@ def test_a_manifest_made_in_code_writes_only_what_it_was_given():
     manifest.relabelled = "scrfd weights: a -> b"
     assert manifest.to_dict() == {"version": 3, "parent": 2, "counts": {"faces": 1, "faces_kept": 1},
                                   "shards": [_ENTRY], "relabelled": "scrfd weights: a -> b"}
+
+
+def test_local_store_files_reach_arrow_as_native_files(tmp_path):
+    """Arrow reads a Python file object from its IO threads, which take the GIL; one still at it when
+    the interpreter exits aborts the process (exit -6). Local store files reach Arrow as native files;
+    other filesystems still go through fsspec and read the same."""
+    import fsspec
+    import pyarrow.parquet as pq
+
+    from pipeline.store.files import open_for_arrow
+
+    table = pa.table({"a": list(range(10))})
+    write_table(Store(str(tmp_path), "d").fs, f"{tmp_path}/t.parquet", table)
+    local = fsspec.filesystem("file")
+    with open_for_arrow(local, f"{tmp_path}/t.parquet") as f:
+        assert isinstance(f, pa.NativeFile) and not isinstance(f, pa.PythonFile)
+        assert pq.read_table(f).equals(table)
+    memory = fsspec.filesystem("memory")
+    memory.pipe("/t.parquet", (tmp_path / "t.parquet").read_bytes())
+    with open_for_arrow(memory, "memory://t.parquet") as f:
+        assert pq.read_table(f).equals(table)
+    with pytest.raises(FileNotFoundError):
+        with open_for_arrow(local, f"{tmp_path}/missing.parquet"):
+            pass
+
+
+@pytest.mark.slow
+def test_reading_a_store_file_then_exiting_never_aborts(tmp_path):
+    """The abort itself, measured: 3 of 320 interpreters aborted at exit after reading a Parquet file
+    through an fsspec file object. Through `open_for_arrow`, 300 exits in a row must all be clean."""
+    import subprocess
+    import sys
+
+    write_table(Store(str(tmp_path), "d").fs, f"{tmp_path}/t.parquet",
+                pa.table({"a": list(range(100_000)), "b": [float(i) for i in range(100_000)]}))
+    code = ("import fsspec, pyarrow.parquet as pq\nfrom pipeline.store.files import open_for_arrow\n"
+            f"with open_for_arrow(fsspec.filesystem('file'), {str(tmp_path / 't.parquet')!r}) as f:\n"
+            "    pq.read_table(f, columns=['a'])\n")
+    codes = [subprocess.run([sys.executable, "-c", code], capture_output=True).returncode for _ in range(300)]
+    assert codes.count(0) == 300, [c for c in codes if c]

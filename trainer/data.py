@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.crops import CROP_SIZE, apply_affine
+from pipeline.store.files import open_for_arrow
 from pipeline.store.layout import Store
 from pipeline.store.manifest import Manifest
 from trainer.augment import AugmentSettings, choose_map, face_size_px, sample_rng
@@ -62,13 +63,13 @@ def _row_groups(store: Store, version: int) -> list[tuple[str, int]]:
     vdir = store.version_dir(version)
     units = []
     for shard in Manifest.read(store, version).shards:
-        with store.fs.open(f"{vdir}/{shard.file}", "rb") as f:
+        with open_for_arrow(store.fs, f"{vdir}/{shard.file}") as f:
             units += [(shard.file, g) for g in range(pq.ParquetFile(f).num_row_groups)]
     return units
 
 
 def _read_unit(store: Store, version: int, unit: tuple[str, int], columns: list[str]) -> pa.RecordBatch:
-    with store.fs.open(f"{store.version_dir(version)}/{unit[0]}", "rb") as f:
+    with open_for_arrow(store.fs, f"{store.version_dir(version)}/{unit[0]}") as f:
         table = pq.ParquetFile(f).read_row_group(unit[1], columns=columns)
     return table.combine_chunks().to_batches()[0] if table.num_rows else pa.RecordBatch.from_pylist(
         [], schema=table.schema)

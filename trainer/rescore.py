@@ -24,7 +24,7 @@ from pipeline.crops import CROP_SIZE, apply_affine, invert_affine
 from pipeline.landmarks import nme_pct, roc_auc  # noqa: F401 - roc_auc lives with the other metrics
 from pipeline.rounds import STUDENT_PREFIX, student_name
 from pipeline.store.faces import faces_schema, iter_face_batches, read_faces
-from pipeline.store.files import write_table
+from pipeline.store.files import open_for_arrow, write_table
 from pipeline.store.layout import Store, resolve_version
 from pipeline.store.schema import SCORES_SCHEMA, conform_scores
 
@@ -323,7 +323,7 @@ def read_scores(store: Store, version: int, round_index: int) -> pa.Table:
     if not store.fs.exists(path):
         raise FileNotFoundError(f"no scores for {store.dataset}@v{version} round {round_index} at {path}: "
                                 "run rescoring first")
-    with store.fs.open(path, "rb") as f:
+    with open_for_arrow(store.fs, path) as f:
         return conform_scores(pq.read_table(f))  # files written before the relabelling columns read as null
 
 

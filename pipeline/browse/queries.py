@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.landmarks import YAW_EDGES_DEG
+from pipeline.store.files import open_for_arrow
 from pipeline.store.layout import Store, resolve_version
 from pipeline.store.manifest import Manifest
 from pipeline.store.schema import FACES_SCHEMA
@@ -228,7 +229,7 @@ class VersionFaces:
     def _read_narrow(self, shard: Shard) -> tuple[pa.Table | Exception, pa.Schema | None]:
         """A shard's indexed columns plus its (_shard, _row) address, or the error that stops it."""
         try:
-            with self._fs.open(shard.path, "rb") as f:
+            with open_for_arrow(self._fs, shard.path) as f:
                 pf = pq.ParquetFile(f)
                 part = pf.read(columns=_indexed(pf.schema_arrow))
         except Exception as err:  # noqa: BLE001 - missing, truncated, garbled...: not served, whatever it is
@@ -363,7 +364,7 @@ class VersionFaces:
     def _read_rows(self, index: int, shard_rows: list[dict], columns: tuple[str, ...]) -> None:
         shard = self._by_index[index]
         try:
-            with self._fs.open(shard.path, "rb") as f:
+            with open_for_arrow(self._fs, shard.path) as f:
                 pf = pq.ParquetFile(f)
                 present = [c for c in columns if c in pf.schema_arrow.names]
                 meta = pf.metadata

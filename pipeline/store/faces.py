@@ -7,7 +7,7 @@ from collections.abc import Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.store.files import read_table_file
+from pipeline.store.files import open_for_arrow, read_table_file
 from pipeline.store.layout import Store, resolve_version
 from pipeline.store.manifest import Manifest
 from pipeline.store.schema import FACES_SCHEMA
@@ -21,7 +21,7 @@ def read_faces(store: Store, version: int | None = None, columns: list[str] | No
     vdir = store.version_dir(version)
     tables = []
     for shard in manifest.shards:
-        with store.fs.open(f"{vdir}/{shard.file}", "rb") as f:
+        with open_for_arrow(store.fs, f"{vdir}/{shard.file}") as f:
             tables.append(_read_shard(f, columns, filters))
     if not tables:
         schema = FACES_SCHEMA if columns is None else pa.schema([FACES_SCHEMA.field(c) for c in columns])
@@ -49,7 +49,7 @@ def faces_schema(store: Store, version: int | None = None) -> pa.Schema:
     manifest = Manifest.read(store, version)
     if not manifest.shards:
         return FACES_SCHEMA
-    with store.fs.open(f"{store.version_dir(version)}/{manifest.shards[0].file}", "rb") as f:
+    with open_for_arrow(store.fs, f"{store.version_dir(version)}/{manifest.shards[0].file}") as f:
         return pq.read_schema(f)
 
 
@@ -59,7 +59,7 @@ def iter_face_batches(store: Store, version: int, columns: list[str] | None = No
     manifest = Manifest.read(store, version)
     vdir = store.version_dir(version)
     for shard in manifest.shards:
-        with store.fs.open(f"{vdir}/{shard.file}", "rb") as f:
+        with open_for_arrow(store.fs, f"{vdir}/{shard.file}") as f:
             yield from pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=columns)
 
 
