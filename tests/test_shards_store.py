@@ -235,8 +235,8 @@ def test_local_store_files_reach_arrow_as_native_files(tmp_path):
 
 @pytest.mark.slow
 def test_reading_a_store_file_then_exiting_never_aborts(tmp_path):
-    """The abort itself, measured: 3 of 320 interpreters aborted at exit after reading a Parquet file
-    through an fsspec file object. Through `open_for_arrow`, 300 exits in a row must all be clean."""
+    """The abort itself: interpreters that read a Parquet file through an fsspec file object aborted at
+    exit, often (docs/design-notes.md, note 26). Through `open_for_arrow`, 300 exits in a row are clean."""
     import subprocess
     import sys
 

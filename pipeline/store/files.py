@@ -67,8 +67,8 @@ def open_for_arrow(fs: fsspec.AbstractFileSystem, path: str) -> Iterator:
 
     Arrow reads a Python file object from its own IO threads, and they take the GIL to do it. A
     thread still at that when the interpreter exits aborts the process ("terminate called without an
-    active exception", exit -6) after everything was read and written: about 1 exit in 100 after a
-    read, measured here (docs/design-notes.md, note 26). A native file never calls into Python."""
+    active exception", exit -6) after everything was read and written (how often: docs/design-notes.md,
+    note 26). A native file never calls into Python."""
     if is_local(fs):
         with pa.OSFile(fs._strip_protocol(path), "rb") as f:
             yield f
