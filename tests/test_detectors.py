@@ -139,6 +139,21 @@ def test_the_teacher_labels_alike_in_onnxruntime_and_in_torch(dev_set):
         np.testing.assert_allclose(a.params_62, b.params_62, rtol=1e-3, atol=1e-3 * np.abs(b.params_62).max())
 
 
+def test_the_teachers_host_input_is_its_bgr_recipe_to_the_bit():
+    """The ONNX path's input, built in fewer passes, holds exactly the recipe's values: BGR planes,
+    (v - 127.5) / 128 in float32 (models README), the 255 grey levels and both ends included."""
+    from pipeline.detect.tddfa import bgr_normalized
+
+    crops = np.random.default_rng(3).integers(0, 256, (5, 120, 120, 3), dtype=np.uint8)
+    crops[0, 0, 0] = (0, 128, 255)
+    bgr = crops[..., ::-1].astype(np.float32)
+    want = np.transpose((bgr - np.float32(127.5)) / np.float32(128.0), (0, 3, 1, 2))
+    got = bgr_normalized(crops)
+    assert got.dtype == np.float32 and got.shape == (5, 3, 120, 120) and got.flags.c_contiguous
+    assert np.array_equal(got, want)
+    assert got[0, :, 0, 0].tolist() == [(255 - 127.5) / 128, (128 - 127.5) / 128, -127.5 / 128]
+
+
 def test_a_tampered_weight_file_is_refused(tmp_path):
     bad = tmp_path / "slim_160_latest.onnx"
     bad.write_bytes((MODELS / "peppa/slim_160_latest.onnx").read_bytes()[:-10])

@@ -33,6 +33,18 @@ class TDDFAOptions(BaseModel):
     backend: Literal["auto", "onnxruntime", "torch"] = "auto"
 
 
+def bgr_normalized(crops: np.ndarray) -> np.ndarray:
+    """[N, H, W, 3] RGB uint8 crops -> the network's input, [N, 3, H, W] BGR float32 (v - 127.5) / 128.
+
+    The same float32 operations as the tensor path of `predict_crops`, so the same values, in one
+    strided copy and two in-place passes instead of five passes (a quarter of the time on CPU)."""
+    x = np.empty((crops.shape[0], 3, *crops.shape[1:3]), np.float32)
+    np.copyto(x, crops[..., ::-1].transpose(0, 3, 1, 2), casting="unsafe")
+    x -= np.float32(127.5)
+    x /= np.float32(128.0)
+    return x
+
+
 class TDDFALandmarker:
     name = "tddfa_mb05"
 
@@ -70,16 +82,19 @@ class TDDFALandmarker:
         params, points = [np.zeros((0, 62), np.float32)], [np.zeros((0, 68, 3), np.float32)]
         for i in range(0, len(crops), self.batch_size):
             chunk = crops[i:i + self.batch_size]
-            if isinstance(chunk, torch.Tensor):
-                x = chunk.to(self.device).float()
+            if self.session is not None and not isinstance(chunk, torch.Tensor):  # host crops, ONNX Runtime
+                p = torch.from_numpy(self.session.run(None, {"x": bgr_normalized(chunk)})[0]).to(self.device)
             else:
-                x = torch.from_numpy(np.ascontiguousarray(chunk)).to(self.device).permute(0, 3, 1, 2).float()
-            x = (x.flip(1) - 127.5) / 128.0  # RGB -> BGR, as trained
-            if self.session is not None:
-                p = torch.from_numpy(self.session.run(None, {"x": x.contiguous().cpu().numpy()})[0]).to(self.device)
-            else:
-                with autocast(self.device, self.precision):
-                    p = self.net(x.contiguous(memory_format=torch.channels_last)).float()  # CL: faster
+                if isinstance(chunk, torch.Tensor):
+                    x = chunk.to(self.device).float()
+                else:
+                    x = torch.from_numpy(np.ascontiguousarray(chunk)).to(self.device).permute(0, 3, 1, 2).float()
+                x = (x.flip(1) - 127.5) / 128.0  # RGB -> BGR, as trained
+                if self.session is not None:
+                    p = torch.from_numpy(self.session.run(None, {"x": x.contiguous().cpu().numpy()})[0]).to(self.device)
+                else:
+                    with autocast(self.device, self.precision):
+                        p = self.net(x.contiguous(memory_format=torch.channels_last)).float()  # CL: faster
             p = p * self.std + self.mean
             params.append(p.cpu().numpy())
             points.append(self._to_points(p, self.bfm).cpu().numpy())
