@@ -3,7 +3,8 @@
 Runs the command's own entry point (`flows.cli.main`: the temporary Prefect server, the flow on a dask
 LocalCluster) on the bundled catalog into an empty store, with timestamps around its phases: the
 server's start, the flow's start, each batch's completion as the flow sees it (its progress update),
-the commit, the report. The clock is the command's own (it starts after the catalog is read).
+the commit, the report. The clock is the command's own (it starts right before the server, which starts before the catalog
+is read).
 
 The batch phase (flow start -> last batch done) is what grows with the data; the rest is a fixed cost
 per build. The chain's model-bound rate (`bench/model_bound.py`) is measured after the build, in the same
@@ -90,7 +91,8 @@ def main() -> None:
 
     sys.meta_path.insert(0, _WrapOnImport({
         "flows.catalog": [(None, "load_catalog", "catalog")],
-        "flows.server": [("TemporaryServer", "wait_ready", "server")],
+        "flows.server": [(None, "temporary_server", "spawn"),  # the command's clock starts right before it
+                         ("TemporaryServer", "wait_ready", "server")],
         "pipeline.build": [(None, "commit_version", "commit")],
         "flows.report": [(None, "report_version", "report")],
         "flows.build": [(None, "create_progress_artifact", "submitted"),  # after every batch is submitted
@@ -107,7 +109,7 @@ def main() -> None:
     cli(["build", "--catalog", str(work / "catalog.yaml")])
     done = _last("build end")
 
-    clock = _first("catalog end")  # the command's clock starts right after it reads the catalog
+    clock = _first("spawn start")  # the command's clock starts right before its server does
     flow = _first("flow start")
     last_batch = _last("batch end")
     from common import emit, header  # after the build: it imports torch, which the command must import itself

@@ -37,17 +37,21 @@ def _build(args, scores_path: str | None) -> int:
     from pipeline.catalog import store_of
     from pipeline.summary import format_summary, version_summary
 
-    catalog = load_catalog(args.catalog)
-    started = time.perf_counter()
+    started = time.perf_counter()  # the build's clock: the catalog's reading counts too
     if args.in_process:
         from flows.inprocess import build_in_process
 
+        catalog = load_catalog(args.catalog)
         result = build_in_process(catalog, scores_path=scores_path)
         seconds = time.perf_counter() - started
     else:
         from flows.server import temporary_server
 
-        with temporary_server() as server:  # first: it starts while the rest imports and loads
+        # The server first, even before the catalog: it starts on another core while this process reads
+        # the catalog (which imports torch, for the trainer's config), imports the rest and loads the
+        # models. A bad catalog stops it before anything else starts.
+        with temporary_server() as server:
+            catalog = load_catalog(args.catalog)
             from flows.build import run_build
 
             result = run_build(args.catalog, dask_address=args.dask_address, workers=args.workers,
