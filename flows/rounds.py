@@ -103,6 +103,7 @@ def _score_round_locked(catalog: Catalog, store: Store, version: int, checkpoint
     return {"dataset": store.dataset, "version": version, "round": version, "checkpoint": checkpoint,
             "steps": steps, "scores": scores_file, "faces_scored": scores.num_rows,
             "faces_relabelled": scores.num_rows - scores.column("relabel_landmarks").null_count,
+            "faces_dropped": scores.num_rows - scores.column("drop_reason").null_count,
             "finished_at": datetime.now(UTC).isoformat(timespec="seconds")}
 
 
@@ -140,8 +141,9 @@ def _kept(store: Store, version: int) -> str:
 def _round_line(record: dict, n: int, rounds: int) -> str:
     trained = f"{record['steps']} steps" if record["steps"] is not None else "a given checkpoint"
     reused = " (finished earlier, reused)" if record.get("skipped") else ""
+    dropped = f", {record['faces_dropped']} dropped" if "faces_dropped" in record else ""  # older records lack it
     return (f"round {n}/{rounds} on {record['dataset']}@v{record['version']}: {trained}{reused}, "
-            f"{record['faces_scored']} faces rescored, {record['faces_relabelled']} relabelled -> "
+            f"{record['faces_scored']} faces rescored, {record['faces_relabelled']} relabelled{dropped} -> "
             f"{record['checkpoint']}")
 
 

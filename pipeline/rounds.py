@@ -61,7 +61,8 @@ def fold_scores(faces: pa.Table, scores: pa.Table, *, drop_below: float = DEFAUL
 
     table = scores.select(["face_id", "new_weight"])
     rounds = scores.column("round") if "round" in scores.column_names else pa.array(np.zeros(len(table), np.int32))
-    best = latest_round_per_face(table.append_column("round", rounds))
+    said = scores.column("drop_reason") if "drop_reason" in scores.column_names else pa.nulls(len(table), pa.string())
+    best = latest_round_per_face(table.append_column("round", rounds).append_column("drop_reason", said))
     index = pc.index_in(faces.column("face_id"), value_set=best.column("face_id")).fill_null(-1)
     index = index.to_numpy(zero_copy_only=False).astype(np.int64)
     has_row = index >= 0
@@ -80,8 +81,10 @@ def fold_scores(faces: pa.Table, scores: pa.Table, *, drop_below: float = DEFAUL
     weight[drop] = 0.0  # the trainer reads weight 0 as "ignore", like every other dropped face
     keep = keep & ~drop
     dropped = np.flatnonzero(drop)  # only these rows' reasons are formatted in Python
+    said = best.column("drop_reason").take(pa.array(idx[dropped])).to_pylist()  # the round's own words, if any
     reasons = _pick(faces.num_rows, faces.column("reject_reason").combine_chunks(), dropped,
-                    pa.array([f"rescore new_weight {clipped[i]:.2g} < {drop_below:g}" for i in dropped], pa.string()))
+                    pa.array([why or f"rescore new_weight {clipped[i]:.2g} < {drop_below:g}"
+                              for i, why in zip(dropped, said)], pa.string()))
 
     schema = faces.schema
     out = faces

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from pipeline.catalog import DetectorChain
 from pipeline.crops import CROP_SIZE, apply_affine, invert_affine
-from pipeline.landmarks import nme_pct, roc_auc  # noqa: F401 - roc_auc lives with the other metrics
+from pipeline.landmarks import nme_pct, roc_auc, yaw_bins  # noqa: F401 - roc_auc lives with the other metrics
 from pipeline.rounds import STUDENT_PREFIX, student_name
 from pipeline.store.faces import faces_schema, iter_face_batches, read_faces
 from pipeline.store.files import open_for_arrow, write_table
@@ -63,6 +63,12 @@ RELABEL_MIN_GAIN_REL = 0.03
 # replaced by the student's answer (the label read and corrected) whatever the verifier predicts.
 # Chosen on one cross-fitting fold of the wild crops and checked on the other (docs/rounds.md).
 CRITIC_RELABEL = 0.5
+# The trainer's own drop: each round drops this share (%) of each yaw bin's kept faces, those whose
+# cycle error it ranks worst (2DASL's cycle, label -> student -> student again, judges the label).
+# Ranked per bin, not against a fixed bound: a student's errors have no fixed scale, and profile
+# faces err more for every label. Chosen on one cross-fitting fold of the wild crops and checked on
+# the other; 0 turns it off (figures: docs/rounds.md, 'The trainer's own drop').
+ROUND_DROP_WORST_PCT = 3.0
 
 
 def combine(residual_pct: np.ndarray, cycle_pct: np.ndarray, critic: np.ndarray, *,
@@ -227,8 +233,44 @@ def _candidates(alt_column: list, affines: np.ndarray) -> list[list[tuple[str, n
     return out
 
 
+def worst_by_yaw_bin(error: np.ndarray, keep: np.ndarray, yaw_deg: np.ndarray, pct: float) -> np.ndarray:
+    """The kept faces whose `error` is among the worst `pct` % of their yaw bin (`yaw_bins`): per bin,
+    round(pct% of its kept faces with a finite error) of them, highest error first (ties by position).
+    Faces without a bin (no yaw) or without a finite error are never picked."""
+    if not 0.0 <= pct <= 100.0:
+        raise ValueError(f"worst_by_yaw_bin: pct={pct} must be in [0, 100]")
+    error = np.asarray(error, np.float64)
+    bins = yaw_bins(yaw_deg)
+    picked = np.zeros(len(error), bool)
+    for b in range(3):
+        ranked = np.flatnonzero(np.asarray(keep, bool) & (bins == b) & np.isfinite(error))
+        n = int(round(len(ranked) * pct / 100.0))
+        if n:
+            picked[ranked[np.argsort(-error[ranked], kind="stable")[:n]]] = True
+    return picked
+
+
+def _drop_worst(table: pa.Table, keep: np.ndarray, yaw_deg: np.ndarray, pct: float, round_index: int) -> pa.Table:
+    """The round's drop (`ROUND_DROP_WORST_PCT`): new_weight 0 and a drop_reason for the picked faces."""
+    error = table.column("cycle_error").to_numpy(zero_copy_only=False)
+    picked = worst_by_yaw_bin(error, keep, yaw_deg, pct)
+    if not picked.any():
+        return table
+    weight = table.column("new_weight").to_numpy(zero_copy_only=False).copy()
+    weight[picked] = 0.0
+    names = ("0-30", "30-60", "60-90")
+    bins = yaw_bins(yaw_deg)
+    reasons = [f"round {round_index}: cycle error {error[i]:.2f}% among the worst {pct:g}% of yaw bin "
+               f"{names[bins[i]]}" if picked[i] else None for i in range(len(picked))]
+    for name, values in (("new_weight", pa.array(weight, pa.float32())), ("drop_reason", pa.array(reasons, pa.string()))):
+        table = table.set_column(table.schema.get_field_index(name), SCORES_SCHEMA.field(name), values)
+    log.info("round %d drops %d kept faces: cycle error among the worst %g%% of their yaw bin",
+             round_index, int(picked.sum()), pct)
+    return table
+
+
 def rescore(predictor, store: Store, version: int, *, round_index: int, batch_size: int = 128,
-            chain: DetectorChain | None = None) -> pa.Table:
+            chain: DetectorChain | None = None, drop_worst_pct: float = ROUND_DROP_WORST_PCT) -> pa.Table:
     """Score EVERY face of `store`@`version` (streamed, never loaded whole) -> a SCORES_SCHEMA table.
 
     Dropped and eval faces are scored too: a later round may bring a dropped face back, and reports
@@ -236,6 +278,8 @@ def rescore(predictor, store: Store, version: int, *, round_index: int, batch_si
     verifier in it, faces are also judged for relabelling (`Relabeller`); a relabelled face's residual,
     cycle error, critic score and new weight are those of its new label, which is what the next
     version weighs. Without a verifier the relabelling columns stay null (the student's points aside).
+    Then the kept faces whose cycle error is among the worst `drop_worst_pct` % of their yaw bin get
+    new_weight 0 and a drop_reason: the next version drops them (`ROUND_DROP_WORST_PCT`).
     """
     if batch_size < 1:
         raise ValueError(f"rescore: batch_size={batch_size} must be >= 1")
@@ -245,14 +289,17 @@ def rescore(predictor, store: Store, version: int, *, round_index: int, batch_si
         log.warning("%s@v%d has no candidate columns (shard schema v1): scored without relabelling",
                     store.dataset, version)
         relabeller = None
-    columns = _COLUMNS + (["alt_landmarks", "pose"] if relabeller is not None else [])
+    columns = _COLUMNS + ["keep", "yaw_deg"] + (["alt_landmarks", "pose"] if relabeller is not None else [])
     parts: list[pa.Table] = []
+    kept, yaws = [], []  # for the round's drop, ranked over the whole version
     started, n_faces, n_relabelled = time.perf_counter(), 0, 0
     for batch in iter_face_batches(store, version, columns=columns, batch_size=batch_size):
         n = batch.num_rows
         if n == 0:
             continue
         face_ids = batch.column("face_id").to_pylist()
+        kept.append(batch.column("keep").to_numpy(zero_copy_only=False).astype(bool))
+        yaws.append(batch.column("yaw_deg").to_numpy(zero_copy_only=False).astype(np.float64))
         crops, decoded = _decode_crops(batch.column("crop").to_pylist(), face_ids)
         points_img = np.asarray(batch.column("landmarks").to_pylist(), dtype=np.float32).reshape(n, 68, 2)
         affines = np.asarray(batch.column("crop_affine").to_pylist(), dtype=np.float32).reshape(n, 6)
@@ -292,9 +339,12 @@ def rescore(predictor, store: Store, version: int, *, round_index: int, batch_si
             "relabel_landmarks": [None if p is None else p.tolist() for p in relabel_img],
             **{key: proposed.get(key, nothing) for key in ("relabel_nme_pred", "relabel_source", "relabel_reason",
                                                             "relabel_fusion_weights")},
+            "drop_reason": nothing,  # the round's drop is decided over the whole version, below
         }, schema=SCORES_SCHEMA))
         n_faces += n
     table = pa.concat_tables(parts) if parts else SCORES_SCHEMA.empty_table()
+    if parts and drop_worst_pct > 0:
+        table = _drop_worst(table, np.concatenate(kept), np.concatenate(yaws), drop_worst_pct, round_index)
     elapsed = time.perf_counter() - started
     log.info("rescored %s@v%d round %d: %d faces in %.1fs (%.0f faces/s), %d relabelled%s", store.dataset, version,
              round_index, n_faces, elapsed, n_faces / max(elapsed, 1e-9), n_relabelled,

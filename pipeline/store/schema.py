@@ -128,6 +128,9 @@ SCORES_SCHEMA = pa.schema(
         pa.field("relabel_source", pa.string()),  # the new label's label_source, e.g. "fused+student:r1"
         pa.field("relabel_reason", pa.string()),  # e.g. "fused with student:r1: predicted NME 5.10% -> 4.60%"
         pa.field("relabel_fusion_weights", pa.list_(_fixed(5))),  # the new label's per-candidate region weights
+        # Why the round drops the face (its new_weight is then 0), e.g. its cycle error ranks among the worst
+        # of its yaw bin's kept faces (trainer/rescore.py, `worst_by_yaw_bin`); null: not dropped by the round.
+        pa.field("drop_reason", pa.string()),
     ]
 )
 

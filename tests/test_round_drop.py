@@ -1,0 +1,64 @@
+"""The round's own drop: the kept faces whose cycle error ranks among the worst of their yaw bin get
+new weight 0 and a reason, and the next version drops them with that reason. Expected values are
+worked out by hand from the made-up errors, not by the functions under test."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.rounds import fold_scores
+from pipeline.store.schema import FACES_SCHEMA, SCORES_SCHEMA
+from trainer.rescore import _drop_worst, worst_by_yaw_bin
+
+
+def _faces_and_errors():
+    """100 kept frontal faces with errors 0..99; 40 faces at 45 degrees with errors 0..39, the one at 39 not
+    kept; one profile face without a finite error; two faces without a yaw (no bin), huge errors."""
+    yaw = np.r_[np.full(100, 10.0), np.full(40, -45.0), [75.0], [np.nan, np.nan]]
+    error = np.r_[np.arange(100.0), np.arange(40.0), [np.nan], [1e6, 1e6]]
+    keep = np.ones(len(yaw), bool)
+    keep[139] = False  # the 30-60 bin's worst error, already dropped by the rules
+    return error, keep, yaw
+
+
+def test_the_worst_of_each_yaw_bins_kept_faces_are_picked():
+    error, keep, yaw = _faces_and_errors()
+    # 3%: round(3.0) = 3 of the 100 frontal ones (errors 97, 98, 99); round(0.03 x 39) = 1 of the 39 kept
+    # at 45 degrees (error 38: 39 is not kept); none at 75 (no finite error) or without a yaw.
+    picked = worst_by_yaw_bin(error, keep, yaw, 3.0)
+    assert np.flatnonzero(picked).tolist() == [97, 98, 99, 138]
+    # 10%: 10 frontal (90..99), round(3.9) = 4 at 45 degrees (35..38)
+    assert np.flatnonzero(worst_by_yaw_bin(error, keep, yaw, 10.0)).tolist() == [*range(90, 100), 135, 136, 137, 138]
+    assert not worst_by_yaw_bin(error, keep, yaw, 0.0).any()
+
+
+def test_a_rounds_drop_reaches_the_next_version_with_its_reason():
+    error, keep, yaw = _faces_and_errors()
+    n = len(error)
+    ids = [f"f{i}:0" for i in range(n)]
+    scores = pa.Table.from_pylist([{"face_id": ids[i], "round": 2, "model_sha256": "m", "cycle_error": float(error[i]),
+                                    "critic_score": 0.5, "landmark_residual": 1.0, "new_weight": 0.8}
+                                   for i in range(n)], schema=SCORES_SCHEMA)
+    scores = _drop_worst(scores, keep, yaw, 3.0, round_index=2)
+    weight = scores.column("new_weight").to_numpy()
+    assert np.flatnonzero(weight == 0).tolist() == [97, 98, 99, 138] and (weight[weight > 0] == np.float32(0.8)).all()
+    reasons = scores.column("drop_reason").to_pylist()
+    assert reasons[99] == "round 2: cycle error 99.00% among the worst 3% of yaw bin 0-30"
+    assert reasons[138] == "round 2: cycle error 38.00% among the worst 3% of yaw bin 30-60"
+    assert sum(r is not None for r in reasons) == 4
+
+    schema = pa.schema([FACES_SCHEMA.field(c) for c in ("face_id", "keep", "weight", "reject_reason")])
+    faces = pa.Table.from_pylist([{"face_id": ids[i], "keep": bool(keep[i]), "weight": 1.0 if keep[i] else 0.0,
+                                   "reject_reason": None if keep[i] else "verifier_nme_pct 9 > 5.45"}
+                                  for i in range(n)], schema=schema)
+    out = {r["face_id"]: r for r in fold_scores(faces, scores).to_pylist()}
+    assert [i for i in range(n) if not out[ids[i]]["keep"]] == [97, 98, 99, 138, 139]
+    assert out[ids[99]]["reject_reason"] == reasons[99] and out[ids[99]]["weight"] == 0.0
+    assert out[ids[139]]["reject_reason"] == "verifier_nme_pct 9 > 5.45"  # the rule's reason stays
+    assert abs(out[ids[5]]["weight"] - 0.8) < 1e-6  # the others: weighted by the round as before
+
+    # A scores file from before the column: the weight alone decides, with the weight's reason.
+    old = scores.drop_columns(["drop_reason"])
+    out = {r["face_id"]: r for r in fold_scores(faces, old).to_pylist()}
+    assert out[ids[99]]["reject_reason"] == "rescore new_weight 0 < 0.1" and not out[ids[99]]["keep"]
