@@ -8,6 +8,7 @@ Pure pyarrow (no torch): the build's commit step calls both while writing the ne
 from __future__ import annotations
 
 import logging
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -25,6 +26,21 @@ STUDENT_PREFIX = "student:"
 
 def student_name(round_index: int) -> str:
     return f"{STUDENT_PREFIX}r{round_index}"
+
+
+# A round's own drop (trainer/rescore.py) says which round made it. Later rounds carry it: a face a
+# round dropped stays dropped until its label changes, so each round's drops add to the ones before.
+_ROUND_DROP = re.compile(r"^round \d+ drop: ")
+
+
+def round_drop_reason(round_index: int, cycle_error_pct: float, worst_pct: float, yaw_bin: str) -> str:
+    return (f"round {round_index} drop: cycle error {cycle_error_pct:.2f}% among the worst {worst_pct:g}% "
+            f"of yaw bin {yaw_bin}")
+
+
+def is_round_drop(reason: str | None) -> bool:
+    """`reason` (a face's reject_reason) is a round's own drop (`round_drop_reason`)."""
+    return bool(reason) and _ROUND_DROP.match(reason) is not None
 
 
 def latest_round_per_face(scores: pa.Table) -> pa.Table:

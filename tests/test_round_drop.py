@@ -1,6 +1,7 @@
 """The round's own drop: the kept faces whose cycle error ranks among the worst of their yaw bin get
-new weight 0 and a reason, and the next version drops them with that reason. Expected values are
-worked out by hand from the made-up errors, not by the functions under test."""
+new weight 0 and a reason, faces an earlier round dropped stay dropped until their label changes, and
+the next version drops them all with their reasons. Expected values are worked out by hand from the
+made-up errors, not by the functions under test."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pyarrow as pa
 
 from pipeline.rounds import fold_scores
 from pipeline.store.schema import FACES_SCHEMA, SCORES_SCHEMA
-from trainer.rescore import _drop_worst, worst_by_yaw_bin
+from trainer.rescore import _round_drops, worst_by_yaw_bin
 
 
 def _faces_and_errors():
@@ -37,24 +38,36 @@ def test_a_rounds_drop_reaches_the_next_version_with_its_reason():
     error, keep, yaw = _faces_and_errors()
     n = len(error)
     ids = [f"f{i}:0" for i in range(n)]
+    earlier = "round 1 drop: cycle error 7.00% among the worst 3% of yaw bin 0-30"
+    # Face 0 and face 1 were dropped by round 1; this round relabels face 1 (a new label, judged afresh).
+    keep[[0, 1]] = False
+    reject = [None if keep[i] else "verifier_nme_pct 9 > 5.45" for i in range(n)]
+    reject[0] = reject[1] = earlier
     scores = pa.Table.from_pylist([{"face_id": ids[i], "round": 2, "model_sha256": "m", "cycle_error": float(error[i]),
-                                    "critic_score": 0.5, "landmark_residual": 1.0, "new_weight": 0.8}
+                                    "critic_score": 0.5, "landmark_residual": 1.0, "new_weight": 0.8,
+                                    "relabel_landmarks": [1.0] * 136 if i == 1 else None}
                                    for i in range(n)], schema=SCORES_SCHEMA)
-    scores = _drop_worst(scores, keep, yaw, 3.0, round_index=2)
+    scores = _round_drops(scores, keep, yaw, reject, 3.0, round_index=2)
     weight = scores.column("new_weight").to_numpy()
-    assert np.flatnonzero(weight == 0).tolist() == [97, 98, 99, 138] and (weight[weight > 0] == np.float32(0.8)).all()
+    # round(0.03 x 98) = 3 of the 98 kept frontal faces (97, 98, 99), 1 of the 39 kept at 45 degrees, and face 0
+    assert np.flatnonzero(weight == 0).tolist() == [0, 97, 98, 99, 138] and (weight[weight > 0] == np.float32(0.8)).all()
     reasons = scores.column("drop_reason").to_pylist()
-    assert reasons[99] == "round 2: cycle error 99.00% among the worst 3% of yaw bin 0-30"
-    assert reasons[138] == "round 2: cycle error 38.00% among the worst 3% of yaw bin 30-60"
-    assert sum(r is not None for r in reasons) == 4
+    assert reasons[0] == earlier and reasons[1] is None
+    assert reasons[99] == "round 2 drop: cycle error 99.00% among the worst 3% of yaw bin 0-30"
+    assert reasons[138] == "round 2 drop: cycle error 38.00% among the worst 3% of yaw bin 30-60"
+    assert sum(r is not None for r in reasons) == 5
 
+    # The next version: the rules keep faces 0 and 1 again (their reasons were the round's); the fold drops
+    # the round's picks and face 0 with their reasons, and leaves the rule's own drop (139) as it was.
     schema = pa.schema([FACES_SCHEMA.field(c) for c in ("face_id", "keep", "weight", "reject_reason")])
-    faces = pa.Table.from_pylist([{"face_id": ids[i], "keep": bool(keep[i]), "weight": 1.0 if keep[i] else 0.0,
-                                   "reject_reason": None if keep[i] else "verifier_nme_pct 9 > 5.45"}
+    rule_keep = [i != 139 for i in range(n)]
+    faces = pa.Table.from_pylist([{"face_id": ids[i], "keep": rule_keep[i], "weight": 1.0 if rule_keep[i] else 0.0,
+                                   "reject_reason": None if rule_keep[i] else "verifier_nme_pct 9 > 5.45"}
                                   for i in range(n)], schema=schema)
     out = {r["face_id"]: r for r in fold_scores(faces, scores).to_pylist()}
-    assert [i for i in range(n) if not out[ids[i]]["keep"]] == [97, 98, 99, 138, 139]
-    assert out[ids[99]]["reject_reason"] == reasons[99] and out[ids[99]]["weight"] == 0.0
+    assert [i for i in range(n) if not out[ids[i]]["keep"]] == [0, 97, 98, 99, 138, 139]
+    assert out[ids[0]]["reject_reason"] == earlier and out[ids[99]]["reject_reason"] == reasons[99]
+    assert out[ids[99]]["weight"] == 0.0 and out[ids[1]]["keep"]
     assert out[ids[139]]["reject_reason"] == "verifier_nme_pct 9 > 5.45"  # the rule's reason stays
     assert abs(out[ids[5]]["weight"] - 0.8) < 1e-6  # the others: weighted by the round as before
 

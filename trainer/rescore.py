@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from pipeline.catalog import DetectorChain
 from pipeline.crops import CROP_SIZE, apply_affine, invert_affine
 from pipeline.landmarks import nme_pct, roc_auc, yaw_bins  # noqa: F401 - roc_auc lives with the other metrics
-from pipeline.rounds import STUDENT_PREFIX, student_name
+from pipeline.rounds import STUDENT_PREFIX, is_round_drop, round_drop_reason, student_name
 from pipeline.store.faces import faces_schema, iter_face_batches, read_faces
 from pipeline.store.files import open_for_arrow, write_table
 from pipeline.store.layout import Store, resolve_version
@@ -67,7 +67,9 @@ CRITIC_RELABEL = 0.5
 # cycle error it ranks worst (2DASL's cycle, label -> student -> student again, judges the label).
 # Ranked per bin, not against a fixed bound: a student's errors have no fixed scale, and profile
 # faces err more for every label. Chosen on one cross-fitting fold of the wild crops and checked on
-# the other; 0 turns it off (figures: docs/rounds.md, 'The trainer's own drop').
+# the other. A face a round drops stays dropped in later rounds until its label changes, so each
+# round's drops add to the ones before; 0 turns the drop off, and earlier rounds' drops then lapse
+# (figures: docs/rounds.md, 'The trainer's own drop').
 ROUND_DROP_WORST_PCT = 3.0
 
 
@@ -250,22 +252,26 @@ def worst_by_yaw_bin(error: np.ndarray, keep: np.ndarray, yaw_deg: np.ndarray, p
     return picked
 
 
-def _drop_worst(table: pa.Table, keep: np.ndarray, yaw_deg: np.ndarray, pct: float, round_index: int) -> pa.Table:
-    """The round's drop (`ROUND_DROP_WORST_PCT`): new_weight 0 and a drop_reason for the picked faces."""
+def _round_drops(table: pa.Table, keep: np.ndarray, yaw_deg: np.ndarray, reject_reason: list, pct: float,
+                 round_index: int) -> pa.Table:
+    """The round's drop (`ROUND_DROP_WORST_PCT`): new_weight 0 and a drop_reason for the faces an earlier
+    round dropped (their reason carried, unless this round gave them a new label) and for the kept
+    faces whose cycle error is among the worst `pct` % of their yaw bin."""
     error = table.column("cycle_error").to_numpy(zero_copy_only=False)
+    relabelled = table.column("relabel_landmarks").is_valid().to_numpy(zero_copy_only=False)
+    carried = np.array([is_round_drop(r) for r in reject_reason], bool) & ~relabelled
     picked = worst_by_yaw_bin(error, keep, yaw_deg, pct)
-    if not picked.any():
+    if not (picked.any() or carried.any()):
         return table
     weight = table.column("new_weight").to_numpy(zero_copy_only=False).copy()
-    weight[picked] = 0.0
-    names = ("0-30", "30-60", "60-90")
-    bins = yaw_bins(yaw_deg)
-    reasons = [f"round {round_index}: cycle error {error[i]:.2f}% among the worst {pct:g}% of yaw bin "
-               f"{names[bins[i]]}" if picked[i] else None for i in range(len(picked))]
+    weight[picked | carried] = 0.0
+    names, bins = ("0-30", "30-60", "60-90"), yaw_bins(yaw_deg)
+    reasons = [round_drop_reason(round_index, error[i], pct, names[bins[i]]) if picked[i]
+               else reject_reason[i] if carried[i] else None for i in range(len(picked))]
     for name, values in (("new_weight", pa.array(weight, pa.float32())), ("drop_reason", pa.array(reasons, pa.string()))):
         table = table.set_column(table.schema.get_field_index(name), SCORES_SCHEMA.field(name), values)
-    log.info("round %d drops %d kept faces: cycle error among the worst %g%% of their yaw bin",
-             round_index, int(picked.sum()), pct)
+    log.info("round %d drops %d kept faces (cycle error among the worst %g%% of their yaw bin); %d stay dropped "
+             "by earlier rounds", round_index, int(picked.sum()), pct, int(carried.sum()))
     return table
 
 
@@ -279,7 +285,8 @@ def rescore(predictor, store: Store, version: int, *, round_index: int, batch_si
     cycle error, critic score and new weight are those of its new label, which is what the next
     version weighs. Without a verifier the relabelling columns stay null (the student's points aside).
     Then the kept faces whose cycle error is among the worst `drop_worst_pct` % of their yaw bin get
-    new_weight 0 and a drop_reason: the next version drops them (`ROUND_DROP_WORST_PCT`).
+    new_weight 0 and a drop_reason, and so do the faces earlier rounds dropped (their label unchanged):
+    the next version drops them (`ROUND_DROP_WORST_PCT`).
     """
     if batch_size < 1:
         raise ValueError(f"rescore: batch_size={batch_size} must be >= 1")
@@ -289,9 +296,9 @@ def rescore(predictor, store: Store, version: int, *, round_index: int, batch_si
         log.warning("%s@v%d has no candidate columns (shard schema v1): scored without relabelling",
                     store.dataset, version)
         relabeller = None
-    columns = _COLUMNS + ["keep", "yaw_deg"] + (["alt_landmarks", "pose"] if relabeller is not None else [])
+    columns = _COLUMNS + ["keep", "yaw_deg", "reject_reason"] + (["alt_landmarks", "pose"] if relabeller is not None else [])
     parts: list[pa.Table] = []
-    kept, yaws = [], []  # for the round's drop, ranked over the whole version
+    kept, yaws, reasons = [], [], []  # for the round's drop, ranked over the whole version
     started, n_faces, n_relabelled = time.perf_counter(), 0, 0
     for batch in iter_face_batches(store, version, columns=columns, batch_size=batch_size):
         n = batch.num_rows
@@ -300,6 +307,7 @@ def rescore(predictor, store: Store, version: int, *, round_index: int, batch_si
         face_ids = batch.column("face_id").to_pylist()
         kept.append(batch.column("keep").to_numpy(zero_copy_only=False).astype(bool))
         yaws.append(batch.column("yaw_deg").to_numpy(zero_copy_only=False).astype(np.float64))
+        reasons += batch.column("reject_reason").to_pylist()
         crops, decoded = _decode_crops(batch.column("crop").to_pylist(), face_ids)
         points_img = np.asarray(batch.column("landmarks").to_pylist(), dtype=np.float32).reshape(n, 68, 2)
         affines = np.asarray(batch.column("crop_affine").to_pylist(), dtype=np.float32).reshape(n, 6)
@@ -344,7 +352,7 @@ def rescore(predictor, store: Store, version: int, *, round_index: int, batch_si
         n_faces += n
     table = pa.concat_tables(parts) if parts else SCORES_SCHEMA.empty_table()
     if parts and drop_worst_pct > 0:
-        table = _drop_worst(table, np.concatenate(kept), np.concatenate(yaws), drop_worst_pct, round_index)
+        table = _round_drops(table, np.concatenate(kept), np.concatenate(yaws), reasons, drop_worst_pct, round_index)
     elapsed = time.perf_counter() - started
     log.info("rescored %s@v%d round %d: %d faces in %.1fs (%.0f faces/s), %d relabelled%s", store.dataset, version,
              round_index, n_faces, elapsed, n_faces / max(elapsed, 1e-9), n_relabelled,
