@@ -22,6 +22,7 @@ import numpy as np
 from common import emit, header
 
 from pipeline.catalog import load_catalog
+from pipeline.landmarks import roc_auc
 from trainer.rescore import worst_by_yaw_bin
 
 SHARES_PCT = (1.0, 2.0, 3.0, 5.0, 10.0)
@@ -42,6 +43,9 @@ def main() -> None:
     yaw = YAW_OF_BIN[bins]
     result = {**header(), "npz": args.npz, "faces": int(len(nme)), "kept": int(keep.sum())}
     for name, bad_high in (("cycle", data["cycle"]), ("residual", data["residual"]), ("critic", -data["critic"])):
+        # How well the score ranks the kept labels' errors within each bin (both folds together).
+        result[f"{name}_kept_auc_over_5pct_by_bin"] = [roc_auc(bad_high[keep & (bins == b)], nme[keep & (bins == b)] > 5.0)
+                                                        for b in range(3)]
         for k in (0, 1):
             mine = keep & (fold == k)
             before = [float(nme[mine & (bins == b)].mean()) for b in range(3)]
