@@ -188,6 +188,28 @@ def test_rescore_scores_every_face_and_a_round_folds_them(tiny, tmp_path):
         build(tiny, scores=read_scores(store, 1, 1), scores_for_version=1)
 
 
+def test_a_rounds_drop_picks_each_yaw_bins_worst_kept_faces_of_the_version(tiny):
+    """The round's drop on a real version: per yaw bin, the kept faces with the highest cycle errors,
+    found here by sorting the version's own rows (face ids, keep, yaw), not by the rescore's ranking."""
+    from pipeline.landmarks import yaw_bins
+    from trainer.checkpoint import load_predictor
+    from trainer.rescore import rescore
+
+    store = store_of(tiny)
+    scores = rescore(load_predictor("teacher", device="cpu"), store, 1, round_index=1, batch_size=6, drop_worst_pct=25.0)
+    faces = read_faces(store, 1, columns=["face_id", "keep", "yaw_deg"]).to_pandas().set_index("face_id")
+    error = dict(zip(scores.column("face_id").to_pylist(), scores.column("cycle_error").to_pylist()))
+    faces["bin"] = yaw_bins(faces.yaw_deg.to_numpy())
+    want = set()
+    for b in range(3):
+        kept = [f for f in faces.index[(faces.bin == b) & faces.keep] if np.isfinite(error[f])]
+        want |= set(sorted(kept, key=lambda f: -error[f])[:round(len(kept) * 0.25)])
+    got = {f for f, why in zip(scores.column("face_id").to_pylist(), scores.column("drop_reason").to_pylist()) if why}
+    assert got == want and len(want) >= 3, (got, want)
+    weight = dict(zip(scores.column("face_id").to_pylist(), scores.column("new_weight").to_pylist()))
+    assert all(weight[f] == 0.0 for f in got) and all(weight[f] > 0.0 for f in set(weight) - got)
+
+
 # The teacher's balanced NME on the first 16 aflw2000-dev images, reference crops (docs/labels.md,
 # "The tests' subsets of aflw2000-dev").
 TEACHER_GT_BALANCED_16 = 3.884

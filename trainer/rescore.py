@@ -275,6 +275,15 @@ def _round_drops(table: pa.Table, keep: np.ndarray, yaw_deg: np.ndarray, reject_
     return table
 
 
+def _version_round_drops(table: pa.Table, store: Store, version: int, pct: float, round_index: int) -> pa.Table:
+    """`_round_drops` with each scored face's keep, yaw and reject reason read from store@version."""
+    faces = read_faces(store, version, columns=["face_id", "keep", "yaw_deg", "reject_reason"])
+    at = pc.index_in(table.column("face_id"), value_set=faces.column("face_id")).to_numpy(zero_copy_only=False)
+    return _round_drops(table, faces.column("keep").to_numpy(zero_copy_only=False)[at].astype(bool),
+                        faces.column("yaw_deg").to_numpy(zero_copy_only=False)[at].astype(np.float64),
+                        faces.column("reject_reason").take(pa.array(at)).to_pylist(), pct, round_index)
+
+
 def rescore(predictor, store: Store, version: int, *, round_index: int, batch_size: int = 128,
             chain: DetectorChain | None = None, drop_worst_pct: float = ROUND_DROP_WORST_PCT) -> pa.Table:
     """Score EVERY face of `store`@`version` (streamed, never loaded whole) -> a SCORES_SCHEMA table.
@@ -296,18 +305,14 @@ def rescore(predictor, store: Store, version: int, *, round_index: int, batch_si
         log.warning("%s@v%d has no candidate columns (shard schema v1): scored without relabelling",
                     store.dataset, version)
         relabeller = None
-    columns = _COLUMNS + ["keep", "yaw_deg", "reject_reason"] + (["alt_landmarks", "pose"] if relabeller is not None else [])
+    columns = _COLUMNS + (["alt_landmarks", "pose"] if relabeller is not None else [])
     parts: list[pa.Table] = []
-    kept, yaws, reasons = [], [], []  # for the round's drop, ranked over the whole version
     started, n_faces, n_relabelled = time.perf_counter(), 0, 0
     for batch in iter_face_batches(store, version, columns=columns, batch_size=batch_size):
         n = batch.num_rows
         if n == 0:
             continue
         face_ids = batch.column("face_id").to_pylist()
-        kept.append(batch.column("keep").to_numpy(zero_copy_only=False).astype(bool))
-        yaws.append(batch.column("yaw_deg").to_numpy(zero_copy_only=False).astype(np.float64))
-        reasons += batch.column("reject_reason").to_pylist()
         crops, decoded = _decode_crops(batch.column("crop").to_pylist(), face_ids)
         points_img = np.asarray(batch.column("landmarks").to_pylist(), dtype=np.float32).reshape(n, 68, 2)
         affines = np.asarray(batch.column("crop_affine").to_pylist(), dtype=np.float32).reshape(n, 6)
@@ -347,12 +352,12 @@ def rescore(predictor, store: Store, version: int, *, round_index: int, batch_si
             "relabel_landmarks": [None if p is None else p.tolist() for p in relabel_img],
             **{key: proposed.get(key, nothing) for key in ("relabel_nme_pred", "relabel_source", "relabel_reason",
                                                             "relabel_fusion_weights")},
-            "drop_reason": nothing,  # the round's drop is decided over the whole version, below
+            "drop_reason": nothing,  # decided over the whole version, below
         }, schema=SCORES_SCHEMA))
         n_faces += n
     table = pa.concat_tables(parts) if parts else SCORES_SCHEMA.empty_table()
-    if parts and drop_worst_pct > 0:
-        table = _round_drops(table, np.concatenate(kept), np.concatenate(yaws), reasons, drop_worst_pct, round_index)
+    if parts and drop_worst_pct > 0:  # ranked over the whole version, so after every batch
+        table = _version_round_drops(table, store, version, drop_worst_pct, round_index)
     elapsed = time.perf_counter() - started
     log.info("rescored %s@v%d round %d: %d faces in %.1fs (%.0f faces/s), %d relabelled%s", store.dataset, version,
              round_index, n_faces, elapsed, n_faces / max(elapsed, 1e-9), n_relabelled,
