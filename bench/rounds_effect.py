@@ -1,6 +1,8 @@
 """What each round did to a version's labels, against the wild crops' AFLW-21 references: per version
 of a lineage, the faces it relabelled, the share of those that moved closer to their references and the
-mean change, and the kept labels' NME per yaw bin (the references are never read by the trainer).
+mean change, and the kept labels' NME per yaw bin (the references are never read by the trainer). Bins
+by the face's own yaw estimate (`yaw_deg`, what the rules and the round's drop bin by) and, as `show`
+does, by the reference's pose (`ref_pose`).
 
 Usage: .venv/bin/python bench/rounds_effect.py --root out/datasets --dataset wild --versions 1 2 3 [--json F]
 """
@@ -18,7 +20,7 @@ from pipeline.references import nme21_pct
 from pipeline.store.faces import read_faces
 from pipeline.store.layout import Store
 
-COLUMNS = ["face_id", "landmarks", "ref_points21", "yaw_deg", "keep", "relabel_round"]
+COLUMNS = ["face_id", "landmarks", "ref_points21", "yaw_deg", "ref_pose", "keep", "relabel_round"]
 
 
 def _version(store: Store, version: int) -> dict:
@@ -30,6 +32,7 @@ def _version(store: Store, version: int) -> dict:
     return {"ids": faces.column("face_id").to_pylist(), "nme": nme,
             "keep": faces.column("keep").to_numpy(zero_copy_only=False),
             "bins": yaw_bins(faces.column("yaw_deg").to_numpy(zero_copy_only=False)),
+            "ref_bins": yaw_bins(np.asarray([(p or [np.nan])[0] for p in faces.column("ref_pose").to_pylist()], np.float64)),
             "round": faces.column("relabel_round").to_pylist()}
 
 
@@ -47,6 +50,8 @@ def main() -> None:
         row = {"version": version, "faces": len(v["ids"]), "kept": int(v["keep"].sum()),
                "label_nme": [round(float(v["nme"][v["bins"] == b].mean()), 3) for b in range(3)],
                "kept_label_nme": [round(float(v["nme"][(v["bins"] == b) & v["keep"]].mean()), 3) for b in range(3)],
+               "kept_label_nme_by_ref_pose": [round(float(v["nme"][(v["ref_bins"] == b) & v["keep"]].mean()), 4)
+                                              for b in range(3)],
                "label_nme_mean": round(float(v["nme"].mean()), 3)}
         if previous is not None:
             before = dict(zip(previous["ids"], previous["nme"]))
