@@ -64,6 +64,14 @@ def _round_in_effect(store: Store, version: int) -> tuple[int | None, pa.Table |
     return None, None
 
 
+def _reason_kind(reason: str) -> str:
+    """What a drop reason is counted under: a trainer round's own drop, else its first word (a rule's
+    feature, or `rescore` for a round's weight under the bound)."""
+    from pipeline.rounds import is_round_drop
+
+    return "round drop" if is_round_drop(reason) else reason.split(" ")[0]
+
+
 def summarize_counts(images: pa.Table, quarantine: pa.Table, faces_keep: list[bool],
                      reasons: list[str | None]) -> dict:
     status = Counter(images.column("status").to_pylist())
@@ -79,7 +87,7 @@ def summarize_counts(images: pa.Table, quarantine: pa.Table, faces_keep: list[bo
         "faces": len(faces_keep),
         "faces_kept": int(sum(faces_keep)),
         "faces_dropped": len(faces_keep) - int(sum(faces_keep)),
-        "drop_reasons": dict(Counter(r.split(" ")[0] for r in reasons if r)),
+        "drop_reasons": dict(Counter(_reason_kind(r) for r in reasons if r)),
         "quarantine_reasons": dict(Counter(quarantine.column("reason").to_pylist())),
     }
 

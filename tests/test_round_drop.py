@@ -75,3 +75,12 @@ def test_a_rounds_drop_reaches_the_next_version_with_its_reason():
     old = scores.drop_columns(["drop_reason"])
     out = {r["face_id"]: r for r in fold_scores(faces, old).to_pylist()}
     assert out[ids[99]]["reject_reason"] == "rescore new_weight 0 < 0.1" and not out[ids[99]]["keep"]
+
+
+def test_a_versions_counts_name_the_rounds_drops_apart():
+    from pipeline.commit import _reason_kind
+
+    assert _reason_kind("round 12 drop: cycle error 9.10% among the worst 3% of yaw bin 60-90") == "round drop"
+    assert _reason_kind("rescore new_weight 0.05 < 0.1") == "rescore"
+    assert _reason_kind("verifier_nme_pct 9 > 5.45") == "verifier_nme_pct"
+    assert _reason_kind("round-trip of something else") == "round-trip"  # only the round's own form counts
