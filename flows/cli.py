@@ -149,10 +149,11 @@ def _rescore(catalog, store, version: int | None, args):
 def _say_rescored(store, version: int, round_index: int, table, path: str) -> None:
     weights = table.column("new_weight").to_numpy()
     relabelled = table.num_rows - table.column("relabel_landmarks").null_count
-    dropped = table.num_rows - table.column("drop_reason").null_count
+    reasons = [r for r in table.column("drop_reason").to_pylist() if r]
+    new = sum(r.startswith(f"round {round_index} drop") for r in reasons)
     print(f"rescored {store.dataset}@v{version} round {round_index}: {table.num_rows} faces, "
           f"mean new weight {weights.mean():.3f}, {(weights < 0.1).sum()} under 0.1, {relabelled} relabelled, "
-          f"{dropped} dropped by the round (cycle error among the worst of their yaw bin) -> {path}")
+          f"{len(reasons)} dropped ({new} by this round's cycle error, {len(reasons) - new} by earlier rounds) -> {path}")
 
 
 def cmd_rescore(args) -> int:
