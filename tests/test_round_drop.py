@@ -84,3 +84,20 @@ def test_a_versions_counts_name_the_rounds_drops_apart():
     assert _reason_kind("rescore new_weight 0.05 < 0.1") == "rescore"
     assert _reason_kind("verifier_nme_pct 9 > 5.45") == "verifier_nme_pct"
     assert _reason_kind("round-trip of something else") == "round-trip"  # only the round's own form counts
+
+
+def test_a_round_never_drops_eval_faces(built_small_catalog):
+    """Half of each yaw bin's kept faces are dropped, but only among the training faces: the student
+    never saw the eval faces (their errors run higher) and never trains on them."""
+    from pipeline.catalog import load_catalog, store_of
+    from pipeline.store.faces import read_faces
+    from trainer.checkpoint import load_predictor
+    from trainer.rescore import rescore
+
+    path, version, _ = built_small_catalog
+    store = store_of(load_catalog(path))
+    faces = read_faces(store, version, columns=["face_id", "split", "keep"]).to_pandas().set_index("face_id")
+    assert (faces.split == "eval").sum() >= 4 and ((faces.split == "train") & faces.keep).sum() >= 4
+    scores = rescore(load_predictor("teacher", device="cpu"), store, version, round_index=1, drop_worst_pct=50.0)
+    dropped = {f for f, why in zip(scores.column("face_id").to_pylist(), scores.column("drop_reason").to_pylist()) if why}
+    assert dropped and all(faces.split[f] == "train" and faces.keep[f] for f in dropped), faces.loc[list(dropped)]

@@ -27,6 +27,7 @@ from pipeline.store.faces import faces_schema, iter_face_batches, read_faces
 from pipeline.store.files import open_for_arrow, write_table
 from pipeline.store.layout import Store, resolve_version
 from pipeline.store.schema import SCORES_SCHEMA, conform_scores
+from trainer.data import TRAIN_SPLIT
 
 log = logging.getLogger(__name__)
 
@@ -276,10 +277,13 @@ def _round_drops(table: pa.Table, keep: np.ndarray, yaw_deg: np.ndarray, reject_
 
 
 def _version_round_drops(table: pa.Table, store: Store, version: int, pct: float, round_index: int) -> pa.Table:
-    """`_round_drops` with each scored face's keep, yaw and reject reason read from store@version."""
-    faces = read_faces(store, version, columns=["face_id", "keep", "yaw_deg", "reject_reason"])
+    """`_round_drops` with each scored face's keep, yaw and reject reason read from store@version. Only
+    training faces are ranked: the student never saw the eval faces, so their errors run higher, and
+    they are never trained on anyway."""
+    faces = read_faces(store, version, columns=["face_id", "split", "keep", "yaw_deg", "reject_reason"])
     at = pc.index_in(table.column("face_id"), value_set=faces.column("face_id")).to_numpy(zero_copy_only=False)
-    return _round_drops(table, faces.column("keep").to_numpy(zero_copy_only=False)[at].astype(bool),
+    ranked = pc.and_(faces.column("keep"), pc.equal(faces.column("split"), TRAIN_SPLIT))
+    return _round_drops(table, ranked.to_numpy(zero_copy_only=False)[at].astype(bool),
                         faces.column("yaw_deg").to_numpy(zero_copy_only=False)[at].astype(np.float64),
                         faces.column("reject_reason").take(pa.array(at)).to_pylist(), pct, round_index)
 
