@@ -136,12 +136,14 @@ def _rescore(catalog, store, version: int | None, args):
     """Score (and, with a verifier in the catalog's chain, relabel) every face of store@version with
     --checkpoint and print the round; (version, path, table)."""
     from pipeline.store.layout import resolve_version
+    from trainer.config import train_config
     from trainer.rescore import rescore_version
 
     version = resolve_version(store, version)
     round_index = version if args.round is None else args.round
+    drop = train_config(catalog.training, {}).round.drop_worst_pct  # the catalog's, as a round's
     version, path, table = rescore_version(store, version, args.checkpoint, round_index=round_index,
-                                           device=args.device, chain=catalog.detectors)
+                                           device=args.device, chain=catalog.detectors, drop_worst_pct=drop)
     _say_rescored(store, version, round_index, table, path)
     return version, path, table
 

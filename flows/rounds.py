@@ -91,7 +91,8 @@ def _score_round_locked(catalog: Catalog, store: Store, version: int, checkpoint
         logger.info("trained %d steps on %s@v%d: %s (last total loss %.4g)", result.steps, store.dataset, version,
                     result.checkpoint, result.final_losses.get("total", float("nan")))
     predictor = load_predictor(checkpoint, device=cfg.training.device)
-    scores = rescore(predictor, store, version, round_index=version, chain=catalog.detectors)
+    scores = rescore(predictor, store, version, round_index=version, chain=catalog.detectors,
+                     drop_worst_pct=cfg.round.drop_worst_pct)
     scores_file = write_scores(store, version, scores, version)
     evaluation = evaluate_version(predictor, store, version) if evaluate else None
     if evaluation is not None:  # on the version's reference (eval) faces

@@ -101,3 +101,32 @@ def test_a_round_never_drops_eval_faces(built_small_catalog):
     scores = rescore(load_predictor("teacher", device="cpu"), store, version, round_index=1, drop_worst_pct=50.0)
     dropped = {f for f, why in zip(scores.column("face_id").to_pylist(), scores.column("drop_reason").to_pylist()) if why}
     assert dropped and all(faces.split[f] == "train" and faces.keep[f] for f in dropped), faces.loc[list(dropped)]
+
+
+def test_the_catalog_sets_the_share_a_round_drops(tmp_path):
+    """`training: {round_drop_worst_pct: N}` reaches a round: at 50, half of each bin's kept training
+    faces (here at least 2 of the 6 wild crops); at 0, none."""
+    import yaml
+
+    from flows.catalog import load_catalog
+    from flows.rounds import score_round
+    from pipeline.build import build
+    from pipeline.catalog import store_of
+    from pipeline.store.faces import read_faces
+    from tests.conftest import WILD, copy_images, write_catalog
+
+    wild = copy_images(tmp_path / "src" / "wild", "aflw-wild-crops", WILD[:6])
+    path = write_catalog(tmp_path / "catalog.yaml", [{"name": "wild", "kind": "folder", "path": str(wild),
+                                                     "pre_cropped": True}], output_root=str(tmp_path / "out"))
+    dropped = {}
+    for share in (50, 0):
+        data = yaml.safe_load(path.read_text())
+        data["training"] = {"round_drop_worst_pct": share}
+        data["dataset"] = f"faces{share}"
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        catalog = load_catalog(path)
+        build(catalog)
+        record = score_round(catalog, store_of(catalog), 1, checkpoint="teacher", evaluate=False)
+        dropped[share] = record["faces_dropped"]
+    kept = read_faces(store_of(catalog), 1, columns=["keep"]).column("keep").to_pylist()
+    assert sum(kept) >= 4 and dropped[50] >= 2 and dropped[0] == 0, (dropped, kept)

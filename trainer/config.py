@@ -200,6 +200,20 @@ class LossConfig:
 
 
 @dataclass
+class RoundConfig:
+    """What a trainer round does with its scores (`trainer/rescore.py`)."""
+
+    # The share (%) of each yaw bin's kept training faces a round drops, worst cycle error first; the
+    # drops of earlier rounds stand. 0 turns it off (and earlier rounds' drops lapse). Why 3:
+    # `trainer.rescore.ROUND_DROP_WORST_PCT`.
+    drop_worst_pct: float = 3.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.drop_worst_pct <= 50.0:
+            raise ConfigError("drop_worst_pct", f"{self.drop_worst_pct} must be in [0, 50] (a percentage)")
+
+
+@dataclass
 class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
@@ -208,6 +222,7 @@ class TrainConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    round: RoundConfig = field(default_factory=RoundConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -243,6 +258,7 @@ _RENAMED = {
     **{f"aug_{name}": ("augmentation", name)
        for name in ("shift", "scale", "rotate_deg", "mirror", "color", "blur", "occlude")},
     "checkpoint_dir": ("checkpoint", "dir"),
+    "round_drop_worst_pct": ("round", "drop_worst_pct"),
     "checkpoint_every": ("checkpoint", "every"),
     "keep_checkpoints": ("checkpoint", "keep"),
     **{f"w_{f.name}": ("loss", f.name) for f in dataclasses.fields(LossConfig)},

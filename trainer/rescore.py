@@ -27,6 +27,7 @@ from pipeline.store.faces import faces_schema, iter_face_batches, read_faces
 from pipeline.store.files import open_for_arrow, write_table
 from pipeline.store.layout import Store, resolve_version
 from pipeline.store.schema import SCORES_SCHEMA, conform_scores
+from trainer.config import RoundConfig
 from trainer.data import TRAIN_SPLIT
 
 log = logging.getLogger(__name__)
@@ -69,9 +70,11 @@ CRITIC_RELABEL = 0.5
 # Ranked per bin, not against a fixed bound: a student's errors have no fixed scale, and profile
 # faces err more for every label. Chosen on one cross-fitting fold of the wild crops and checked on
 # the other. A face a round drops stays dropped in later rounds until its label changes, so each
-# round's drops add to the ones before; 0 turns the drop off, and earlier rounds' drops then lapse
-# (figures: docs/rounds.md, 'The trainer's own drop').
-ROUND_DROP_WORST_PCT = 3.0
+# round's drops add to the ones before. The catalog sets it (`training: {round_drop_worst_pct: N}`);
+# 0 turns the drop off, and earlier rounds' drops then lapse (figures: docs/rounds.md, 'The trainer's
+# own drop').
+# The default of the catalog's `training: {round_drop_worst_pct: ...}` (`trainer.config.RoundConfig`).
+ROUND_DROP_WORST_PCT = RoundConfig.drop_worst_pct
 
 
 def combine(residual_pct: np.ndarray, cycle_pct: np.ndarray, critic: np.ndarray, *,
@@ -395,14 +398,16 @@ def read_scores(store: Store, version: int, round_index: int) -> pa.Table:
 
 
 def rescore_version(store: Store, version: int | None, checkpoint: str, *, round_index: int,
-                    device: str = "auto", chain: DetectorChain | None = None) -> tuple[int, str, pa.Table]:
+                    device: str = "auto", chain: DetectorChain | None = None,
+                    drop_worst_pct: float = ROUND_DROP_WORST_PCT) -> tuple[int, str, pa.Table]:
     """Score every face of `store`@`version` (None: the latest) with `checkpoint` ('teacher' or a path)
     and write the round's scores file; returns (version, scores path, scores table). With the catalog's
     detector `chain` (and a verifier in it) the scores also propose new labels."""
     from trainer.checkpoint import load_predictor
 
     version = resolve_version(store, version)
-    table = rescore(load_predictor(checkpoint, device=device), store, version, round_index=round_index, chain=chain)
+    table = rescore(load_predictor(checkpoint, device=device), store, version, round_index=round_index, chain=chain,
+                    drop_worst_pct=drop_worst_pct)
     return version, write_scores(store, version, table, round_index), table
 
 
