@@ -6,7 +6,9 @@ the cores busier than one batch whose every convolution is split across both; a 
 cropping and Parquet writing then overlap the other's inference too. Figures: docs/benchmarks.md.
 
 torch's intra-op pool is process-wide; ONNX Runtime sizes each session's pool when the session is
-made, so the chain's models are loaded per thread count (`labeling.get_chain`).
+made, so the chain's models are loaded per thread count (`labeling.get_chain`). OpenCV's pool (crops,
+colour conversion, JPEG encoding) is process-wide too, and gets the same count: two batches each
+resizing with a pool of one thread per core crop slower than with one thread each.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import cv2
 import torch
 
 from pipeline.catalog import Execution
@@ -45,11 +48,12 @@ def model_threads(execution: Execution, *, workers: int | None = None) -> int:
 
 
 def use_model_threads(n: int) -> None:
-    """torch's intra-op threads (process-wide) and ONNX Runtime's for the sessions made from now on."""
+    """torch's and OpenCV's threads (process-wide) and ONNX Runtime's for the sessions made from now on."""
     global _onnx_threads
     with _LOCK:
         if torch.get_num_threads() != n:
             torch.set_num_threads(n)
+        cv2.setNumThreads(n)
         _onnx_threads = n
 
 
@@ -58,13 +62,14 @@ def using_model_threads(n: int) -> Iterator[None]:
     """`use_model_threads(n)` for the body, then this process's torch threads as they were (a `rounds`
     run trains on every core after its build)."""
     global _onnx_threads
-    torch_before, onnx_before = torch.get_num_threads(), _onnx_threads
+    torch_before, cv2_before, onnx_before = torch.get_num_threads(), cv2.getNumThreads(), _onnx_threads
     use_model_threads(n)
     try:
         yield
     finally:
         with _LOCK:
             torch.set_num_threads(torch_before)
+            cv2.setNumThreads(cv2_before)
             _onnx_threads = onnx_before
 
 
