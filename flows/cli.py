@@ -151,8 +151,10 @@ def _rescore(catalog, store, version: int | None, args):
 def _say_rescored(store, version: int, round_index: int, table, path: str) -> None:
     weights = table.column("new_weight").to_numpy()
     relabelled = table.num_rows - table.column("relabel_landmarks").null_count
+    from pipeline.rounds import round_of_drop
+
     reasons = [r for r in table.column("drop_reason").to_pylist() if r]
-    new = sum(r.startswith(f"round {round_index} drop") for r in reasons)
+    new = sum(round_of_drop(r) == round_index for r in reasons)
     print(f"rescored {store.dataset}@v{version} round {round_index}: {table.num_rows} faces, "
           f"mean new weight {weights.mean():.3f}, {(weights < 0.1).sum()} under 0.1, {relabelled} relabelled, "
           f"{len(reasons)} dropped ({new} by this round's cycle error, {len(reasons) - new} by earlier rounds) -> {path}")

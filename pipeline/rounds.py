@@ -30,7 +30,7 @@ def student_name(round_index: int) -> str:
 
 # A round's own drop (trainer/rescore.py) says which round made it. Later rounds carry it: a face a
 # round dropped stays dropped until its label changes, so each round's drops add to the ones before.
-_ROUND_DROP = re.compile(r"^round \d+ drop: ")
+_ROUND_DROP = re.compile(r"^round (\d+) drop: ")
 
 
 def round_drop_reason(round_index: int, cycle_error_pct: float, worst_pct: float, yaw_bin: str) -> str:
@@ -38,9 +38,14 @@ def round_drop_reason(round_index: int, cycle_error_pct: float, worst_pct: float
             f"of yaw bin {yaw_bin}")
 
 
+def round_of_drop(reason: str | None) -> int | None:
+    """The round whose own drop `reason` (a face's reject_reason) is (`round_drop_reason`), else None."""
+    found = _ROUND_DROP.match(reason) if reason else None
+    return int(found.group(1)) if found else None
+
+
 def is_round_drop(reason: str | None) -> bool:
-    """`reason` (a face's reject_reason) is a round's own drop (`round_drop_reason`)."""
-    return bool(reason) and _ROUND_DROP.match(reason) is not None
+    return round_of_drop(reason) is not None
 
 
 def latest_round_per_face(scores: pa.Table) -> pa.Table:

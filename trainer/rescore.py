@@ -27,6 +27,7 @@ from pipeline.store.faces import faces_schema, iter_face_batches, read_faces
 from pipeline.store.files import open_for_arrow, write_table
 from pipeline.store.layout import Store, resolve_version
 from pipeline.store.schema import SCORES_SCHEMA, conform_scores
+from pipeline.summary import YAW_BINS
 from trainer.config import RoundConfig
 from trainer.data import TRAIN_SPLIT
 
@@ -70,10 +71,9 @@ CRITIC_RELABEL = 0.5
 # Ranked per bin, not against a fixed bound: a student's errors have no fixed scale, and profile
 # faces err more for every label. Chosen on one cross-fitting fold of the wild crops and checked on
 # the other. A face a round drops stays dropped in later rounds until its label changes, so each
-# round's drops add to the ones before. The catalog sets it (`training: {round_drop_worst_pct: N}`);
-# 0 turns the drop off, and earlier rounds' drops then lapse (figures: docs/rounds.md, 'The trainer's
-# own drop').
-# The default of the catalog's `training: {round_drop_worst_pct: ...}` (`trainer.config.RoundConfig`).
+# round's drops add to the ones before. This is the default of the catalog's `training:
+# {round_drop_worst_pct: N}` (`trainer.config.RoundConfig`); 0 turns the drop off, and earlier
+# rounds' drops then lapse (figures: docs/rounds.md, 'The trainer's own drop').
 ROUND_DROP_WORST_PCT = RoundConfig.drop_worst_pct
 
 
@@ -269,8 +269,8 @@ def _round_drops(table: pa.Table, keep: np.ndarray, yaw_deg: np.ndarray, reject_
         return table
     weight = table.column("new_weight").to_numpy(zero_copy_only=False).copy()
     weight[picked | carried] = 0.0
-    names, bins = ("0-30", "30-60", "60-90"), yaw_bins(yaw_deg)
-    reasons = [round_drop_reason(round_index, error[i], pct, names[bins[i]]) if picked[i]
+    bins = yaw_bins(yaw_deg)
+    reasons = [round_drop_reason(round_index, error[i], pct, YAW_BINS[bins[i]]) if picked[i]
                else reject_reason[i] if carried[i] else None for i in range(len(picked))]
     for name, values in (("new_weight", pa.array(weight, pa.float32())), ("drop_reason", pa.array(reasons, pa.string()))):
         table = table.set_column(table.schema.get_field_index(name), SCORES_SCHEMA.field(name), values)

@@ -81,24 +81,30 @@ class TDDFALandmarker:
         (`device_images.crop_rois` on the GPU path: no host round trip)."""
         params, points = [np.zeros((0, 62), np.float32)], [np.zeros((0, 68, 3), np.float32)]
         for i in range(0, len(crops), self.batch_size):
-            chunk = crops[i:i + self.batch_size]
-            if self.session is not None and not isinstance(chunk, torch.Tensor):  # host crops, ONNX Runtime
-                p = torch.from_numpy(self.session.run(None, {"x": bgr_normalized(chunk)})[0]).to(self.device)
+            x = self._net_input(crops[i:i + self.batch_size])
+            if self.session is not None:
+                p = torch.from_numpy(self.session.run(None, {"x": x})[0]).to(self.device)
             else:
-                if isinstance(chunk, torch.Tensor):
-                    x = chunk.to(self.device).float()
-                else:
-                    x = torch.from_numpy(np.ascontiguousarray(chunk)).to(self.device).permute(0, 3, 1, 2).float()
-                x = (x.flip(1) - 127.5) / 128.0  # RGB -> BGR, as trained
-                if self.session is not None:
-                    p = torch.from_numpy(self.session.run(None, {"x": x.contiguous().cpu().numpy()})[0]).to(self.device)
-                else:
-                    with autocast(self.device, self.precision):
-                        p = self.net(x.contiguous(memory_format=torch.channels_last)).float()  # CL: faster
+                with autocast(self.device, self.precision):
+                    p = self.net(x).float()
             p = p * self.std + self.mean
             params.append(p.cpu().numpy())
             points.append(self._to_points(p, self.bfm).cpu().numpy())
         return np.concatenate(params), np.concatenate(points)
+
+    def _net_input(self, chunk):
+        """A chunk of crops as the network takes it, BGR (v - 127.5) / 128: a host array for ONNX Runtime,
+        else a channels-last tensor on the device (faster convolutions)."""
+        if self.session is not None and not isinstance(chunk, torch.Tensor):
+            return bgr_normalized(chunk)  # host crops: the same values in fewer passes
+        if isinstance(chunk, torch.Tensor):
+            x = chunk.to(self.device).float()
+        else:
+            x = torch.from_numpy(np.ascontiguousarray(chunk)).to(self.device).permute(0, 3, 1, 2).float()
+        x = (x.flip(1) - 127.5) / 128.0  # RGB -> BGR, as trained
+        if self.session is not None:
+            return x.contiguous().cpu().numpy()
+        return x.contiguous(memory_format=torch.channels_last)
 
     def predict_rois(self, images: list, rois: list[tuple[int, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
         """One roi per (image index, roi) pair flattened -> (params [N, 62], image-pixel points [N, 68, 3])."""
