@@ -37,7 +37,7 @@ def bgr_normalized(crops: np.ndarray) -> np.ndarray:
     """[N, H, W, 3] RGB uint8 crops -> the network's input, [N, 3, H, W] BGR float32 (v - 127.5) / 128.
 
     The same float32 operations as the tensor path of `predict_crops`, so the same values, in one
-    strided copy and two in-place passes instead of five passes (a quarter of the time on CPU)."""
+    strided copy and two in-place passes instead of five (timing: docs/benchmarks.md, sixth session)."""
     x = np.empty((crops.shape[0], 3, *crops.shape[1:3]), np.float32)
     np.copyto(x, crops[..., ::-1].transpose(0, 3, 1, 2), casting="unsafe")
     x -= np.float32(127.5)
