@@ -9,6 +9,7 @@ as to any configured server, and it stops with the command. Design note 23.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 import subprocess
@@ -22,6 +23,11 @@ from pathlib import Path
 STARTUP_TIMEOUT_S = 120.0
 
 
+def _site_packages_of(package: str) -> str:
+    """The folder `package` is imported from, found without importing it."""
+    return str(Path(importlib.util.find_spec(package).origin).parent.parent)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -32,17 +38,13 @@ class TemporaryServer:
     """A Prefect API server in a subprocess of this command: `wait_ready()` before the first flow."""
 
     def __init__(self) -> None:
-        import prefect
-        from prefect.settings import get_current_settings
-
+        # Started before this process imports Prefect (about a second): the command line needs only
+        # where Prefect lives, and the server reads the same environment and profile as this process.
         self.port = _free_port()
         self.api_url = f"http://127.0.0.1:{self.port}/api"
-        # The command line and the environment of Prefect's own temporary server (SubprocessASGIServer).
-        env = {**os.environ, **get_current_settings().to_environment_variables(exclude_unset=True),
-               "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
-        env.pop("PREFECT_API_URL", None)
+        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).parent.parent),
+            [sys.executable, "-m", "uvicorn", "--app-dir", _site_packages_of("prefect"),
              "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
              "--log-level", "error", "--lifespan", "on"], env=env)
 
@@ -82,17 +84,33 @@ def prefect_server_configured() -> bool:
 @contextmanager
 def temporary_server() -> Iterator[TemporaryServer | None]:
     """A temporary server for the body, its URL set as this process's (and its children's) Prefect API;
-    None, and nothing started, when a server is configured or ephemeral mode is turned off."""
-    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED, temporary_settings
+    None, and nothing left running, when a server is configured or ephemeral mode is turned off.
 
-    if prefect_server_configured() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+    With no PREFECT_API_URL in the environment the server starts first and Prefect's own settings
+    (a profile may name a server too) are read while it starts; it is stopped at once if they say so.
+    Flow-run heartbeats are off against it: they let a server mark a run crashed once they stop, and
+    this server stops with the command, while each flow's end waits up to a second for its heartbeat
+    thread."""
+    if os.environ.get("PREFECT_API_URL"):
         yield None
         return
     server = TemporaryServer()
-    os.environ["PREFECT_API_URL"] = server.api_url  # threads without the context, and subprocesses
     try:
-        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+        from prefect.settings import (
+            PREFECT_API_URL,
+            PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+            PREFECT_SERVER_EPHEMERAL_ENABLED,
+            temporary_settings,
+        )
+
+        if prefect_server_configured() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+            server.stop()
+            yield None
+            return
+        os.environ["PREFECT_API_URL"] = server.api_url  # threads without the context, and subprocesses
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
             yield server
     finally:
-        os.environ.pop("PREFECT_API_URL", None)
+        if os.environ.get("PREFECT_API_URL") == server.api_url:
+            os.environ.pop("PREFECT_API_URL")
         server.stop()

@@ -40,6 +40,8 @@ def _to_uint8_rgb(img: Image.Image) -> np.ndarray:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (128, 128, 128, 255))
         return np.asarray(Image.alpha_composite(background, rgba).convert("RGB"))
+    if mode == "RGB":
+        return np.asarray(img)  # convert("RGB") of an RGB image is one more full copy
     return np.asarray(img.convert("RGB"))
 
 
@@ -62,7 +64,8 @@ def decode_image(data: bytes, *, max_pixels: int = 40_000_000, min_side_px: int 
             if getattr(img, "n_frames", 1) > 1:
                 img.seek(0)  # animations: the first frame is the image
             img.load()
-            img = ImageOps.exif_transpose(img)
+            # In place: without it PIL returns a full copy even when there is nothing to turn.
+            ImageOps.exif_transpose(img, in_place=True)
             rgb = _to_uint8_rgb(img)
     except DecodeError:
         raise
