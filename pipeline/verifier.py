@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 CONTEXT = ("tddfa_mb05", "tddfa_mb05.flip", "peppa68", "openseeface")
 SHIPPED_WEIGHTS = Path(__file__).parent / "assets" / "verifier.pt"
 Maps = tuple[Tensor, Tensor]  # the trunk's maps of N crops: [N, C, 30, 30], [N, C', 15, 15]
+# A pass's maps as it made them, one Maps per chunk of `batch_size` faces: joining them into one pair
+# would copy tens of MB per batch of faces only for the next pass to cut them up the same way again.
+ChunkMaps = list[Maps]
 _TRUNK = ("dw2_1", "dw2_2", "dw3_1", "dw3_2", "dw4_1")  # up to 15x15: local appearance, not identity
 
 # Face regions for per-region fusion (iBUG-68 indices).
@@ -191,16 +194,19 @@ class Verifier:
         x = (x.flip(1) - 127.5) / 128.0  # RGB -> BGR, the teacher's input
         return trunk_maps(self.trunk, x)
 
-    def _predict(self, faces: list[VerifierInputs], maps: Maps | None = None):
+    def _predict(self, faces: list[VerifierInputs], maps: ChunkMaps | None = None):
         """The head over `faces` a chunk at a time: yields (chunk, errors [B, L, 68], visibility logits
         [B, L, 68] or None, the chunk's maps), L the chunk's most labels (shorter stacks padded with their
-        first label). `maps`: the faces' trunk maps from an earlier pass over the same crops, in order."""
+        first label). `maps`: the chunks' trunk maps from an earlier pass over the same crops, in order."""
         for start in range(0, len(faces), self.batch_size):
             chunk = faces[start:start + self.batch_size]
             if maps is None:
                 m30, m15 = self.maps(np.stack([f.crop_rgb for f in chunk]))
             else:
-                m30, m15 = (m[start:start + len(chunk)] for m in maps)
+                m30, m15 = maps[start // self.batch_size]
+                if len(m30) != len(chunk):
+                    raise ValueError(f"maps of {len(m30)} crops for a chunk of {len(chunk)} faces: not the pass "
+                                     "over these faces")
             t = lambda a: torch.as_tensor(np.asarray(a, np.float32), device=self.device)  # noqa: E731
             n_max = max(len(f.labels) for f in chunk)
             labels = t(np.stack([np.concatenate([f.labels, np.repeat(f.labels[:1], n_max - len(f.labels), 0)])
@@ -211,7 +217,7 @@ class Verifier:
             yield chunk, err, vis, (m30, m15)
 
     @torch.inference_mode()
-    def score(self, faces: list[VerifierInputs], maps: Maps | None = None) -> list[np.ndarray]:
+    def score(self, faces: list[VerifierInputs], maps: ChunkMaps | None = None) -> list[np.ndarray]:
         """Per face, per label: predicted per-point errors [L, 68] (% of face size). `maps`: the trunk's
         maps of these faces' crops from an earlier pass (`Scored.maps`), so the trunk does not run again."""
         return [p[:len(f.labels)] for chunk, err, _, _ in self._predict(faces, maps)
@@ -225,14 +231,13 @@ class Verifier:
         teacher = [_teacher_row(f) for f in faces]
         errs: list[np.ndarray] = []
         chances: list[np.ndarray] = []
-        maps: list[tuple[Tensor, Tensor]] = []
+        maps: ChunkMaps = []
         for chunk, err, vis, chunk_maps in self._predict(faces):
             maps.append(chunk_maps)
             errs.extend(p[:len(f.labels)] for p, f in zip(err.cpu().numpy(), chunk))
             if vis is not None:
                 rows = [max(r, 0) for r in teacher[len(errs) - len(chunk):len(errs)]]
                 chances.append(visibility21(vis[list(range(len(chunk))), rows]).cpu().numpy())
-        maps = tuple(torch.cat(parts) for parts in zip(*maps)) if maps else None
         if self.head.vis is None:
             return Scored(errs, None, maps)
         chances = np.concatenate(chances).astype(np.float64) if chances else np.zeros((0, 21))
@@ -280,7 +285,7 @@ class Scored:
 
     point_err: list[np.ndarray]
     visibility: np.ndarray | None
-    maps: Maps | None = None
+    maps: ChunkMaps | None = None
 
 
 def _teacher_row(face: VerifierInputs) -> int:

@@ -272,6 +272,11 @@ def test_the_scoring_pass_gives_the_marked_point_chances_a_pass_of_their_own_giv
     np.testing.assert_allclose(scored.visibility, verifier.visibility(faces), atol=1e-5)
     for a, b in zip(scored.point_err, verifier.score(faces)):
         np.testing.assert_array_equal(a, b)
+    # the pass's maps, chunk by chunk, score another pass over the same crops as its own trunk run would
+    for a, b in zip(verifier.score(faces, scored.maps), verifier.score(faces)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    with pytest.raises(ValueError, match="not the pass over these faces"):
+        verifier.score(faces[1:], scored.maps)
     head_nme = np.array([err[0].mean() for err in scored.point_err])
     context_nme = np.full((len(faces), len(CONTEXT)), 3.0)
     np.testing.assert_allclose(verifier.label_nme(faces, head_nme, context_nme, scored.visibility),
