@@ -94,7 +94,7 @@ def main() -> None:
         "flows.server": [(None, "temporary_server", "spawn"),  # the command's clock starts right before it
                          ("TemporaryServer", "wait_ready", "server")],
         "pipeline.build": [(None, "commit_version", "commit")],
-        "flows.report": [(None, "report_version", "report")],
+        "flows.report": [(None, "publish_report", "report")],
         "flows.build": [(None, "create_progress_artifact", "submitted"),  # after every batch is submitted
                         (None, "update_progress_artifact", "batch"),  # once per batch done, as the flow sees it
                         (None, "run_build", "build"),  # the command stops its clock when this returns

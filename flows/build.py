@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from flows.catalog import load_catalog
 from flows.events import emit_landed
+from flows.report import publish_report
 from flows.runtime import batches_run_in_this_process, dask_task_runner, default_task_runner
 from flows.server import TemporaryServer
 from pipeline.batch import check_models
@@ -68,13 +69,13 @@ def build_dataset(catalog_path: str = "catalog.yaml", lock_wait_s: float = 0.0, 
     if version == plan.parent:  # nothing new, or only retries of quarantined items that all failed again
         logger.info("nothing new: %s@v%d stays the latest", catalog.dataset, plan.parent)
         return {"dataset": catalog.dataset, "version": plan.parent, "created": False, "processed": 0}
-    summary = version_summary(store_of(catalog), version)
+    store = store_of(catalog)
+    summary = version_summary(store, version)
     logger.info("committed %s\n%s", summary["ref"], format_summary(summary))
     # The manifest is committed: tell whoever listens (the retrain deployment's trigger).
     emit_landed(catalog.dataset, version, {"root": catalog.output_root, "counts": summary["manifest"].counts.to_dict()})
-    from flows.report import report_version
-
-    report_version(catalog_path=str(catalog.path), dataset_ref=summary["ref"])
+    # The report from the summary just made, under this run (the `report` flow would read it all again)
+    publish_report(store, version, summary)
     return {"dataset": catalog.dataset, "version": version, "created": True, "processed": plan.new_items,
             "root": catalog.output_root}
 

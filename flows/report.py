@@ -32,15 +32,8 @@ def summary_markdown(summary: dict, html_path: str) -> str:
     return "\n".join(lines)
 
 
-@flow(name="report")
-def report_version(catalog_path: str = "catalog.yaml", dataset_ref: str | None = None,
-                   out_dir: str | None = None) -> str:
-    """Write `<dataset>/reports/<dataset>-vNNNN.html` for `dataset_ref` (default: the latest version)."""
-    logger = get_run_logger()
-    catalog = load_catalog(catalog_path)
-    store, version = store_for_ref(catalog, dataset_ref)
-    version = resolve_version(store, version)
-    summary = version_summary(store, version)
+def publish_report(store, version: int, summary: dict, out_dir: str | None = None) -> str:
+    """The HTML report of `version` and its artifacts, under the flow run this is called in."""
     path = write_report(store, version, out_dir, summary=summary)
     key = _artifact_key(f"report-{store.dataset}-v{version}")
     create_markdown_artifact(summary_markdown(summary, str(path)), key=key, description="landmark quality summary")
@@ -48,5 +41,15 @@ def report_version(catalog_path: str = "catalog.yaml", dataset_ref: str | None =
                           key=key + "-pose", description="faces and kept faces per yaw bin")
     create_link_artifact(path.resolve().as_uri(), link_text=path.name, key=key + "-html",
                          description="the HTML report (opens from disk)")
-    logger.info("report for %s@v%d: %s", store.dataset, version, path)
+    get_run_logger().info("report for %s@v%d: %s", store.dataset, version, path)
     return str(path)
+
+
+@flow(name="report")
+def report_version(catalog_path: str = "catalog.yaml", dataset_ref: str | None = None,
+                   out_dir: str | None = None) -> str:
+    """Write `<dataset>/reports/<dataset>-vNNNN.html` for `dataset_ref` (default: the latest version)."""
+    catalog = load_catalog(catalog_path)
+    store, version = store_for_ref(catalog, dataset_ref)
+    version = resolve_version(store, version)
+    return publish_report(store, version, version_summary(store, version), out_dir)

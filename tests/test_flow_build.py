@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from pipeline.catalog import load_catalog, store_of
@@ -101,5 +103,7 @@ def test_the_readme_build_in_prefect_ephemeral_mode(small_catalog):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "built faces@v1: processed 11 images" in done.stdout
-    faces = read_faces(store_of(load_catalog(small_catalog)), 1, columns=["face_id"]).to_pandas()
+    store = store_of(load_catalog(small_catalog))
+    faces = read_faces(store, 1, columns=["face_id"]).to_pandas()
     assert faces.face_id.is_unique and len(faces) >= 12
+    assert "faces@v1" in (Path(store.dir) / "reports" / "faces-v0001.html").read_text()  # the build's report
