@@ -95,7 +95,7 @@ def main() -> None:
                          ("TemporaryServer", "wait_ready", "server")],
         "pipeline.build": [(None, "commit_version", "commit")],
         "flows.report": [(None, "publish_report", "report")],
-        "flows.build": [(None, "create_progress_artifact", "submitted"),  # after every batch is submitted
+        "flows.build": [(None, "create_progress_artifact", "submitted"),  # before the first batch is submitted
                         (None, "update_progress_artifact", "batch"),  # once per batch done, as the flow sees it
                         (None, "run_build", "build"),  # the command stops its clock when this returns
                         ("build_dataset", "fn", "flow")],

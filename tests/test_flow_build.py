@@ -107,3 +107,40 @@ def test_the_readme_build_in_prefect_ephemeral_mode(small_catalog):
     faces = read_faces(store, 1, columns=["face_id"]).to_pandas()
     assert faces.face_id.is_unique and len(faces) >= 12
     assert "faces@v1" in (Path(store.dir) / "reports" / "faces-v0001.html").read_text()  # the build's report
+
+
+@pytest.mark.parametrize("head", [1, 3, None])
+def test_the_first_batches_are_submitted_alone(head):
+    """`submit_head_first` on real futures (a thread pool): the first `head` items alone until one of them
+    is done, then all the rest; every item submitted once, each yielded future done."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from flows.build import submit_head_first
+
+    lock, submitted, at_first_done = threading.Lock(), [], []
+    release = threading.Event()
+
+    def work(item: int) -> int:
+        release.wait(5)  # nothing finishes before the submitting side has had its say,
+        time.sleep(0.05)  # and time for it to submit more (which only a done future may let it)
+        with lock:
+            if not at_first_done:
+                at_first_done.append(len(submitted))
+        return item * 10
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        def submit(item: int):
+            with lock:
+                submitted.append(item)
+            if len(submitted) == (head or 12):
+                release.set()
+            return pool.submit(work, item)
+
+        results = []
+        for future in submit_head_first(submit, range(12), head):
+            assert future.done()
+            results.append(future.result())
+    assert sorted(results) == [10 * i for i in range(12)] and sorted(submitted) == list(range(12))
+    assert at_first_done == [head or 12]  # the head alone went in before anything finished
