@@ -38,7 +38,7 @@ class TemporaryServer:
     """A Prefect API server in a subprocess of this command: `wait_ready()` before the first flow."""
 
     def __init__(self) -> None:
-        # Started before this process imports Prefect (about a second): the command line needs only
+        # Started before this process imports Prefect (design note 23): the command line needs only
         # where Prefect lives, and the server reads the same environment and profile as this process.
         self.port = _free_port()
         self.api_url = f"http://127.0.0.1:{self.port}/api"
@@ -88,9 +88,9 @@ def temporary_server() -> Iterator[TemporaryServer | None]:
 
     With no PREFECT_API_URL in the environment the server starts first and Prefect's own settings
     (a profile may name a server too) are read while it starts; it is stopped at once if they say so.
-    Flow-run heartbeats are off against it: they let a server mark a run crashed once they stop, and
-    this server stops with the command, while each flow's end waits up to a second for its heartbeat
-    thread."""
+    Flow-run heartbeats are off against it: they let a server mark a run crashed once they stop, but
+    this server stops with the command, and each flow's end waits for its heartbeat thread to wake from
+    its one-second sleeps."""
     if os.environ.get("PREFECT_API_URL"):
         yield None
         return
