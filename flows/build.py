@@ -32,8 +32,8 @@ def process_batch_task(run_batch: Callable[[Batch], BatchResult], batch: Batch) 
 
 
 def submit_head_first(submit: Callable, items: Iterable, head: int | None) -> Iterator:
-    """`submit(item)` for every item, the first `head` alone and the rest once one of those is done
-    (None: all at once); yields the futures as they finish.
+    """`submit(item)` for every item, the first `head` (at least one) alone and the rest once one of those
+    is done (None: all at once); yields the futures as they finish.
 
     Why: submitting a Prefect task serialises Prefect's whole settings, holding the GIL (3.8.8; figures in
     docs/benchmarks.md). Submitted all at once, the first batches wait for the rest's submission before
@@ -41,7 +41,8 @@ def submit_head_first(submit: Callable, items: Iterable, head: int | None) -> It
     starts at once, and the rest go in one burst while the head's other batches run their networks."""
     finished: queue.SimpleQueue = queue.SimpleQueue()
     items = list(items)
-    first, rest = (items, []) if head is None else (items[:head], items[head:])
+    head = len(items) if head is None else max(head, 1)  # 0 would submit nothing, and wait for nothing
+    first, rest = items[:head], items[head:]
     for item in first:
         submit(item).add_done_callback(finished.put)
     in_flight = len(first)

@@ -109,7 +109,7 @@ def test_the_readme_build_in_prefect_ephemeral_mode(small_catalog):
     assert "faces@v1" in (Path(store.dir) / "reports" / "faces-v0001.html").read_text()  # the build's report
 
 
-@pytest.mark.parametrize("head", [1, 3, None])
+@pytest.mark.parametrize("head", [0, 1, 3, None])
 def test_the_first_batches_are_submitted_alone(head):
     """`submit_head_first` on real futures (a thread pool): the first `head` items alone until one of them
     is done, then all the rest; every item submitted once, each yielded future done."""
@@ -134,7 +134,7 @@ def test_the_first_batches_are_submitted_alone(head):
         def submit(item: int):
             with lock:
                 submitted.append(item)
-            if len(submitted) == (head or 12):
+            if len(submitted) == (12 if head is None else max(head, 1)):
                 release.set()
             return pool.submit(work, item)
 
@@ -143,4 +143,4 @@ def test_the_first_batches_are_submitted_alone(head):
             assert future.done()
             results.append(future.result())
     assert sorted(results) == [10 * i for i in range(12)] and sorted(submitted) == list(range(12))
-    assert at_first_done == [head or 12]  # the head alone went in before anything finished
+    assert at_first_done == [12 if head is None else max(head, 1)]  # the head alone went in first
