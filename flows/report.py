@@ -10,9 +10,10 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 
 from flows.catalog import load_catalog
 from pipeline.catalog import store_for_ref
+from pipeline.landmarks import YAW_BINS
 from pipeline.report import write_report
 from pipeline.store.layout import resolve_version
-from pipeline.summary import YAW_BINS, version_summary
+from pipeline.summary import version_summary
 
 
 def _artifact_key(text: str) -> str:

@@ -28,6 +28,8 @@ _POINTS_18 = [(17,), (19,), (21,), (22,), (24,), (26,), (36,), (37, 40), (39,), 
               (31,), (30,), (35,), (48,), (62, 66), (54,)]
 
 YAW_EDGES_DEG = (30.0, 60.0)  # AFLW2000-3D bins: [0, 30], (30, 60], (60, 90]
+# The bins' names, as every table, report, page and reason prints them: "0-30", "30-60", "60-90".
+YAW_BINS = tuple(f"{lo:g}-{hi:g}" for lo, hi in zip((0.0, *YAW_EDGES_DEG), (*YAW_EDGES_DEG, 90.0)))
 
 
 def select_18(points68):

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.catalog import Rules
-from pipeline.landmarks import nme_pct, yaw_bins
+from pipeline.landmarks import YAW_BINS, nme_pct, yaw_bins
 
 
 def blur_score(crop_rgb: np.ndarray) -> float:
@@ -46,7 +46,7 @@ def face_features(*, bbox: np.ndarray, det_score: float, pose_deg: np.ndarray | 
     }
 
 
-_BIN_NAMES = {0: "0-30", 1: "30-60", 2: "60-90", -1: "unknown"}
+_BIN_NAMES = {**dict(enumerate(YAW_BINS)), -1: "unknown"}
 
 
 def apply_rules(features: pd.DataFrame, rules: Rules) -> pd.DataFrame:

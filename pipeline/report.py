@@ -15,13 +15,13 @@ import numpy as np
 import pandas as pd
 
 from pipeline.crops import apply_affine
-from pipeline.landmarks import ced_curve, nme_pct, yaw_bins
+from pipeline.landmarks import YAW_BINS, ced_curve, nme_pct, yaw_bins
 from pipeline.store.faces import faces_schema, read_faces, read_side_table
 from pipeline.store.files import read_table_file
 from pipeline.store.layout import Store, resolve_version
 from pipeline.store.manifest import Counts, Manifest
 from pipeline.store.schema import FEATURE_COLUMNS
-from pipeline.summary import YAW_BINS, version_summary
+from pipeline.summary import version_summary
 
 GALLERY_SIZE = 12
 _CSS = """

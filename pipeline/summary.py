@@ -13,12 +13,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.landmarks import nme_table, yaw_bins
+from pipeline.landmarks import YAW_BINS, nme_table, yaw_bins
 from pipeline.store.faces import faces_schema, read_faces
 from pipeline.store.layout import Store, resolve_version
 from pipeline.store.manifest import Manifest
-
-YAW_BINS = ("0-30", "30-60", "60-90")
 
 
 def reference_nme(faces: pa.Table) -> dict:

@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from pipeline.landmarks import nme_table, yaw_bins
-from pipeline.summary import YAW_BINS, pose_bins
+from pipeline.landmarks import YAW_BINS, nme_table, yaw_bins
+from pipeline.summary import pose_bins
 
 
 def test_yaw_bin_edges_and_nan():

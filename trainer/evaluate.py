@@ -26,14 +26,13 @@ import numpy as np
 
 from pipeline.crops import apply_affine, crop_affine, crop_roi, match_reference, roi_from_landmarks
 from pipeline.decode import decode_image
-from pipeline.landmarks import ced_curve, nme_pct, nme_table, yaw_bins
+from pipeline.landmarks import YAW_BINS, ced_curve, nme_pct, nme_table, yaw_bins
 from pipeline.references import load_mat_reference
 
 log = logging.getLogger(__name__)
 
 PROTOCOLS = ("gt", "detector")
 MAPS = ("fused", "teacher", "zero", "shuffled")
-BIN_NAMES = ("0-30", "30-60", "60-90")
 
 
 @dataclass
@@ -296,7 +295,7 @@ def paired_bootstrap(nme_a, nme_b, yaw, n: int = 10_000, seed: int = 0, chunk: i
         "resamples": n, "seed": seed, "images": int(d.size), "dropped": int((~ok).sum()),
         "mean": {"a": float(a.mean()), "b": float(b.mean()), "diff": float(d.mean()), "ci95": _ci(mean_bs)},
         "balanced": {"a": balanced(a), "b": balanced(b), "diff": balanced(d), "ci95": _ci(balanced_bs)},
-        "bins": [{"bin": BIN_NAMES[k], "count": int((bins == k).sum()), "diff": float(d[bins == k].mean()),
+        "bins": [{"bin": YAW_BINS[k], "count": int((bins == k).sum()), "diff": float(d[bins == k].mean()),
                   "ci95": _ci(bin_bs[:, j])} for j, k in enumerate(present)],
     }
 

@@ -21,13 +21,12 @@ import pyarrow.parquet as pq
 
 from pipeline.catalog import DetectorChain
 from pipeline.crops import CROP_SIZE, apply_affine, invert_affine
-from pipeline.landmarks import nme_pct, roc_auc, yaw_bins  # noqa: F401 - roc_auc lives with the other metrics
+from pipeline.landmarks import YAW_BINS, nme_pct, roc_auc, yaw_bins  # noqa: F401 - roc_auc lives with the other metrics
 from pipeline.rounds import STUDENT_PREFIX, is_round_drop, round_drop_reason, student_name
 from pipeline.store.faces import faces_schema, iter_face_batches, read_faces
 from pipeline.store.files import open_for_arrow, write_table
 from pipeline.store.layout import Store, resolve_version
 from pipeline.store.schema import SCORES_SCHEMA, conform_scores
-from pipeline.summary import YAW_BINS
 from trainer.config import RoundConfig
 from trainer.data import TRAIN_SPLIT
 

@@ -18,8 +18,8 @@ from fastapi.responses import HTMLResponse
 from pipeline.browse.images import ImageUnavailable, data_uri, points_path, read_image
 from pipeline.browse.queries import PAGE_SIZE, STATUSES, BadView, VersionFaces, View, format_number
 from pipeline.browse.templates import ENV, render
+from pipeline.landmarks import YAW_BINS
 from pipeline.store.layout import Store
-from pipeline.summary import YAW_BINS
 
 # The label first, then the other landmarkers' opinions, then the reference: distinct on a photo.
 _COLORS = ("#39ff14", "#ff3df0", "#00e5ff", "#ffb300", "#ff5252", "#b388ff", "#ffffff")

@@ -23,12 +23,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.landmarks import YAW_EDGES_DEG
+from pipeline.landmarks import YAW_BINS, YAW_EDGES_DEG
 from pipeline.store.files import open_for_arrow
 from pipeline.store.layout import Store, resolve_version
 from pipeline.store.manifest import Manifest
 from pipeline.store.schema import FACES_SCHEMA
-from pipeline.summary import YAW_BINS
 
 STATUSES = ("kept", "dropped")
 # The worst-first default view: the first of these that the version has (all are higher = worse).
