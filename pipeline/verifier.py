@@ -33,7 +33,7 @@ CONTEXT = ("tddfa_mb05", "tddfa_mb05.flip", "peppa68", "openseeface")
 SHIPPED_WEIGHTS = Path(__file__).parent / "assets" / "verifier.pt"
 Maps = tuple[Tensor, Tensor]  # the trunk's maps of N crops: [N, C, 30, 30], [N, C', 15, 15]
 # A pass's maps as it made them, one Maps per chunk of `batch_size` faces: joining them into one pair
-# would copy tens of MB per batch of faces only for the next pass to cut them up the same way again.
+# would copy every map of the batch only for the next pass to cut them up the same way again.
 ChunkMaps = list[Maps]
 _TRUNK = ("dw2_1", "dw2_2", "dw3_1", "dw3_2", "dw4_1")  # up to 15x15: local appearance, not identity
 
