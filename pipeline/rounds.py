@@ -45,6 +45,7 @@ def round_of_drop(reason: str | None) -> int | None:
 
 
 def is_round_drop(reason: str | None) -> bool:
+    """`reason` (a face's reject_reason) is a round's own drop (`round_drop_reason`)."""
     return round_of_drop(reason) is not None
 
 
