@@ -103,5 +103,9 @@ class World:
             dist.barrier()
 
     def close(self) -> None:
+        """Every rank reaches the end before any tears down its connections, then the group is destroyed:
+        a rank that tears down while a peer still talks to it can abort at exit with gloo's threads
+        live ("terminate called without an active exception")."""
         if self.owns_group and dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()

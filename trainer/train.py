@@ -265,10 +265,11 @@ def train(cfg: TrainConfig) -> TrainResult:
     """Train on `cfg.data.dataset` for `cfg.training.max_steps` steps (or `cfg.training.epochs` passes);
     returns the last checkpoint."""
     world = World.from_env(cfg.training.device)
-    try:
-        return _train(cfg, world)
-    finally:
-        world.close()
+    result = _train(cfg, world)
+    # Not in a `finally`: after an error a peer may still wait in a collective, and tearing the group
+    # down under it hangs both (pytorch/torchtitan#1342); the failed process's exit ends the run instead.
+    world.close()
+    return result
 
 
 @dataclass
