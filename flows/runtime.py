@@ -29,6 +29,20 @@ def batches_run_in_this_process(address: str | None, processes: bool | None, cud
     return not address and not cuda and not local_workers_are_processes(processes, temporary_server)
 
 
+# A local cluster of one worker whose threads run in this process (the README's build) has no dashboard,
+# no nanny and no other worker: what serves those only wakes the event loop and takes the GIL. Its
+# 50-a-second tick (a blocked-loop detector), the memory monitor's 10 a second, the system monitor,
+# work stealing and the active memory manager: what they cost a bundled build is measured by
+# `bench/build_cpu.py` (docs/benchmarks.md).
+QUIET_ONE_WORKER = {
+    "distributed.admin.tick.interval": "1s",
+    "distributed.worker.memory.monitor-interval": "1s",
+    "distributed.admin.system-monitor.interval": "5s",
+    "distributed.scheduler.work-stealing": False,
+    "distributed.scheduler.active-memory-manager.start": False,
+}
+
+
 def dask_task_runner(address: str | None, workers: int = 1, processes: bool | None = None,
                      cuda: bool = False, threads: int | None = None,
                      temporary_server: bool = False) -> DaskTaskRunner:
@@ -50,6 +64,8 @@ def dask_task_runner(address: str | None, workers: int = 1, processes: bool | No
     # No dashboard, so nobody reads the workers' statistical profiler: it samples every thread's stack
     # 100 times a second, holding the GIL the batches' pre- and post-processing needs.
     dask.config.set({"distributed.worker.profile.enabled": False})
+    if workers == 1 and not processes:
+        dask.config.set(QUIET_ONE_WORKER)
     return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=kwargs)
 
 

@@ -144,3 +144,25 @@ def test_the_first_batches_are_submitted_alone(head):
             results.append(future.result())
     assert sorted(results) == [10 * i for i in range(12)] and sorted(submitted) == list(range(12))
     assert at_first_done == [12 if head is None else max(head, 1)]  # the head alone went in first
+
+
+def test_a_one_worker_local_cluster_of_threads_runs_without_multi_worker_housekeeping():
+    """The README's layout (one worker, threads of this process) slows the loop's tick and monitors and
+    turns off stealing and the memory manager; a cluster of several worker processes keeps dask's own."""
+    import dask
+
+    from flows.runtime import dask_task_runner
+
+    keys = ["distributed.admin.tick.interval", "distributed.worker.memory.monitor-interval",
+            "distributed.admin.system-monitor.interval", "distributed.scheduler.work-stealing",
+            "distributed.scheduler.active-memory-manager.start"]
+    try:
+        dask.config.refresh()
+        defaults = [dask.config.get(k) for k in keys]
+        assert defaults == ["20ms", "100ms", "500ms", True, True]  # dask's, as of distributed 2026.8
+        dask_task_runner(None, workers=2, processes=True)
+        assert [dask.config.get(k) for k in keys] == defaults
+        dask_task_runner(None, workers=1, processes=False)
+        assert [dask.config.get(k) for k in keys] == ["1s", "1s", "5s", False, False]
+    finally:
+        dask.config.refresh()  # back to dask's defaults for the tests after this one
