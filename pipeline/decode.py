@@ -9,18 +9,13 @@ from __future__ import annotations
 import io
 import warnings
 
-import cv2
 import numpy as np
-import pyarrow as pa
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 # We check the pixel count ourselves from the header, before any pixel is decoded, and give a
 # clearer reason than PIL's DecompressionBombError; keep PIL's own guard as a second line.
 Image.MAX_IMAGE_PIXELS = 200_000_000
 ALLOWED_FORMATS = {"JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF"}
-# From this size up an RGB image leaves Pillow through its Arrow export (`_rgb_array`); below it the
-# plain way is as fast (docs/benchmarks.md, eighth session).
-ARROW_COPY_MIN_PIXELS = 1_000_000
 
 
 class DecodeError(ValueError):
@@ -30,22 +25,6 @@ class DecodeError(ValueError):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
-
-
-def _rgb_array(img: Image.Image) -> np.ndarray:
-    """An RGB-mode image's pixels as an (H, W, 3) uint8 array of its own.
-
-    numpy takes a Pillow image through `tobytes()`, a chunked copy that costs a photo more than its
-    decoding. Pillow's Arrow export is a view of the pixels as Pillow stores them, four bytes each;
-    OpenCV drops the fourth in one pass. The same values either way."""
-    width, height = img.size
-    if width * height < ARROW_COPY_MIN_PIXELS:
-        return np.asarray(img)
-    try:
-        rgbx = pa.array(img).values.to_numpy()  # a view: no copy yet
-    except ValueError:  # rows in more than one of Pillow's memory blocks (very large images)
-        return np.asarray(img)
-    return cv2.cvtColor(rgbx.reshape(height, width, 4), cv2.COLOR_RGBA2RGB)
 
 
 def _to_uint8_rgb(img: Image.Image) -> np.ndarray:
@@ -60,10 +39,10 @@ def _to_uint8_rgb(img: Image.Image) -> np.ndarray:
         # Composite transparent pixels onto mid-grey: neither black nor white biases the face crop.
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (128, 128, 128, 255))
-        return _rgb_array(Image.alpha_composite(background, rgba).convert("RGB"))
+        return np.asarray(Image.alpha_composite(background, rgba).convert("RGB"))
     if mode == "RGB":
-        return _rgb_array(img)  # convert("RGB") of an RGB image is one more full copy
-    return _rgb_array(img.convert("RGB"))
+        return np.asarray(img)  # convert("RGB") of an RGB image is one more full copy
+    return np.asarray(img.convert("RGB"))
 
 
 def decode_image(data: bytes, *, max_pixels: int = 40_000_000, min_side_px: int = 16) -> np.ndarray:

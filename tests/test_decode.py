@@ -68,22 +68,3 @@ def test_pixel_limit_is_a_setting():
     with pytest.raises(DecodeError, match="too many pixels"):
         decode_image(big.getvalue(), max_pixels=100 * 100)
     assert decode_image(big.getvalue(), max_pixels=200 * 200).shape == (200, 200, 3)
-
-
-@pytest.mark.parametrize(("mode", "size"), [("RGB", (1600, 1000)), ("L", (1600, 1000)), ("RGBA", (1600, 1000)),
-                                           ("RGB", (2400, 1800))])  # more than one Pillow memory block
-def test_large_images_keep_every_pixel(mode, size):
-    """From a megapixel up the pixels leave Pillow through its Arrow export: the same values, in order,
-    as the lossless file holds (2400x1800 RGB spans several of Pillow's memory blocks: the plain way)."""
-    width, height = size
-    rng = np.random.default_rng(0)
-    channels = {"RGB": 3, "L": 1, "RGBA": 4}[mode]
-    pixels = rng.integers(0, 256, (height, width, channels), dtype=np.uint8)
-    if mode == "RGBA":
-        pixels[..., 3] = 255  # opaque: composited onto grey, the colours stay as they are
-    buffer = io.BytesIO()
-    Image.fromarray(pixels[..., 0] if mode == "L" else pixels, mode).save(buffer, "PNG", compress_level=0)
-    expected = np.repeat(pixels, 3, axis=2) if mode == "L" else pixels[..., :3]
-    out = decode_image(buffer.getvalue())
-    assert out.shape == (height, width, 3) and out.flags.c_contiguous
-    np.testing.assert_array_equal(out, expected)
