@@ -103,9 +103,10 @@ class World:
             dist.barrier()
 
     def close(self) -> None:
-        """Every rank reaches the end before any tears down its connections, then the group is destroyed:
-        a rank that tears down while a peer still talks to it can abort at exit with gloo's threads
-        live ("terminate called without an active exception")."""
+        """Every rank reaches the end before any tears its connections down, then the group is destroyed.
+        Without the barrier a rank may destroy the group while a peer still uses it; a two-process run
+        once aborted at its end with gloo's "terminate called without an active exception", which is
+        the failure this guards against (not reproduced on demand)."""
         if self.owns_group and dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
