@@ -5,7 +5,7 @@ Runs the command's own entry point (`flows.cli.main`: the temporary Prefect serv
 LocalCluster) on the bundled catalog into an empty store. Every network call is timed in CPU seconds of
 its own thread (`time.thread_time`): ONNX Runtime sessions (detector, teacher, Peppa, OpenSeeFace) and
 the outermost torch module calls (the verifier). A sampler thread reads every thread's CPU seconds from
-/proc four times a second, with the Python thread names of this process and the server's process, so
+/proc four times a second, by their Python names, and the temporary server's process as a whole, so
 threads that end before the command does still count. torch and onnxruntime are imported before the
 clock starts (the timing wraps them); the command's other imports are on it.
 
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import threading
 import time
@@ -40,16 +39,22 @@ TICKS = os.sysconf("SC_CLK_TCK")
 
 
 class NetworkClock:
-    """CPU seconds of every network call, by model, in the calling thread's own CPU time."""
+    """CPU seconds of every network call in the batch threads, by model, in the calling thread's own CPU
+    time; calls in any other thread (a model check at start) are summed apart."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
+        self.elsewhere = 0.0
         self.lock = threading.Lock()
         self.depth = threading.local()
 
     def add(self, name: str, began: float) -> None:
+        spent = time.thread_time() - began
         with self.lock:
-            self.seconds[name] += time.thread_time() - began
+            if _role(threading.current_thread().name) == "batch threads":
+                self.seconds[name] += spent
+            else:
+                self.elsewhere += spent
 
     def install(self) -> None:
         run = ort.InferenceSession.run
@@ -179,14 +184,16 @@ def main() -> None:
     by_role["batch threads, networks"] = network_s
     by_role["batch threads, the rest"] = by_role.pop("batch threads") - network_s
     available = cores * wall
-    result = {**header(), "build": "in process" if args.in_process else "flow", "photos": args.photos, "cores": cores, "command_s": wall, "available_cpu_s": available,
+    result = {**header(), "build": "in process" if args.in_process else "flow", "photos": args.photos,
+              "cores": cores, "command_s": wall, "available_cpu_s": available,
               **{f"cpu_s {role}": s for role, s in sorted(by_role.items())},
               "cpu_s idle": available - sum(by_role.values()),
               **{f"share {role}": s / available for role, s in sorted(by_role.items())},
               "share idle": (available - sum(by_role.values())) / available,
-              **{f"network_cpu_s {name}": s for name, s in sorted(networks.seconds.items(), key=lambda kv: -kv[1])}}
+              **{f"network_cpu_s {name}": s for name, s in sorted(networks.seconds.items(), key=lambda kv: -kv[1])},
+              "network_cpu_s outside the batch threads": networks.elsewhere}
     emit(result, args.json)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
