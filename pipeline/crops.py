@@ -58,6 +58,9 @@ def crop_roi(image: np.ndarray, roi: np.ndarray, size: int = CROP_SIZE) -> np.nd
     """Cut `roi` out of `image` (zero-padded where it leaves the image), resize to size x size."""
     h, w = image.shape[:2]
     sx, sy, ex, ey = roi_window(roi)
+    if 0 <= sx < ex <= w and 0 <= sy < ey <= h and image.strides[1] > 0:
+        # Inside the image: resized from the view itself, without the zero-padded copy (the same pixels)
+        return cv2.resize(image[sy:ey, sx:ex], dsize=(size, size), interpolation=cv2.INTER_LINEAR)
     dh, dw = max(ey - sy, 1), max(ex - sx, 1)
     out = np.zeros((dh, dw) + image.shape[2:], dtype=image.dtype)
     src_x0, src_y0, src_x1, src_y1 = max(sx, 0), max(sy, 0), min(ex, w), min(ey, h)

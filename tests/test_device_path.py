@@ -51,6 +51,30 @@ def test_device_crops_equal_opencv_crops_within_one_grey_level():
         assert host.std() > 10  # real picture content was compared, not two blank crops
 
 
+def test_a_crop_inside_the_image_equals_the_same_crop_of_the_image_padded_with_zeros():
+    """A window inside the image is resized from the image itself; one across its border from a zero-padded
+    copy. Moved onto a canvas of zeros around the image, every window is inside it: the two ways must give
+    the same pixels, wherever the window is."""
+    from pipeline.crops import crop_roi
+
+    images = _images(2)
+    rng = np.random.default_rng(5)
+    compared = 0
+    for img in images:
+        h, w = img.shape[:2]
+        pad = max(h, w)  # every window below fits inside the canvas
+        canvas = np.zeros((h + 2 * pad, w + 2 * pad, 3), np.uint8)
+        canvas[pad:pad + h, pad:pad + w] = img
+        for _ in range(10):  # inside and across the border, up- and down-scaled
+            cx, cy, side = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(12, 1.2 * max(h, w))
+            roi = np.array([cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2], np.float32)
+            for size in (120, 224):
+                want = crop_roi(canvas, roi + pad, size)  # inside the canvas
+                np.testing.assert_array_equal(crop_roi(img, roi, size), want)
+                compared += want.std() > 10
+    assert compared > 10  # real picture content was compared
+
+
 def test_crops_of_a_mirrored_view_equal_crops_of_a_mirrored_copy():
     """`mirror` gives a host image as a view (the flip pass cuts its crops from it without copying the
     photo): its crops are, pixel for pixel, those of a mirrored copy, inside, across and beyond the
