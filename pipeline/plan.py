@@ -30,11 +30,6 @@ class Batch:
     key: str  # content key of the batch: same items + same parent + same chain -> same key
     items: list[SourceItem]
 
-    def __dask_tokenize__(self) -> tuple[str, str]:
-        # The content key already names the batch: dask need not walk its items when a task runner
-        # submits it (a few tenths of a second per build, holding the GIL the batches need).
-        return ("facecurate.Batch", self.key)
-
 
 @dataclass
 class BuildPlan:

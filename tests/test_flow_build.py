@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -73,18 +74,6 @@ def test_the_flow_stops_on_a_missing_model_file(tmp_path, prefect_harness, capsy
     assert list_versions(store) == [] and not (tmp_path / "out" / "faces" / "_staging").exists()
 
 
-def test_a_batch_is_named_to_dask_by_its_content_key():
-    """The task runner's submit tokenizes its arguments: a batch is its key, not a walk over its items."""
-    from dask.base import tokenize
-
-    from pipeline.plan import Batch
-    from pipeline.sources import SourceItem
-
-    items = [SourceItem("s", f"/x/{k}.jpg", 10, "t") for k in range(3)]
-    assert tokenize(Batch("k1", items)) == tokenize(Batch("k1", items[:1]))
-    assert tokenize(Batch("k1", items)) != tokenize(Batch("k2", items))
-
-
 def test_the_readme_build_in_prefect_ephemeral_mode(small_catalog):
     """`facecurate build` as a new user runs it: no Prefect server configured, so the command starts a
     temporary one itself (`flows.server`, while it loads the models), the batches run on a dask
@@ -109,41 +98,41 @@ def test_the_readme_build_in_prefect_ephemeral_mode(small_catalog):
     assert "faces@v1" in (Path(store.dir) / "reports" / "faces-v0001.html").read_text()  # the build's report
 
 
-@pytest.mark.parametrize("head", [0, 1, 3, None])
-def test_the_first_batches_are_submitted_alone(head):
-    """`submit_head_first` on real futures (a thread pool): the first `head` items alone until one of them
-    is done, then all the rest; every item submitted once, each yielded future done."""
-    import threading
-    import time
-    from concurrent.futures import ThreadPoolExecutor
+_ATTEMPTS: dict[str, int] = {}  # batch key -> times run; module level, so the dask task pickles by reference
+_ATTEMPTS_LOCK = threading.Lock()
 
-    from flows.build import submit_head_first
 
-    lock, submitted, at_first_done = threading.Lock(), [], []
-    release = threading.Event()
+def _run_flaky_batch(batch) -> str:
+    """A batch whose key starts with 'flaky' fails its first try, 'broken' every try."""
+    with _ATTEMPTS_LOCK:
+        _ATTEMPTS[batch.key] = tries = _ATTEMPTS.get(batch.key, 0) + 1
+    if batch.key.startswith("flaky") and tries == 1 or batch.key.startswith("broken"):
+        raise RuntimeError(f"batch {batch.key} failed on try {tries}")
+    return batch.key
 
-    def work(item: int) -> int:
-        release.wait(5)  # nothing finishes before the submitting side has had its say,
-        time.sleep(0.05)  # and time for it to submit more (which only a done future may let it)
-        with lock:
-            if not at_first_done:
-                at_first_done.append(len(submitted))
-        return item * 10
 
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        def submit(item: int):
-            with lock:
-                submitted.append(item)
-            if len(submitted) == (12 if head is None else max(head, 1)):
-                release.set()
-            return pool.submit(work, item)
+def test_each_batch_runs_once_on_the_flows_dask_cluster_and_a_failure_is_retried_once(prefect_harness):
+    """The flow's executor (`flows.build._on_dask`) on a real local cluster: every batch's result comes back
+    exactly once, a batch that fails once is run again, and one that fails twice fails the flow with its
+    own error."""
+    from prefect import flow
 
-        results = []
-        for future in submit_head_first(submit, range(12), head):
-            assert future.done()
-            results.append(future.result())
-    assert sorted(results) == [10 * i for i in range(12)] and sorted(submitted) == list(range(12))
-    assert at_first_done == [12 if head is None else max(head, 1)]  # the head alone went in first
+    from flows.build import _on_dask
+    from flows.runtime import dask_task_runner
+    from pipeline.plan import Batch
+    from pipeline.sources import SourceItem
+
+    batches = [Batch(key, [SourceItem("s", f"/x/{key}.jpg", 10, "t")]) for key in ("a", "flaky1", "b", "flaky2")]
+
+    @flow(task_runner=dask_task_runner(None, workers=1, processes=False))
+    def mapped(batches: list) -> list:
+        return _on_dask("d")(_run_flaky_batch, batches)
+
+    _ATTEMPTS.clear()
+    assert sorted(mapped(batches)) == ["a", "b", "flaky1", "flaky2"]
+    assert _ATTEMPTS == {"a": 1, "flaky1": 2, "b": 1, "flaky2": 2}
+    with pytest.raises(RuntimeError, match="batch broken failed on try 2"):
+        mapped([Batch("broken", batches[0].items)])
 
 
 def test_a_one_worker_local_cluster_of_threads_runs_without_multi_worker_housekeeping():
