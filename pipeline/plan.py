@@ -107,6 +107,17 @@ def chain_change(old: list[dict] | None, new: list[dict]) -> str:
     return "; ".join(changes)
 
 
+MIN_BATCH_IMAGES = 8  # below this a batch's fixed costs (a part file, the detector's batched call) weigh
+
+
+def batch_size(images: int, batch_images: int, min_batches: int) -> int:
+    """Images per batch for a build of `images` new images: the catalog's `batch_images`, or less so that
+    the build has at least `min_batches` batches, though never under MIN_BATCH_IMAGES (nor over
+    `batch_images`)."""
+    spread = -(-images // min_batches)  # ceil: min_batches batches, the last one possibly short
+    return min(batch_images, max(spread, MIN_BATCH_IMAGES))
+
+
 def plan_build(catalog: Catalog) -> BuildPlan:
     """List every source; what the parent's ledger already holds is skipped without reading it.
 
@@ -149,7 +160,7 @@ def plan_build(catalog: Catalog) -> BuildPlan:
     if retried:
         log.info("%s: trying %d images again that v%d quarantined for a transient fault",
                  catalog.dataset, len(retried), parent)
-    size = catalog.execution.batch_images
+    size = batch_size(len(fresh), catalog.execution.batch_images, catalog.execution.min_batches)
     chain = _chain_hash(catalog)
     batches = []
     for start in range(0, len(fresh), size):

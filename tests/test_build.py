@@ -230,3 +230,23 @@ def test_a_folder_of_symbolic_links_is_built_and_a_dangling_link_quarantined(tmp
     assert read_side_table(store, 2, "quarantine").num_rows == 0
     ledger = read_side_table(store, 2, "images").to_pandas().set_index("uri")
     assert ledger.index.is_unique and ledger.loc[str(folder / "dangling.jpg")].status == "ok"
+
+
+def test_a_small_build_is_cut_into_enough_batches_for_every_slot(tmp_path):
+    """`execution.min_batches`: 20 new images with batch_images 128 and min_batches 16 make batches of the
+    8-image floor (8 + 8 + 4), 300 make 16 batches of 19 (the last 15), and a large build keeps its
+    batch_images; every image is planned exactly once."""
+    from pipeline.plan import batch_size, plan_build
+
+    assert [batch_size(n, 128, 16) for n in (20, 300, 3354)] == [8, 19, 128]
+    assert batch_size(300, 4, 16) == 4  # never above batch_images
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for k in range(20):
+        (folder / f"{k:02d}.jpg").write_bytes(b"not decoded by the plan %d" % k)
+    catalog = load_catalog(write_catalog(tmp_path / "c.yaml", [{"name": "s", "kind": "folder", "path": str(folder)}],
+                                         batch_images=128, extra={"execution": {"batch_images": 128, "min_batches": 16}}))
+    plan = plan_build(catalog)
+    assert [len(b.items) for b in plan.batches] == [8, 8, 4]
+    uris = [item.uri for b in plan.batches for item in b.items]
+    assert len(uris) == len(set(uris)) == 20 and len({b.key for b in plan.batches}) == 3
