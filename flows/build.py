@@ -34,7 +34,7 @@ def _on_dask(dataset: str) -> Callable:
 
     Why dask tasks and not a Prefect task per batch (design note 29): a Prefect task serialises and
     rebuilds Prefect's whole settings model, runs its engine and sends its state events to the server,
-    for every batch; that cost the bundled build about 2.5 s of 41 on 2 cores (docs/benchmarks.md).
+    for every batch (what that cost a build: docs/benchmarks.md, ninth session).
     The flow run, its logs, the progress artifact, the report and the `dataset.landed` event stay
     Prefect's; a failed batch fails the flow with the batch's own error, as a failed task did."""
 

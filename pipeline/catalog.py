@@ -141,8 +141,8 @@ class Limits(_Strict):
 class Execution(_Strict):
     batch_images: int = Field(default=64, ge=1, le=100_000)  # images per work unit (one shard part)
     # A build of few images is cut into at least this many batches (of 8 images or more, pipeline/plan.py),
-    # so that no batch slot idles while another runs the last big batch: 300 photos in 3 batches on
-    # 2 slots kept one core idle for a third of the build (figures: docs/benchmarks.md, ninth session).
+    # so that no batch slot idles while another runs the last big batch: a few large batches on two
+    # slots leave one of them idle at the end (figures: docs/benchmarks.md, ninth session).
     min_batches: int = Field(default=16, ge=1, le=100_000)
     dask_address: str | None = None  # an existing scheduler; None = LocalCluster
     dask_workers: int = Field(default=1, ge=1)

@@ -245,7 +245,7 @@ def test_a_small_build_is_cut_into_enough_batches_for_every_slot(tmp_path):
     for k in range(20):
         (folder / f"{k:02d}.jpg").write_bytes(b"not decoded by the plan %d" % k)
     catalog = load_catalog(write_catalog(tmp_path / "c.yaml", [{"name": "s", "kind": "folder", "path": str(folder)}],
-                                         batch_images=128, extra={"execution": {"batch_images": 128, "min_batches": 16}}))
+                                         extra={"execution": {"batch_images": 128, "min_batches": 16}}))
     plan = plan_build(catalog)
     assert [len(b.items) for b in plan.batches] == [8, 8, 4]
     uris = [item.uri for b in plan.batches for item in b.items]
