@@ -3,10 +3,12 @@
 For each fold k, the checkpoint trained without fold k (`facecurate train --holdout-fold k`) reads every
 face of fold k with the face's own label as its map; the references are never read by the trainer. Per
 face: the label's NME and the student's answer's NME against the references (does it refine the label?),
-the answer given another face's label or none (the map ablation), and the trainer's two judgements of
-the label: its cycle error (label -> answer -> answer again, 2DASL's 2D->3D->2D) and its self-critic.
-Their ROC-AUC at "label NME > 8%" / "> 5%", alone and added to the verifier's predicted NME (a logistic
-fit on one fold, scored on the other).
+the answer given another face's label or none (the map ablation), and the trainer's judgements of
+the label: its cycle error (label -> answer -> answer again, 2DASL's 2D->3D->2D), its self-critic, and
+how far the label lies from the student's own estimate from the image alone (2DASL's self-prediction
+consistency, with no label read). Their ROC-AUC at "label NME > 8%" / "> 5%", alone and added to the
+verifier's predicted NME (a logistic fit on one fold, scored on the other), with a paired bootstrap
+interval for what the trainer's scores add to the verifier refit alone.
 
 Usage: .venv/bin/python bench/label_reading.py --dataset wild@v1 --checkpoints CK_FOLD0 CK_FOLD1 --json out.json
 """
@@ -31,6 +33,7 @@ from trainer.data import fold_of
 from trainer.evaluate import blank_map_params, derangement
 
 THRESHOLDS = (8.0, 5.0)
+BOOTSTRAP_DRAWS = 1000
 
 
 def logistic_fit(x: np.ndarray, y: np.ndarray, ridge: float = 1e-3, iters: int = 50) -> np.ndarray:
@@ -54,6 +57,19 @@ def cross_fitted_logit(x: np.ndarray, y: np.ndarray, folds: np.ndarray) -> np.nd
         w = logistic_fit((x[fit] - mu) / sd, y[fit].astype(float))
         out[held] = np.hstack([(x[held] - mu) / sd, np.ones((held.sum(), 1))]) @ w
     return out
+
+
+def auc_gain_interval(with_scores: np.ndarray, without: np.ndarray, bad: np.ndarray, seed: int = 0) -> list[float]:
+    """95% interval of ROC-AUC(with_scores) - ROC-AUC(without) over faces resampled with replacement
+    (paired: both scores on the same draw), so a gain inside the sampling noise reads as one."""
+    rng = np.random.default_rng(seed)
+    gains = []
+    for _ in range(BOOTSTRAP_DRAWS):
+        draw = rng.integers(0, len(bad), len(bad))
+        if bad[draw].all() or not bad[draw].any():
+            continue
+        gains.append(roc_auc(with_scores[draw], bad[draw]) - roc_auc(without[draw], bad[draw]))
+    return [round(float(np.percentile(gains, 2.5)), 4), round(float(np.percentile(gains, 97.5)), 4)]
 
 
 def load_faces(root: str, dataset: str, checkpoints: list[str]) -> dict:
@@ -112,6 +128,7 @@ def measure(faces: dict, read: dict) -> dict:
 
     label_nme = nme21(label)
     residual, cycle, critic = nme_pct(read["answer"], label), nme_pct(read["cycle"], label), read["critic"]
+    image_only = nme_pct(read["blank"], label)  # the label against the student's estimate from the image alone
     result = {"nme21": {"label": by_bin(label_nme), "answer_given_label": by_bin(nme21(read["answer"])),
                         "answer_given_other_label": by_bin(nme21(read["shuffled"])),
                         "answer_given_none": by_bin(nme21(read["blank"]))}, "auc": {}}
@@ -119,18 +136,23 @@ def measure(faces: dict, read: dict) -> dict:
     cross = len(np.unique(fold)) > 1
     for t in THRESHOLDS:
         bad = label_nme > t
-        feats_all = np.column_stack([np.log(verifier), np.log(cycle + 1e-3), np.log(residual + 1e-3), logit])
-        result["auc"][f"gt_{t:g}"] = {
-            "bad": int(bad.sum()),
-            "cycle_error": round(roc_auc(cycle, bad), 4),
-            "residual": round(roc_auc(residual, bad), 4),
-            "one_minus_critic": round(roc_auc(1 - critic, bad), 4),
-            "verifier": round(roc_auc(verifier, bad), 4),
-            "verifier_refit": round(roc_auc(cross_fitted_logit(np.log(verifier)[:, None], bad, fold), bad), 4)
-            if cross else None,
-            "verifier_plus_trainer": round(roc_auc(cross_fitted_logit(feats_all, bad, fold), bad), 4)
-            if cross else None,
-        }
+        trainer_feats = [np.log(cycle + 1e-3), np.log(residual + 1e-3), logit]
+        aucs = {"bad": int(bad.sum()),
+                "cycle_error": round(roc_auc(cycle, bad), 4),
+                "residual": round(roc_auc(residual, bad), 4),
+                "one_minus_critic": round(roc_auc(1 - critic, bad), 4),
+                "image_only_vs_label": round(roc_auc(image_only, bad), 4),
+                "verifier": round(roc_auc(verifier, bad), 4)}
+        if cross:
+            alone = cross_fitted_logit(np.log(verifier)[:, None], bad, fold)
+            aucs["verifier_refit"] = round(roc_auc(alone, bad), 4)
+            for name, feats in (("verifier_plus_trainer", trainer_feats),
+                                ("verifier_plus_image_only", [np.log(image_only + 1e-3)]),
+                                ("verifier_plus_all", [*trainer_feats, np.log(image_only + 1e-3)])):
+                scores = cross_fitted_logit(np.column_stack([np.log(verifier), *feats]), bad, fold)
+                aucs[name] = round(roc_auc(scores, bad), 4)
+                aucs[f"{name}_gain_ci95"] = auc_gain_interval(scores, alone, bad)
+        result["auc"][f"gt_{t:g}"] = aucs
     return result
 
 
