@@ -6,7 +6,9 @@ through the network `--batches` sizes at a time; the best of 3 timed passes coun
 teacher (3DDFA_V2 mb05, BatchNorm folded) in torch (channels-last) and as the ONNX graph the build
 runs on CPU, OpenSeeFace and Peppa in ONNX Runtime, and the verifier's trunk in torch. Random inputs:
 these convolutional networks cost the same whatever the pixels. The result is why each model's CPU
-default batch is 8-16 (`pipeline.device.resolve_batch_size`).
+default batch is 8-16 (`pipeline.device.resolve_batch_size`). Two runs of the same command can differ
+by several percent per batch size on a shared VM: a smaller gap between batch sizes needs the build
+itself, alternating (`bench/build_cpu.py`), to decide (docs/benchmarks.md, tenth session).
 
 Usage: .venv/bin/python bench/batch_sizes.py [--batches 4 8 16 32 64 128] [--json out.json]
 """
