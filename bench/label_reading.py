@@ -134,9 +134,14 @@ def measure(faces: dict, read: dict) -> dict:
                         "answer_given_none": by_bin(nme21(read["blank"]))}, "auc": {}}
     logit = np.log(np.clip(critic, 1e-6, 1 - 1e-6) / np.clip(1 - critic, 1e-6, 1))
     cross = len(np.unique(fold)) > 1
+    # The logistic fits' features (log scale: the errors are skewed), the same at every threshold.
+    log_verifier = np.log(verifier)
+    trainer_feats = [np.log(cycle + 1e-3), np.log(residual + 1e-3), logit]
+    image_only_feat = np.log(image_only + 1e-3)
+    added = (("verifier_plus_trainer", trainer_feats), ("verifier_plus_image_only", [image_only_feat]),
+             ("verifier_plus_all", [*trainer_feats, image_only_feat]))
     for t in THRESHOLDS:
         bad = label_nme > t
-        trainer_feats = [np.log(cycle + 1e-3), np.log(residual + 1e-3), logit]
         aucs = {"bad": int(bad.sum()),
                 "cycle_error": round(roc_auc(cycle, bad), 4),
                 "residual": round(roc_auc(residual, bad), 4),
@@ -144,12 +149,10 @@ def measure(faces: dict, read: dict) -> dict:
                 "image_only_vs_label": round(roc_auc(image_only, bad), 4),
                 "verifier": round(roc_auc(verifier, bad), 4)}
         if cross:
-            alone = cross_fitted_logit(np.log(verifier)[:, None], bad, fold)
+            alone = cross_fitted_logit(log_verifier[:, None], bad, fold)
             aucs["verifier_refit"] = round(roc_auc(alone, bad), 4)
-            for name, feats in (("verifier_plus_trainer", trainer_feats),
-                                ("verifier_plus_image_only", [np.log(image_only + 1e-3)]),
-                                ("verifier_plus_all", [*trainer_feats, np.log(image_only + 1e-3)])):
-                scores = cross_fitted_logit(np.column_stack([np.log(verifier), *feats]), bad, fold)
+            for name, feats in added:
+                scores = cross_fitted_logit(np.column_stack([log_verifier, *feats]), bad, fold)
                 aucs[name] = round(roc_auc(scores, bad), 4)
                 aucs[f"{name}_gain_ci95"] = auc_gain_interval(scores, alone, bad)
         result["auc"][f"gt_{t:g}"] = aucs
